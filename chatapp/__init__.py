@@ -1,0 +1,6 @@
+"""gevent chat: the Gorilla WebSocket chat example, ported to gevent, Bottle and gunicorn."""
+
+from .app import Chat, create_app
+from .config import Config, ConfigError
+
+__all__ = ["Chat", "Config", "ConfigError", "create_app"]

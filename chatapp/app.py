@@ -1,0 +1,132 @@
+"""The Bottle application: the page, the WebSocket endpoint, and the hub behind them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import bottle
+import gevent
+
+from . import frames
+from .config import Config
+from .conn import Conn
+from .frames import ProtocolFailure
+from .hub import Hub
+from .ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+VIEWS = Path(__file__).resolve().parent.parent / "views"
+
+
+class Chat:
+    """What the routes serve: the page, and WebSocket connections joined by one hub."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.hub = Hub(inbox_size=config.hub_inbox_size, history=config.history)
+        # Open WebSocket connections in this process, for the connection cap.
+        self.connections = 0
+        self.shutting_down = False
+        self._page = bottle.template(
+            "home", template_lookup=[str(VIEWS)], max_message_size=config.max_message_size
+        )
+
+    def serve_home(self) -> str:
+        bottle.response.content_type = "text/html; charset=utf-8"
+        return self._page
+
+    def serve_ws(self) -> str:
+        """Upgrade to a WebSocket, then run the connection until it ends (Gorilla's serveWs)."""
+        environ = bottle.request.environ
+        ws = environ.get("wsgi.websocket")
+        if ws is None:
+            raise bottle.HTTPError(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
+        if not self._origin_allowed(environ):
+            log.info("refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
+            raise bottle.HTTPError(403, "cross-origin WebSocket refused")
+        if self.shutting_down:
+            raise bottle.HTTPError(503, "server shutting down")
+        config = self.config
+        if self.connections >= config.max_connections:
+            log.warning("refused WebSocket: %d connections open (CHAT_MAX_CONNECTIONS)", self.connections)
+            raise bottle.HTTPError(503, "server full, try again later")
+
+        ws.accept(config.max_message_size)
+        conn = Conn(
+            ws,
+            send_queue_size=config.send_queue_size,
+            ping_period=config.ping_period,
+            pong_wait=config.pong_wait,
+            write_wait=config.write_wait,
+            peer=f"{environ.get('REMOTE_ADDR', '?')}:{environ.get('REMOTE_PORT', '?')}",
+        )
+        self.connections += 1
+        self.hub.register(conn)
+        writer = gevent.spawn(conn.write_pump)
+        try:
+            conn.read_pump(self._chat_reader(conn))
+        finally:
+            self.hub.unregister(conn)
+            writer.join(timeout=2 * config.write_wait + 5)
+            writer.kill(block=False)
+            self.connections -= 1
+        return ""
+
+    def _chat_reader(self, conn: Conn):  # type: ignore[no-untyped-def]
+        limit = self.config.rate_limit
+        bucket = TokenBucket(rate=limit, burst=2 * limit) if limit else None
+        hub = self.hub
+
+        def on_message(_: Conn, data: str | bytes) -> None:
+            if isinstance(data, bytes):
+                raise ProtocolFailure(frames.CLOSE_UNSUPPORTED_DATA, "text messages only")
+            if bucket is not None and not bucket.take():
+                raise ProtocolFailure(
+                    frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s"
+                )
+            # One chat line per message, as the page shows it.
+            line = data.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ").strip()
+            if line:
+                hub.broadcast(frames.encode_text(line))
+
+        return on_message
+
+    def _origin_allowed(self, environ: dict) -> bool:
+        """Like Gorilla's Upgrader: a browser's Origin must name the host it asked."""
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is None:
+            return True  # Not a browser: origin checks protect browsers' users only.
+        allowed = self.config.allowed_origins
+        origin = origin.strip().rstrip("/").lower()
+        if "*" in allowed or origin in allowed:
+            return True
+        return urlsplit(origin).netloc == environ.get("HTTP_HOST", "").lower()
+
+    def shutdown(self) -> None:
+        """Refuse new connections and close the open ones with 1001 after their queues flush."""
+        self.shutting_down = True
+        self.hub.shutdown(frames.CLOSE_GOING_AWAY, "server going away")
+
+
+def plain_error(res: bottle.HTTPError) -> str:
+    """Errors as one short line of text: "404 Not Found: <reason>"."""
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    return f"{res.status_line}: {res.body}\n"
+
+
+def create_app(config: Config | None = None) -> bottle.Bottle:
+    """Build the app and start its hub; call it in the serving process, after gevent patches.
+
+    The returned app carries the Chat as `app.chat`, for the server to shut it down.
+    """
+    chat = Chat(config or Config.from_env())
+    app = bottle.Bottle()
+    app.route("/", "GET", chat.serve_home)
+    app.route("/ws", "GET", chat.serve_ws)
+    app.default_error_handler = plain_error
+    app.chat = chat
+    chat.hub.start()
+    return app

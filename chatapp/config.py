@@ -1,0 +1,95 @@
+"""Settings, read once from environment variables into one typed object."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from collections.abc import Mapping
+
+
+class ConfigError(ValueError):
+    """A setting in the environment is malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # Largest message a client may send, in bytes (frames and fragments added up).
+    max_message_size: int = 512
+    # Time allowed to read the next frame (or pong) from the peer, in seconds.
+    pong_wait: float = 60.0
+    # Send pings to the peer with this period. Must be less than pong_wait; 25 s keeps
+    # platform routers, which cut a connection idle for 55 s, from cutting ours.
+    ping_period: float = 25.0
+    # Time allowed to write a batch of messages to the peer, in seconds.
+    write_wait: float = 10.0
+    # Messages a connection may have queued for writing before the hub drops it as stuck.
+    send_queue_size: int = 256
+    # Extra origins (scheme://host[:port]) allowed besides the request's own host.
+    allowed_origins: tuple[str, ...] = ()
+    # WebSocket connections one worker accepts; past it the handshake gets 503.
+    max_connections: int = 10000
+    # Time a new TCP connection has to complete its HTTP request, in seconds.
+    handshake_timeout: float = 10.0
+    # Messages per second one connection may send (burst: twice that); 0 turns it off.
+    rate_limit: float = 10.0
+    # Messages a client receives when it connects; 0 turns history off.
+    history: int = 50
+    # Redis for many workers and hosts; empty means the in-process broker (one worker).
+    redis_url: str = ""
+    # Requests (register, unregister, broadcast) the hub's inbox holds before senders wait.
+    hub_inbox_size: int = 1024
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Build the config from CHAT_* and REDIS_URL, keeping defaults for unset ones."""
+        env = os.environ if environ is None else environ
+        config = cls(
+            max_message_size=_int(env, "CHAT_MAX_MESSAGE_SIZE", cls.max_message_size, minimum=1),
+            pong_wait=_float(env, "CHAT_PONG_WAIT", cls.pong_wait),
+            ping_period=_float(env, "CHAT_PING_PERIOD", cls.ping_period),
+            write_wait=_float(env, "CHAT_WRITE_WAIT", cls.write_wait),
+            send_queue_size=_int(env, "CHAT_SEND_QUEUE_SIZE", cls.send_queue_size, minimum=1),
+            allowed_origins=tuple(
+                o.strip().rstrip("/").lower()
+                for o in env.get("CHAT_ALLOWED_ORIGINS", "").split(",")
+                if o.strip()
+            ),
+            max_connections=_int(env, "CHAT_MAX_CONNECTIONS", cls.max_connections, minimum=1),
+            handshake_timeout=_float(env, "CHAT_HANDSHAKE_TIMEOUT", cls.handshake_timeout),
+            rate_limit=_float(env, "CHAT_RATE_LIMIT", cls.rate_limit, minimum=0.0),
+            history=_int(env, "CHAT_HISTORY", cls.history, minimum=0),
+            redis_url=env.get("REDIS_URL", "").strip(),
+            hub_inbox_size=_int(env, "CHAT_HUB_INBOX_SIZE", cls.hub_inbox_size, minimum=1),
+        )
+        if config.ping_period >= config.pong_wait:
+            raise ConfigError(
+                f"CHAT_PING_PERIOD ({config.ping_period}) must be less than "
+                f"CHAT_PONG_WAIT ({config.pong_wait})"
+            )
+        return config
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value

@@ -1,0 +1,155 @@
+"""One WebSocket connection: its send queue and its two pumps (Gorilla's client.go)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from time import monotonic
+from collections import deque
+from collections.abc import Callable
+
+import gevent
+from gevent.event import Event
+from gevent.queue import Empty, Full, Queue, ShutDown
+
+from . import frames
+from .frames import Close, Message, Ping, ProtocolFailure
+from .websocket import ChatWebSocket, ConnectionLost
+
+log = logging.getLogger(__name__)
+
+# Time the write pump waits, after its close frame, for the peer's close before cutting TCP.
+CLOSE_WAIT = 2.0
+# Pongs waiting to be written; under a ping flood only the latest ones are answered (§5.5.3).
+MAX_PENDING_PONGS = 32
+# Queued frames joined into one socket write.
+MAX_BATCH = 64
+# Put on the send queue to wake the write pump; writing it writes nothing.
+_WAKE = b""
+
+
+class Conn:
+    """A middleman between the WebSocket connection and the hub."""
+
+    def __init__(
+        self,
+        ws: ChatWebSocket,
+        *,
+        send_queue_size: int,
+        ping_period: float,
+        pong_wait: float,
+        write_wait: float,
+        peer: str = "",
+    ) -> None:
+        self.ws = ws
+        # Encoded frames for the peer. The hub puts (never blocking) and shuts it down on
+        # unregister; only the write pump gets.
+        self.send: Queue = Queue(maxsize=send_queue_size)
+        self.ping_period = ping_period
+        self.pong_wait = pong_wait
+        self.write_wait = write_wait
+        self.peer = peer
+        # Control frames the read pump asks the write pump to send.
+        self._pongs: deque[bytes] = deque(maxlen=MAX_PENDING_PONGS)
+        # Code and reason of the close frame the write pump sends last; the first closer wins.
+        self.close_code = frames.CLOSE_NORMAL
+        self.close_reason = ""
+        self._closing = False
+        self._reader_done = Event()
+
+    def __repr__(self) -> str:
+        return f"<Conn {self.peer}>"
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the write pump to flush what is queued, send this close frame and stop."""
+        if self._closing:
+            return
+        self._closing = True
+        self.close_code = code
+        self.close_reason = reason
+        self.send.shutdown()
+
+    def read_pump(self, on_message: Callable[[Conn, str | bytes], None]) -> None:
+        """Pump messages from the WebSocket to on_message until the connection ends.
+
+        The application runs this in the request greenlet, so there is at most one reader
+        on the connection. A read deadline of pong_wait ends a silent peer: every frame,
+        pong included, pushes it back.
+        """
+        ws = self.ws
+        ws.set_read_timeout(self.pong_wait)
+        try:
+            while True:
+                event = ws.receive()
+                if isinstance(event, Message):
+                    on_message(self, event.data)
+                elif isinstance(event, Ping):
+                    self._pongs.append(frames.encode_frame(frames.OP_PONG, event.payload))
+                    self._wake_writer()
+                elif isinstance(event, Close):
+                    # Echo the peer's code (§5.5.1); a close without one gets a plain 1000.
+                    code = event.code if event.code is not None else frames.CLOSE_NORMAL
+                    self.close(code, event.reason if event.code is not None else "")
+                    return
+        except ProtocolFailure as failure:
+            log.info("%s broke the protocol: %s %s", self.peer, failure.code, failure.reason)
+            self.close(failure.code, failure.reason)
+        except socket.timeout:
+            log.info("%s sent nothing for %s s: closing", self.peer, self.pong_wait)
+            self.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
+        except (ConnectionLost, OSError):
+            self.close(frames.CLOSE_GOING_AWAY, "connection lost")
+        finally:
+            self._reader_done.set()
+
+    def write_pump(self) -> None:
+        """Pump frames from the send queue to the WebSocket, and ping every ping_period.
+
+        The one writer of the connection: data, pongs, pings and the final close frame all
+        leave from this greenlet.
+        """
+        send = self.send
+        ping = frames.encode_frame(frames.OP_PING, b"")
+        next_ping = monotonic() + self.ping_period
+        try:
+            while True:
+                try:
+                    batch = [send.get(timeout=max(0.0, next_ping - monotonic()))]
+                except Empty:
+                    batch = []
+                except ShutDown:
+                    break
+                # Drain what else is queued into the same socket write, one frame each.
+                while batch and len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(send.get_nowait())
+                    except (Empty, ShutDown):
+                        break
+                if self._pongs:
+                    batch[:0] = self._pongs
+                    self._pongs.clear()
+                # Ping on schedule even while data flows: data does not make the peer answer.
+                if monotonic() >= next_ping:
+                    batch.append(ping)
+                    next_ping = monotonic() + self.ping_period
+                self._write(b"".join(batch))
+            self._write(frames.encode_close(self.close_code, self.close_reason))
+            # Give the peer a moment to answer our close before we cut the connection.
+            self._reader_done.wait(CLOSE_WAIT)
+        except gevent.Timeout:
+            log.info("%s: a write took over %s s: dropping the connection", self.peer, self.write_wait)
+        except OSError:
+            pass
+        finally:
+            self.ws.shutdown()
+
+    def _write(self, data: bytes) -> None:
+        if data:
+            with gevent.Timeout(self.write_wait):
+                self.ws.write(data)
+
+    def _wake_writer(self) -> None:
+        try:
+            self.send.put_nowait(_WAKE)
+        except (Full, ShutDown):
+            pass  # The write pump is busy or finishing; it sends the pongs on its way.

@@ -1,0 +1,101 @@
+"""The hub: one greenlet that owns the set of connections (Gorilla's hub.go)."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import gevent
+from gevent.queue import Full, Queue, ShutDown
+
+from . import frames
+from .conn import Conn
+
+log = logging.getLogger(__name__)
+
+# The three doors onto the inbox (Go's three channels), plus a stop for graceful shutdown.
+_REGISTER = 0
+_UNREGISTER = 1
+_BROADCAST = 2
+_SHUTDOWN = 3
+
+
+class Hub:
+    """Maintains the set of active connections and broadcasts messages to them.
+
+    Go's hub selects over three channels: register, unregister and broadcast. gevent has no
+    select, so here they are three kinds of request on one bounded inbox, put there by
+    register(), unregister() and broadcast(); run() is the only code that touches the set.
+    A full inbox makes callers wait: read pumps slow down instead of memory growing.
+    """
+
+    def __init__(self, inbox_size: int = 1024, history: int = 0) -> None:
+        # Registered connections. Only run() reads or writes this set.
+        self.conns: set[Conn] = set()
+        # Requests for run(): (kind, conn or frame).
+        self._inbox: Queue = Queue(maxsize=inbox_size)
+        # The last broadcast frames, sent to each connection as it registers.
+        self._history: deque[bytes] = deque(maxlen=history)
+        # Connections dropped because their send queue was full.
+        self.dropped = 0
+        # Set by shutdown(): the close code and reason every connection gets.
+        self._stop: tuple[int, str] | None = None
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        self._greenlet = gevent.spawn(self.run)
+
+    def register(self, conn: Conn) -> None:
+        self._inbox.put((_REGISTER, conn))
+
+    def unregister(self, conn: Conn) -> None:
+        self._inbox.put((_UNREGISTER, conn))
+
+    def broadcast(self, frame: bytes) -> None:
+        """Queue an encoded frame for every connection; waits while the inbox is full."""
+        self._inbox.put((_BROADCAST, frame))
+
+    def shutdown(self, code: int, reason: str) -> None:
+        """Close every connection with this code once its queued messages are written."""
+        self._inbox.put((_SHUTDOWN, (code, reason)))
+
+    def seed_history(self, history: list[bytes]) -> None:
+        """Replace the history (before start(); the Redis broker seeds it from the stream)."""
+        self._history.clear()
+        self._history.extend(history)
+
+    def run(self) -> None:
+        conns = self.conns
+        inbox = self._inbox
+        while True:
+            kind, item = inbox.get()
+            if kind == _BROADCAST:
+                self._history.append(item)
+                for conn in list(conns):
+                    try:
+                        conn.send.put_nowait(item)
+                    except Full:
+                        # Dead or stuck: its queue filled up. Drop it; everyone else goes on.
+                        conns.discard(conn)
+                        self.dropped += 1
+                        log.warning("dropping %r: send queue full (client too slow)", conn)
+                        conn.close(frames.CLOSE_TRY_AGAIN_LATER, "too slow: send queue full")
+                    except ShutDown:
+                        conns.discard(conn)  # Already closing; its unregister is on the way.
+                # Let the write pumps run: a hub that never blocks starves them.
+                gevent.sleep(0)
+            elif kind == _REGISTER:
+                if self._stop is not None:
+                    item.close(*self._stop)
+                    continue
+                for frame in self._history:
+                    item.send.put_nowait(frame)
+                conns.add(item)
+            elif kind == _UNREGISTER:
+                conns.discard(item)
+                item.close(item.close_code, item.close_reason)
+            else:
+                self._stop = code, reason = item
+                for conn in conns:
+                    conn.close(code, reason)
+                conns.clear()

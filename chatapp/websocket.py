@@ -1,0 +1,227 @@
+"""Our WebSocket layer: gevent-websocket's classes with their gaps on Python 3 closed.
+
+gevent-websocket 0.10.1 gives the upgrade and the gunicorn worker; each override here
+says which of its gaps it closes. The frame rules themselves live in frames.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import socket
+from collections import deque
+
+import gevent
+from gevent.pywsgi import WSGIHandler
+from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import Stream, WebSocket
+from gunicorn.workers.ggevent import PyWSGIHandler
+
+from .frames import Event, FrameParser
+
+log = logging.getLogger(__name__)
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# Bytes asked of the socket per read; a read returns whatever has arrived, up to this.
+_READ_SIZE = 65536
+
+
+class ConnectionLost(Exception):
+    """The peer closed the TCP connection without a close frame."""
+
+
+class ChatWebSocket(WebSocket):
+    """One server-side WebSocket. Reads happen in one greenlet; writes in one other.
+
+    Created before the handshake is answered: the application decides, then calls accept()
+    or returns an ordinary HTTP refusal.
+    """
+
+    __slots__ = ("accepted", "socket", "_key", "_rfile", "_parser", "_events")
+
+    def __init__(self, environ: dict, handler: WSGIHandler, key: str) -> None:
+        super().__init__(environ, Stream(handler), handler)
+        self.accepted = False
+        self.socket = handler.socket
+        self._key = key
+        self._rfile = handler.rfile
+        self._parser: FrameParser | None = None
+        self._events: deque[Event] = deque()
+
+    def accept(self, max_message_size: int) -> None:
+        """Answer the handshake with 101 (gap: the stock handler did so before the app ran)."""
+        digest = hashlib.sha1(self._key.encode("ascii") + _GUID).digest()
+        self.socket.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+            b"Upgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + base64.b64encode(digest) + b"\r\n\r\n"
+        )
+        self.accepted = True
+        handler = self.handler
+        handler.status = "101 Switching Protocols"
+        handler.code = 101
+        handler.headers_sent = True
+        handler.close_connection = True
+        # The handshake deadline is over; the read pump sets its own.
+        self.socket.settimeout(None)
+        # Chat lines are small: send each batch now rather than wait for more (Nagle).
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._parser = FrameParser(max_message_size)
+
+    def receive(self) -> Event:  # type: ignore[override]
+        """Block until the next message or control frame arrives.
+
+        Gap: the stock receive() read any length a header claimed, dropped pongs and wrote
+        its own pongs from the reader greenlet. Here nothing is written; the caller answers.
+        Raises ProtocolFailure, ConnectionLost, or socket.timeout past the read deadline.
+        """
+        assert self._parser is not None, "accept() first"
+        while not self._events:
+            data = self._rfile.read1(_READ_SIZE)
+            if not data:
+                raise ConnectionLost("peer closed the connection")
+            self._events.extend(self._parser.feed(data))
+        return self._events.popleft()
+
+    def set_read_timeout(self, seconds: float | None) -> None:
+        self.socket.settimeout(seconds)
+
+    def write(self, data: bytes) -> None:
+        """Write encoded frames. Only the connection's write pump calls this."""
+        self.socket.sendall(data)
+
+    def shutdown(self) -> None:
+        """End the TCP connection both ways, waking a reader blocked on it."""
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self, code: int = 1000, message: bytes = b"") -> None:
+        """Mark closed without writing.
+
+        Gap: the stock close() wrote a close frame without a status code, from whichever
+        greenlet called it (even __del__). Close frames go out through the write pump.
+        """
+        self.closed = True
+
+
+class ChatHandler(WebSocketHandler):
+    """gevent's WSGI handler with a handshake the application can refuse."""
+
+    # Time a new TCP connection has to send its request; set from the config.
+    handshake_timeout = 10.0
+
+    def handle(self) -> None:
+        # Gap: a connection that sent nothing, or trickled its request, held a greenlet forever.
+        self.socket.settimeout(self.handshake_timeout)
+        super().handle()
+
+    def run_application(self) -> None:
+        # Gap: the stock handler wrote the 101 before the app ran, so nothing could say 403 or 503.
+        if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+            return WSGIHandler.run_application(self)
+        refusal = self._check_handshake()
+        if refusal is not None:
+            status, reason = refusal
+            log.info("refused WebSocket handshake from %s: %s", self.client_address, reason)
+            self.close_connection = True
+            extra = [("Sec-WebSocket-Version", "13")] if status.startswith("426") else []
+            self._respond(status, reason, extra)
+            return None
+        websocket = ChatWebSocket(self.environ, self, self.environ["HTTP_SEC_WEBSOCKET_KEY"].strip())
+        self.websocket = websocket
+        self.environ["wsgi.websocket"] = websocket
+        self.environ["wsgi.websocket_version"] = "13"
+        try:
+            result = self.application(self.environ, self.start_response)
+            if websocket.accepted:
+                getattr(result, "close", lambda: None)()
+            else:
+                self.result = result
+                self.close_connection = True
+                self.process_result()
+        finally:
+            websocket.closed = True
+            self.result = None
+        return None
+
+    def start_response(self, status, headers, exc_info=None):  # type: ignore[no-untyped-def]
+        # Gap: the stock start_response treated every response on an upgrade request as a
+        # WebSocket's; once we have accepted, what the app returns is not written.
+        if getattr(self, "websocket", None) is not None and self.websocket.accepted:
+            return lambda data: None
+        return WSGIHandler.start_response(self, status, headers, exc_info)
+
+    # Gap: the stock log_request skipped WebSocket sessions; log each once when it ends.
+    log_request = WSGIHandler.log_request
+
+    def _check_handshake(self) -> tuple[str, str] | None:
+        """RFC 6455 §4.2.1 checks that need no application: (status, reason) or None."""
+        environ = self.environ
+        if environ.get("REQUEST_METHOD") != "GET":
+            return "405 Method Not Allowed", "a WebSocket handshake must be a GET"
+        # Gap: an HTTP/1.0 upgrade got "402".
+        if self.request_version != "HTTP/1.1":
+            return "400 Bad Request", "a WebSocket handshake needs HTTP/1.1"
+        if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
+            return "400 Bad Request", "Connection header must include Upgrade"
+        if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+            return "426 Upgrade Required", "only WebSocket version 13 is supported"
+        key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+        # Gap: a malformed key gave a 500.
+        try:
+            valid_key = len(base64.b64decode(key, validate=True)) == 16
+        except (binascii.Error, ValueError):
+            valid_key = False
+        if not valid_key:
+            return "400 Bad Request", "Sec-WebSocket-Key must be 16 bytes in base64"
+        return None
+
+    def _respond(self, status: str, reason: str, headers: list[tuple[str, str]]) -> None:
+        # Gap: error bodies were str and got lost on Python 3; ours are bytes with a length.
+        body = f"{status}: {reason}\n".encode("utf-8")
+        WSGIHandler.start_response(
+            self,
+            status,
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+            + headers,
+        )
+        self.write(body)
+
+    @classmethod
+    def configured(cls, handshake_timeout: float) -> type[ChatHandler]:
+        """This handler class with the handshake deadline from the config."""
+        return type(cls.__name__, (cls,), {"handshake_timeout": handshake_timeout})
+
+
+class GunicornChatHandler(ChatHandler, PyWSGIHandler):
+    """ChatHandler reporting to gunicorn's access log."""
+
+    log_request = PyWSGIHandler.log_request
+
+
+class ChatWorker(GeventWebSocketWorker):
+    """gevent-websocket's gunicorn worker with our handler and a graceful stop.
+
+    On SIGTERM gunicorn stops accepting and waits for open requests, which for a
+    WebSocket never end on their own: so we also tell the app, which sends every client
+    close 1001 after flushing what is queued.
+    """
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        chat = getattr(self.wsgi, "chat", None)
+        timeout = chat.config.handshake_timeout if chat else ChatHandler.handshake_timeout
+        self.wsgi_handler = GunicornChatHandler.configured(timeout)
+
+    def handle_exit(self, sig, frame) -> None:  # type: ignore[no-untyped-def]
+        super().handle_exit(sig, frame)
+        chat = getattr(self.wsgi, "chat", None)
+        if chat is not None:
+            # Out of the signal handler, so the shutdown may block.
+            gevent.spawn(chat.shutdown)

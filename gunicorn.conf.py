@@ -1,0 +1,38 @@
+"""gunicorn settings; each comes from the environment with a default that runs locally."""
+
+import logging
+import os
+
+from chatapp.config import Config
+
+_config = Config.from_env()
+
+# Platforms give the port in PORT; 8080 locally.
+bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
+
+# gevent-websocket's worker, with our handler (chatapp/websocket.py).
+worker_class = "chatapp.websocket.ChatWorker"
+
+# One hub lives in each worker process, and without a shared backplane two workers would
+# split the chat in two: so exactly one worker, whatever WEB_CONCURRENCY asks.
+workers = 1
+_asked = os.environ.get("WEB_CONCURRENCY", "").strip()
+if _asked and _asked != "1":
+    logging.getLogger("gunicorn.error").warning(
+        "WEB_CONCURRENCY=%s ignored: one worker is one chat room; running 1 worker", _asked
+    )
+
+# gunicorn's default of 1000 would make the 1001st connection hang unanswered; the chat
+# answers 503 past CHAT_MAX_CONNECTIONS, so leave room above it for those answers and pages.
+worker_connections = _config.max_connections + 100
+
+# On SIGTERM the worker closes every WebSocket with 1001 and exits; 20 s is ample for that
+# and less than the platform's 30-second shutdown limit.
+graceful_timeout = 20
+
+# The platform collects stdout: access log and error log go there.
+accesslog = "-"
+errorlog = "-"
+
+# The worker's heartbeat timeout; long-lived WebSockets do not count against it.
+timeout = 30

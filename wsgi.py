@@ -1,0 +1,54 @@
+"""The WSGI entry point: `gunicorn -c gunicorn.conf.py wsgi:app`, or `python wsgi.py --addr HOST:PORT`."""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+    # Before anything else imports socket: every blocking call must yield to the gevent hub.
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import logging
+
+from chatapp import create_app
+
+logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+)
+
+app = create_app()
+
+
+def main() -> None:
+    import argparse
+    import signal
+
+    import gevent
+    from gevent.pool import Pool
+    from gevent.pywsgi import WSGIServer
+
+    from chatapp.websocket import ChatHandler
+
+    parser = argparse.ArgumentParser(description="Serve the chat with gevent's WSGI server.")
+    parser.add_argument("--addr", default="localhost:8080", help="http service address")
+    host, _, port = parser.parse_args().addr.rpartition(":")
+    server = WSGIServer(
+        (host, int(port)),
+        app,
+        spawn=Pool(),  # A pool, so that stop() waits for open connections to close.
+        handler_class=ChatHandler.configured(app.chat.config.handshake_timeout),
+    )
+
+    def stop() -> None:
+        logging.info("SIGTERM: closing connections")
+        server.close()  # Stop accepting; then let open connections say goodbye.
+        app.chat.shutdown()
+        server.stop(timeout=app.chat.config.write_wait)
+
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(stop))
+    logging.info("serving the chat on http://%s:%s", host, port)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
