@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test clean
+.PHONY: run test conformance clean
 
 run: $(VENV)/.runtime
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
@@ -26,3 +26,7 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 
 clean:
 	rm -rf $(VENV)
+
+# Autobahn|Testsuite against our WebSocket layer (needs a Python 2.7; skips without one).
+conformance: $(VENV)/.dev
+	$(BIN)/python tests/conformance/run.py

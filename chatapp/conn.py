@@ -112,18 +112,24 @@ class Conn:
         ping = frames.encode_frame(frames.OP_PING, b"")
         next_ping = monotonic() + self.ping_period
         try:
-            while True:
+            closing = False
+            while not closing:
+                drain = True
                 try:
                     batch = [send.get(timeout=max(0.0, next_ping - monotonic()))]
                 except Empty:
-                    batch = []
+                    batch, drain = [], False
                 except ShutDown:
-                    break
-                # Drain what else is queued into the same socket write, one frame each.
-                while batch and len(batch) < MAX_BATCH:
+                    # gevent may raise this while frames are still queued: drain them first.
+                    batch = []
+                # Take what else is queued into the same socket write, one frame each.
+                while drain and len(batch) < MAX_BATCH:
                     try:
                         batch.append(send.get_nowait())
-                    except (Empty, ShutDown):
+                    except Empty:
+                        break
+                    except ShutDown:
+                        closing = True
                         break
                 if self._pongs:
                     batch[:0] = self._pongs

@@ -122,26 +122,37 @@ class FrameParser:
         # Payload of the control frame being read (≤ 125 bytes).
         self._control = bytearray()
         self._closed = False
+        # The violation that ended parsing, raised once the events before it are consumed.
+        self.failure: ProtocolFailure | None = None
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse `data` and return the events it completes; raise ProtocolFailure on a violation."""
+        if self.failure is not None:
+            raise self.failure
         if self._closed:
             return []
         self._buffer += data
         events: list[Event] = []
-        while True:
-            if self._opcode is None and not self._read_header():
-                break
-            if self._remaining and not self._read_payload():
-                break
-            event = self._finish_frame()
-            if event is not None:
-                events.append(event)
-                if isinstance(event, Close):
-                    # Nothing after a close frame is read (§5.5.1).
-                    self._closed = True
-                    self._buffer.clear()
+        try:
+            while True:
+                if self._opcode is None and not self._read_header():
                     break
+                if self._remaining and not self._read_payload():
+                    break
+                event = self._finish_frame()
+                if event is not None:
+                    events.append(event)
+                    if isinstance(event, Close):
+                        # Nothing after a close frame is read (§5.5.1).
+                        self._closed = True
+                        self._buffer.clear()
+                        break
+        except ProtocolFailure as failure:
+            self.failure = failure
+            self._buffer.clear()
+            # Messages that arrived whole before the violation are still delivered.
+            if not events:
+                raise
         return events
 
     def _read_header(self) -> bool:

@@ -81,6 +81,8 @@ class ChatWebSocket(WebSocket):
         """
         assert self._parser is not None, "accept() first"
         while not self._events:
+            if self._parser.failure is not None:
+                raise self._parser.failure
             data = self._rfile.read1(_READ_SIZE)
             if not data:
                 raise ConnectionLost("peer closed the connection")

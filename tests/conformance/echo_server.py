@@ -1,0 +1,67 @@
+"""An echo WebSocket server on our WebSocket layer, for the Autobahn fuzzing client only.
+
+Not a production route: it serves ws://127.0.0.1:PORT/ with the same handler, connection
+and pumps as the chat, and sends every message back to its sender.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.pywsgi import WSGIServer  # noqa: E402
+from gevent.queue import ShutDown  # noqa: E402
+
+from chatapp import frames  # noqa: E402
+from chatapp.config import Config  # noqa: E402
+from chatapp.conn import Conn  # noqa: E402
+from chatapp.websocket import ChatHandler  # noqa: E402
+
+config = Config.from_env()
+
+
+def echo(environ: dict, start_response):  # type: ignore[no-untyped-def]
+    ws = environ.get("wsgi.websocket")
+    if ws is None:
+        start_response("400 Bad Request", [("Content-Type", "text/plain")])
+        return [b"WebSocket only\n"]
+    ws.accept(config.max_message_size)
+    conn = Conn(
+        ws,
+        send_queue_size=config.send_queue_size,
+        ping_period=config.ping_period,
+        pong_wait=config.pong_wait,
+        write_wait=config.write_wait,
+    )
+    writer = gevent.spawn(conn.write_pump)
+
+    def send_back(conn: Conn, data: str | bytes) -> None:
+        if isinstance(data, str):
+            frame = frames.encode_frame(frames.OP_TEXT, data.encode("utf-8"))
+        else:
+            frame = frames.encode_frame(frames.OP_BINARY, data)
+        try:
+            conn.send.put(frame)  # Waits while the write pump is behind: backpressure.
+        except ShutDown:
+            pass
+
+    try:
+        conn.read_pump(send_back)
+    finally:
+        writer.join()
+    return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    port = parser.parse_args().port
+    WSGIServer(("127.0.0.1", port), echo, handler_class=ChatHandler, log=None).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
