@@ -66,6 +66,11 @@ class Config:
                 f"CHAT_PING_PERIOD ({config.ping_period}) must be less than "
                 f"CHAT_PONG_WAIT ({config.pong_wait})"
             )
+        if config.history >= config.send_queue_size:
+            raise ConfigError(
+                f"CHAT_HISTORY ({config.history}) must be less than "
+                f"CHAT_SEND_QUEUE_SIZE ({config.send_queue_size}): history goes through the queue"
+            )
         return config
 
 

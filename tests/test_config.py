@@ -1,0 +1,39 @@
+"""Settings from the environment: defaults, parsing, and clear errors naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatapp.config import Config, ConfigError
+
+
+def test_defaults() -> None:
+    """An empty environment gives the documented defaults."""
+    config = Config.from_env({})
+    assert (config.max_message_size, config.pong_wait, config.ping_period) == (512, 60.0, 25.0)
+    assert (config.max_connections, config.rate_limit, config.history) == (10000, 10.0, 50)
+    assert config.redis_url == "" and config.allowed_origins == ()
+
+
+def test_values_are_parsed() -> None:
+    """Variables override defaults; origins are split, trimmed and lower-cased."""
+    config = Config.from_env(
+        {"CHAT_MAX_MESSAGE_SIZE": "1024", "CHAT_ALLOWED_ORIGINS": " https://A.example/ ,http://b:8000"}
+    )
+    assert config.max_message_size == 1024
+    assert config.allowed_origins == ("https://a.example", "http://b:8000")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"CHAT_MAX_MESSAGE_SIZE": "big"}, "CHAT_MAX_MESSAGE_SIZE"),
+        ({"CHAT_PONG_WAIT": "-1"}, "CHAT_PONG_WAIT"),
+        ({"CHAT_PING_PERIOD": "70"}, "CHAT_PING_PERIOD"),
+        ({"CHAT_HISTORY": "300"}, "CHAT_HISTORY"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
+    """A malformed or inconsistent value raises ConfigError naming the variable."""
+    with pytest.raises(ConfigError, match=named):
+        Config.from_env(env)
