@@ -38,6 +38,10 @@ class Chat:
         bottle.response.content_type = "text/html; charset=utf-8"
         return self._page
 
+    def serve_health(self) -> dict:
+        """Liveness for the platform and for operators: 200 and JSON."""
+        return {"status": "ok", "connections": self.connections}
+
     def serve_ws(self) -> str:
         """Upgrade to a WebSocket, then run the connection until it ends (Gorilla's serveWs)."""
         environ = bottle.request.environ
@@ -126,6 +130,7 @@ def create_app(config: Config | None = None) -> bottle.Bottle:
     app = bottle.Bottle()
     app.route("/", "GET", chat.serve_home)
     app.route("/ws", "GET", chat.serve_ws)
+    app.route("/healthz", "GET", chat.serve_health)
     app.default_error_handler = plain_error
     app.chat = chat
     chat.hub.start()

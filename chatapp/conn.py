@@ -92,13 +92,16 @@ class Conn:
                     self.close(code, event.reason if event.code is not None else "")
                     return
         except ProtocolFailure as failure:
-            log.info("%s broke the protocol: %s %s", self.peer, failure.code, failure.reason)
+            log.info("%s: closing with %s (%s)", self.peer, failure.code, failure.reason)
             self.close(failure.code, failure.reason)
         except socket.timeout:
             log.info("%s sent nothing for %s s: closing", self.peer, self.pong_wait)
             self.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
         except (ConnectionLost, OSError):
             self.close(frames.CLOSE_GOING_AWAY, "connection lost")
+        except Exception:
+            log.exception("%s: error while reading", self.peer)
+            self.close(frames.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             self._reader_done.set()
 

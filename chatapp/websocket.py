@@ -64,6 +64,7 @@ class ChatWebSocket(WebSocket):
         handler = self.handler
         handler.status = "101 Switching Protocols"
         handler.code = 101
+        handler.response_headers = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
         handler.headers_sent = True
         handler.close_connection = True
         # The handshake deadline is over; the read pump sets its own.
@@ -204,7 +205,17 @@ class ChatHandler(WebSocketHandler):
 class GunicornChatHandler(ChatHandler, PyWSGIHandler):
     """ChatHandler reporting to gunicorn's access log."""
 
-    log_request = PyWSGIHandler.log_request
+    def log_request(self) -> None:
+        # Gap (gunicorn's): a request too broken to parse has no environ, and its log line crashed.
+        if not self.environ or "REQUEST_METHOD" not in self.environ:
+            self.environ = {
+                "REMOTE_ADDR": self.client_address[0],
+                "REQUEST_METHOD": "-",
+                "RAW_URI": "-",
+                "SERVER_PROTOCOL": "-",
+            }
+            self.response_headers = self.response_headers or []
+        PyWSGIHandler.log_request(self)
 
 
 class ChatWorker(GeventWebSocketWorker):
