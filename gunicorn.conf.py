@@ -2,10 +2,14 @@
 
 import logging
 import os
+import sys
 
-from chatapp.config import Config
+from chatapp.config import Config, ConfigError
 
-_config = Config.from_env()
+try:
+    _config = Config.from_env()
+except ConfigError as error:
+    sys.exit(f"gevent chat: bad configuration: {error}")
 
 # Platforms give the port in PORT; 8080 locally.
 bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
@@ -13,14 +17,18 @@ bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
 # gevent-websocket's worker, with our handler (chatapp/websocket.py).
 worker_class = "chatapp.websocket.ChatWorker"
 
-# One hub lives in each worker process, and without a shared backplane two workers would
-# split the chat in two: so exactly one worker, whatever WEB_CONCURRENCY asks.
-workers = 1
-_asked = os.environ.get("WEB_CONCURRENCY", "").strip()
-if _asked and _asked != "1":
-    logging.getLogger("gunicorn.error").warning(
-        "WEB_CONCURRENCY=%s ignored: one worker is one chat room; running 1 worker", _asked
-    )
+# One hub lives in each worker process. With Redis every worker is one chat: gunicorn takes
+# the count from WEB_CONCURRENCY (default 1). Without Redis, two workers would split the chat
+# in two: so exactly one, whatever WEB_CONCURRENCY asks.
+if not _config.redis_url:
+    workers = 1
+    _asked = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if _asked and _asked != "1":
+        logging.getLogger("gunicorn.error").warning(
+            "WEB_CONCURRENCY=%s ignored: without REDIS_URL one worker is one chat room; "
+            "running 1 worker",
+            _asked,
+        )
 
 # gunicorn's default of 1000 would make the 1001st connection hang unanswered; the chat
 # answers 503 past CHAT_MAX_CONNECTIONS, so leave room above it for those answers and pages.

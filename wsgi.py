@@ -9,14 +9,18 @@ if __name__ == "__main__":
     monkey.patch_all()
 
 import logging
+import sys
 
-from chatapp import create_app
+from chatapp import ConfigError, create_app
 
 logging.basicConfig(
     level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 )
 
-app = create_app()
+try:
+    app = create_app()
+except ConfigError as error:
+    sys.exit(f"gevent chat: bad configuration: {error}")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -10,6 +11,7 @@ import bottle
 import gevent
 
 from . import frames
+from .broker import Broker, InProcessBroker, RedisBroker
 from .config import Config
 from .conn import Conn
 from .frames import ProtocolFailure
@@ -27,6 +29,7 @@ class Chat:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.hub = Hub(inbox_size=config.hub_inbox_size, history=config.history)
+        self.broker = make_broker(config, self.hub)
         # Open WebSocket connections in this process, for the connection cap.
         self.connections = 0
         self.shutting_down = False
@@ -39,8 +42,15 @@ class Chat:
         return self._page
 
     def serve_health(self) -> dict:
-        """Liveness for the platform and for operators: 200 and JSON."""
-        return {"status": "ok", "connections": self.connections}
+        """For the platform and operators: 200 "ok", or 503 "degraded" while Redis is away."""
+        healthy = self.broker.healthy()
+        bottle.response.status = 200 if healthy else 503
+        return {
+            "status": "ok" if healthy else "degraded",
+            "broker": self.broker.name,
+            "connections": self.connections,
+            "pid": os.getpid(),
+        }
 
     def serve_ws(self) -> str:
         """Upgrade to a WebSocket, then run the connection until it ends (Gorilla's serveWs)."""
@@ -82,7 +92,7 @@ class Chat:
     def _chat_reader(self, conn: Conn):  # type: ignore[no-untyped-def]
         limit = self.config.rate_limit
         bucket = TokenBucket(rate=limit, burst=2 * limit) if limit else None
-        hub = self.hub
+        broker = self.broker
 
         def on_message(_: Conn, data: str | bytes) -> None:
             if isinstance(data, bytes):
@@ -94,7 +104,7 @@ class Chat:
             # One chat line per message, as the page shows it.
             line = data.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ").strip()
             if line:
-                hub.broadcast(frames.encode_text(line))
+                broker.publish(line)
 
         return on_message
 
@@ -134,4 +144,12 @@ def create_app(config: Config | None = None) -> bottle.Bottle:
     app.default_error_handler = plain_error
     app.chat = chat
     chat.hub.start()
+    chat.broker.start()
     return app
+
+
+def make_broker(config: Config, hub: Hub) -> Broker:
+    """Redis when REDIS_URL is set, else this process alone."""
+    if config.redis_url:
+        return RedisBroker(hub, config.redis_url, config.redis_stream, config.history)
+    return InProcessBroker(hub)

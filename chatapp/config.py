@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from collections.abc import Mapping
 
 
@@ -36,6 +37,8 @@ class Config:
     history: int = 50
     # Redis for many workers and hosts; empty means the in-process broker (one worker).
     redis_url: str = ""
+    # The Redis stream that carries the chat (and its history).
+    redis_stream: str = "chat"
     # Requests (register, unregister, broadcast) the hub's inbox holds before senders wait.
     hub_inbox_size: int = 1024
 
@@ -58,7 +61,8 @@ class Config:
             handshake_timeout=_float(env, "CHAT_HANDSHAKE_TIMEOUT", cls.handshake_timeout),
             rate_limit=_float(env, "CHAT_RATE_LIMIT", cls.rate_limit, minimum=0.0),
             history=_int(env, "CHAT_HISTORY", cls.history, minimum=0),
-            redis_url=env.get("REDIS_URL", "").strip(),
+            redis_url=_redis_url(env),
+            redis_stream=env.get("CHAT_REDIS_STREAM", "").strip() or cls.redis_stream,
             hub_inbox_size=_int(env, "CHAT_HUB_INBOX_SIZE", cls.hub_inbox_size, minimum=1),
         )
         if config.ping_period >= config.pong_wait:
@@ -72,6 +76,22 @@ class Config:
                 f"CHAT_SEND_QUEUE_SIZE ({config.send_queue_size}): history goes through the queue"
             )
         return config
+
+
+def _redis_url(env: Mapping[str, str]) -> str:
+    url = env.get("REDIS_URL", "").strip()
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ConfigError(
+            f"REDIS_URL must look like redis://[:password@]host:port[/db], got {url!r}"
+        )
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"REDIS_URL has a bad port: {url!r}") from None
+    return url
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from support import ServerProcess, free_port
+from support import RedisProcess, ServerProcess, free_port
 
 # Settings every test server gets unless the test says otherwise: no flood control, which
 # would get in the way of tests that send fast (the rate limit has its own test).
@@ -42,3 +43,13 @@ def server_kind(request) -> str:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def server(start_server, server_kind) -> ServerProcess:  # type: ignore[no-untyped-def]
     return start_server(server_kind)
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisProcess]:  # type: ignore[no-untyped-def]
+    """A redis-server of this test's own; the test may stop and start it again."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not found: apt-get install -y redis-server")
+    server = RedisProcess(port=free_port(), workdir=tmp_path).start()
+    yield server
+    server.stop()

@@ -166,3 +166,39 @@ def read_close(sock: socket.socket) -> tuple[int, str]:
         opcode, payload = read_server_frame(sock)
         if opcode == 0x8:
             return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+
+
+@dataclass
+class RedisProcess:
+    """A redis-server of the test's own, on a free port, keeping nothing on disk."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 10, 0.02, f"redis-server on {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(7) == b"+PONG\r\n"
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -106,7 +106,7 @@ def test_allowed_origins_widen_the_check(start_server) -> None:  # type: ignore[
 
 def test_stuck_client_is_dropped_and_others_miss_nothing(start_server, server_kind) -> None:  # type: ignore[no-untyped-def]
     """A client that never reads is dropped when its queue fills; a reading client gets every message in order."""
-    server = start_server(server_kind, CHAT_SEND_QUEUE_SIZE="32")
+    server = start_server(server_kind, CHAT_SEND_QUEUE_SIZE="32", CHAT_HISTORY="0")
     stuck = websocket.WebSocket(sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
     stuck.connect(server.ws_url, timeout=30)
     sender = connect(server)

@@ -1,0 +1,166 @@
+"""One chat across workers and hosts through a real redis-server, history, and Redis faults."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import websocket
+
+from support import wait_until
+
+
+def health(server) -> tuple[int, dict]:  # type: ignore[no-untyped-def,type-arg]
+    try:
+        with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def connect(server) -> websocket.WebSocket:  # type: ignore[no-untyped-def]
+    return websocket.create_connection(server.ws_url, timeout=10)
+
+
+def recv_n(ws: websocket.WebSocket, n: int) -> list[str]:
+    return [ws.recv() for _ in range(n)]
+
+
+def test_two_workers_are_one_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """WEB_CONCURRENCY=2 with Redis: 20 clients over both workers each get every message once, in each sender's order."""
+    server = start_server("gunicorn", REDIS_URL=redis_server.url, WEB_CONCURRENCY="2", CHAT_HISTORY="0")
+    wait_until(lambda: len(server.worker_pids()) == 2, 15, what="two workers")
+    clients: list[websocket.WebSocket] = []
+
+    def counts() -> dict[int, int]:
+        """Connections per worker: /healthz answers for whichever worker accepts it."""
+        seen: dict[int, int] = {}
+        deadline = time.monotonic() + 15
+        while len(seen) < 2 or sum(seen.values()) != len(clients):
+            assert time.monotonic() < deadline, f"workers did not both answer: {seen}"
+            _, body = health(server)
+            seen[body["pid"]] = body["connections"]
+            if len(seen) == 2 and sum(seen.values()) != len(clients):
+                seen.clear()  # a stale answer: ask both again
+        return seen
+
+    # Connect in concurrent bursts of 20 until both workers hold some (the kernel picks).
+    while not clients or min(counts().values()) == 0:
+        assert len(clients) < 100, f"all connections went to one worker: {counts()}"
+        with ThreadPoolExecutor(20) as pool:
+            clients += pool.map(lambda _: connect(server), range(20))
+    assert sorted(counts()) == sorted(server.worker_pids())
+    senders = clients[:5]
+    for i in range(10):
+        for s, sender in enumerate(senders):
+            sender.send(f"sender{s} {i}")
+    for client in clients:
+        got = recv_n(client, 50)
+        assert sorted(got) == sorted(f"sender{s} {i}" for s in range(5) for i in range(10))
+        for s in range(5):
+            assert [m for m in got if m.startswith(f"sender{s} ")] == [f"sender{s} {i}" for i in range(10)]
+    # Exactly once: nothing more arrives.
+    clients[0].send("end")
+    assert all(client.recv() == "end" for client in clients)
+
+
+def test_two_hosts_share_the_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Two servers on different ports and one Redis: each side hears the other."""
+    a = start_server("gunicorn", REDIS_URL=redis_server.url)
+    b = start_server("wsgi", REDIS_URL=redis_server.url)
+    on_a, on_b = connect(a), connect(b)
+    on_a.send("from a")
+    assert on_b.recv() == "from a" and on_a.recv() == "from a"
+    on_b.send("from b")
+    assert on_a.recv() == "from b" and on_b.recv() == "from b"
+
+
+def test_late_joiner_gets_the_last_50(start_server, redis_server, server_kind) -> None:  # type: ignore[no-untyped-def]
+    """After 60 messages a new client gets exactly the last 50, oldest first, then live ones (Redis and in-process)."""
+    env = {"REDIS_URL": redis_server.url} if server_kind == "gunicorn" else {}
+    server = start_server(server_kind, **env)
+    early = connect(server)
+    for i in range(60):
+        early.send(f"line {i}")
+    assert recv_n(early, 60)[-1] == "line 59"
+    late = connect(server)
+    early.send("live")
+    assert recv_n(late, 51) == [f"line {i}" for i in range(10, 60)] + ["live"]
+
+
+def test_new_worker_starts_from_the_stream(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """A server started after the chat began gives its clients the stream's last messages."""
+    first = start_server("gunicorn", REDIS_URL=redis_server.url, CHAT_HISTORY="5")
+    talker = connect(first)
+    for i in range(8):
+        talker.send(f"line {i}")
+    recv_n(talker, 8)
+    second = start_server("wsgi", REDIS_URL=redis_server.url, CHAT_HISTORY="5")
+    assert recv_n(connect(second), 5) == [f"line {i}" for i in range(3, 8)]
+
+
+def test_redis_outage_and_return(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Redis dies: servers serve their own clients and report degraded; it returns: outage messages reach the other side, in order, once."""
+    a = start_server("gunicorn", REDIS_URL=redis_server.url, CHAT_HISTORY="0")
+    b = start_server("wsgi", REDIS_URL=redis_server.url, CHAT_HISTORY="0")
+    a1, a2, b1 = connect(a), connect(a), connect(b)
+    a1.send("before")
+    assert [c.recv() for c in (a1, a2, b1)] == ["before"] * 3
+    assert health(a) == (200, health(a)[1]) and health(a)[1]["status"] == "ok"
+
+    redis_server.stop()
+    for i in range(5):
+        a1.send(f"during {i}")
+    # Local clients hear it during the outage.
+    assert recv_n(a2, 5) == [f"during {i}" for i in range(5)]
+    assert recv_n(a1, 5) == [f"during {i}" for i in range(5)]
+    wait_until(lambda: health(a)[0] == 503 and health(b)[0] == 503, 15, what="both to report degraded")
+    assert health(a)[1]["status"] == "degraded"
+    assert "Redis unavailable" in a.log()
+
+    redis_server.start()
+    wait_until(lambda: health(a)[0] == 200 and health(b)[0] == 200, 20, what="both to recover")
+    # The other host gets the outage messages, in order; the local clients do not get them twice.
+    assert recv_n(b1, 5) == [f"during {i}" for i in range(5)]
+    b1.send("after")
+    assert [c.recv() for c in (a1, a2, b1)] == ["after"] * 3
+    assert a.log().count("Redis unavailable for publishing") == 1
+
+
+def test_blocked_redis_does_not_block_the_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """A frozen Redis (SIGSTOP) neither blocks read pumps nor the hub: local clients keep chatting."""
+    server = start_server("gunicorn", REDIS_URL=redis_server.url, CHAT_HISTORY="0")
+    a, b = connect(server), connect(server)
+    a.send("warm")
+    assert b.recv() == "warm" and a.recv() == "warm"
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        a.send("while frozen")
+        b.settimeout(5)
+        assert b.recv() == "while frozen"
+        status, _ = health(server)
+        assert status == 503
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: health(server)[0] == 200, 20, what="recovery after SIGCONT")
+    b.send("thawed")
+    assert a.recv() == "while frozen" and a.recv() == "thawed"
+
+
+def test_bad_redis_url_is_a_clear_startup_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A malformed REDIS_URL stops the server at start-up with a message naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    from support import BIN, ROOT
+
+    env = {**os.environ, "REDIS_URL": "http://not-redis", "PORT": "0"}
+    for cmd in ([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], [sys.executable, "wsgi.py"]):
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode != 0
+        assert "REDIS_URL" in result.stderr and "Traceback" not in result.stderr
