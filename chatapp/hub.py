@@ -71,17 +71,15 @@ class Hub:
             kind, item = inbox.get()
             if kind == _BROADCAST:
                 self._history.append(item)
-                for conn in list(conns):
+                gone = None
+                for conn in conns:
                     try:
                         conn.send.put_nowait(item)
-                    except Full:
-                        # Dead or stuck: its queue filled up. Drop it; everyone else goes on.
-                        conns.discard(conn)
-                        self.dropped += 1
-                        log.warning("dropping %r: send queue full (client too slow)", conn)
-                        conn.close(frames.CLOSE_TRY_AGAIN_LATER, "too slow: send queue full")
-                    except ShutDown:
-                        conns.discard(conn)  # Already closing; its unregister is on the way.
+                    except (Full, ShutDown):
+                        gone = gone or []
+                        gone.append(conn)
+                if gone:
+                    self._drop(gone)
                 # Let the write pumps run: a hub that never blocks starves them.
                 gevent.sleep(0)
             elif kind == _REGISTER:
@@ -99,3 +97,14 @@ class Hub:
                 for conn in conns:
                     conn.close(code, reason)
                 conns.clear()
+
+    def _drop(self, conns: list[Conn]) -> None:
+        """Remove connections a broadcast could not reach; run() calls it."""
+        for conn in conns:
+            self.conns.discard(conn)
+            if conn.send.is_shutdown:
+                continue  # Already closing; its unregister is on the way.
+            # Dead or stuck: its queue filled up. Drop it; everyone else goes on.
+            self.dropped += 1
+            log.warning("dropping %r: send queue full (client too slow)", conn)
+            conn.close(frames.CLOSE_TRY_AGAIN_LATER, "too slow: send queue full")
