@@ -46,6 +46,7 @@ def main() -> None:
     def stop() -> None:
         logging.info("SIGTERM: closing connections")
         server.close()  # Stop accepting; then let open connections say goodbye.
+        ChatHandler.close_idle_connections()
         app.chat.shutdown()
         server.stop(timeout=app.chat.config.write_wait)
 

@@ -94,6 +94,7 @@ class Conn:
         except ProtocolFailure as failure:
             log.info("%s: closing with %s (%s)", self.peer, failure.code, failure.reason)
             self.close(failure.code, failure.reason)
+            ws.discard_until_close(CLOSE_WAIT)
         except socket.timeout:
             log.info("%s sent nothing for %s s: closing", self.peer, self.pong_wait)
             self.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
@@ -143,7 +144,9 @@ class Conn:
                     next_ping = monotonic() + self.ping_period
                 self._write(b"".join(batch))
             self._write(frames.encode_close(self.close_code, self.close_reason))
-            # Give the peer a moment to answer our close before we cut the connection.
+            # Then our FIN, and a moment for the reader to take the peer's answer (or its FIN)
+            # before the connection is cut.
+            self.ws.finish_sending()
             self._reader_done.wait(CLOSE_WAIT)
         except gevent.Timeout:
             log.info("%s: a write took over %s s: dropping the connection", self.peer, self.write_wait)

@@ -86,8 +86,11 @@ class Hub:
                 if self._stop is not None:
                     item.close(*self._stop)
                     continue
-                for frame in self._history:
-                    item.send.put_nowait(frame)
+                try:
+                    for frame in self._history:
+                        item.send.put_nowait(frame)
+                except ShutDown:
+                    continue  # It left before it was registered; its unregister follows.
                 conns.add(item)
             elif kind == _UNREGISTER:
                 conns.discard(item)

@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import logging
 import socket
+import weakref
 from collections import deque
 
 import gevent
@@ -20,7 +21,7 @@ from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
 from gunicorn.workers.ggevent import PyWSGIHandler
 
-from .frames import Event, FrameParser
+from .frames import Close, Event, FrameParser, ProtocolFailure
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,35 @@ class ChatWebSocket(WebSocket):
             self._events.extend(self._parser.feed(data))
         return self._events.popleft()
 
+    def discard_until_close(self, seconds: float) -> None:
+        """After our close frame: read and drop what the peer still sends, until its close
+        frame, its FIN or the deadline. Closing with unread data would send a TCP reset,
+        which can destroy our close frame before the peer reads it."""
+        assert self._parser is not None
+        try:
+            with gevent.Timeout(seconds):
+                while True:
+                    if self._parser.failure is None:
+                        if isinstance(self.receive(), Close):
+                            return
+                    elif not self._rfile.read1(_READ_SIZE):
+                        return
+        except (gevent.Timeout, ProtocolFailure, ConnectionLost, OSError):
+            pass
+
     def set_read_timeout(self, seconds: float | None) -> None:
         self.socket.settimeout(seconds)
 
     def write(self, data: bytes) -> None:
         """Write encoded frames. Only the connection's write pump calls this."""
         self.socket.sendall(data)
+
+    def finish_sending(self) -> None:
+        """Send our FIN after the close frame; reading goes on (a TCP half-close)."""
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def shutdown(self) -> None:
         """End the TCP connection both ways, waking a reader blocked on it."""
@@ -113,6 +137,10 @@ class ChatWebSocket(WebSocket):
         self.closed = True
 
 
+# Handlers waiting for the first or next request on their connection.
+_idle: weakref.WeakSet[ChatHandler] = weakref.WeakSet()
+
+
 class ChatHandler(WebSocketHandler):
     """gevent's WSGI handler with a handshake the application can refuse."""
 
@@ -123,6 +151,23 @@ class ChatHandler(WebSocketHandler):
         # Gap: a connection that sent nothing, or trickled its request, held a greenlet forever.
         self.socket.settimeout(self.handshake_timeout)
         super().handle()
+
+    def read_requestline(self) -> str:
+        # Between requests a keep-alive connection is idle; on shutdown it is closed at once.
+        _idle.add(self)
+        try:
+            return super().read_requestline()
+        finally:
+            _idle.discard(self)
+
+    @staticmethod
+    def close_idle_connections() -> None:
+        """Shut connections waiting for a request, so a stopping server need not wait for them."""
+        for handler in list(_idle):
+            try:
+                handler.socket.shutdown(socket.SHUT_RDWR)
+            except (AttributeError, OSError):
+                pass
 
     def run_application(self) -> None:
         # Gap: the stock handler wrote the 101 before the app ran, so nothing could say 403 or 503.
@@ -234,6 +279,7 @@ class ChatWorker(GeventWebSocketWorker):
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[no-untyped-def]
         super().handle_exit(sig, frame)
+        ChatHandler.close_idle_connections()
         chat = getattr(self.wsgi, "chat", None)
         if chat is not None:
             # Out of the signal handler, so the shutdown may block.
