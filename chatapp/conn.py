@@ -55,10 +55,33 @@ class Conn:
         self.close_code = frames.CLOSE_NORMAL
         self.close_reason = ""
         self._closing = False
+        # True while the write pump waits on an empty queue (see deliver()).
+        self._idle = False
         self._reader_done = Event()
 
     def __repr__(self) -> str:
         return f"<Conn {self.peer}>"
+
+    def deliver(self, frame: bytes, now: bool) -> None:
+        """Hand the write pump a frame without blocking (the hub calls this); Full if stuck.
+
+        Fast path, when `now` (no more frames are coming right behind this one): while the
+        write pump sits idle with nothing queued, the frame goes straight to the kernel with
+        one non-blocking send and the pump is not woken at all; waking a thousand pumps for
+        one message costs more than the sends. That send cannot interleave with the pump's
+        writes: greenlets switch only when one blocks, and the pump is blocked on its empty
+        queue, not in a write. Otherwise the frame is queued, and the pump sends everything
+        queued in one write.
+        """
+        if now and self._idle and not self._closing and not self.send.qsize():
+            try:
+                sent = self.ws.socket._sock.send(frame)
+            except OSError:
+                sent = 0  # Full or broken: the pump finds out on its next write.
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+        self.send.put_nowait(frame)
 
     def close(self, code: int, reason: str) -> None:
         """Ask the write pump to flush what is queued, send this close frame and stop."""
@@ -120,12 +143,14 @@ class Conn:
             while not closing:
                 drain = True
                 try:
+                    self._idle = True
                     batch = [send.get(timeout=max(0.0, next_ping - monotonic()))]
                 except Empty:
                     batch, drain = [], False
                 except ShutDown:
                     # gevent may raise this while frames are still queued: drain them first.
                     batch = []
+                self._idle = False
                 # Take what else is queued into the same socket write, one frame each.
                 while drain and len(batch) < MAX_BATCH:
                     try:
@@ -157,8 +182,7 @@ class Conn:
 
     def _write(self, data: bytes) -> None:
         if data:
-            with gevent.Timeout(self.write_wait):
-                self.ws.write(data)
+            self.ws.write(data, self.write_wait)
 
     def _wake_writer(self) -> None:
         try:

@@ -19,6 +19,10 @@ _UNREGISTER = 1
 _BROADCAST = 2
 _SHUTDOWN = 3
 
+# Broadcasts the hub handles back to back before it lets other greenlets run; it also
+# yields whenever its inbox is empty.
+YIELD_EVERY = 32
+
 
 class Hub:
     """Maintains the set of active connections and broadcasts messages to them.
@@ -67,21 +71,29 @@ class Hub:
     def run(self) -> None:
         conns = self.conns
         inbox = self._inbox
+        since_yield = 0
         while True:
             kind, item = inbox.get()
             if kind == _BROADCAST:
                 self._history.append(item)
                 gone = None
+                # In a burst, queue (the write pumps batch); alone, write at once.
+                now = not inbox.qsize()
                 for conn in conns:
                     try:
-                        conn.send.put_nowait(item)
+                        conn.deliver(item, now)
                     except (Full, ShutDown):
                         gone = gone or []
                         gone.append(conn)
                 if gone:
                     self._drop(gone)
-                # Let the write pumps run: a hub that never blocks starves them.
-                gevent.sleep(0)
+                # Let the write pumps run now and then: a hub that never blocks starves them.
+                # Not after every broadcast: a write pump then finds several frames queued and
+                # sends them in one write.
+                since_yield += 1
+                if since_yield >= YIELD_EVERY:
+                    since_yield = 0
+                    gevent.sleep(0)
             elif kind == _REGISTER:
                 if self._stop is not None:
                     item.close(*self._stop)

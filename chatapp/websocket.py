@@ -110,9 +110,19 @@ class ChatWebSocket(WebSocket):
     def set_read_timeout(self, seconds: float | None) -> None:
         self.socket.settimeout(seconds)
 
-    def write(self, data: bytes) -> None:
-        """Write encoded frames. Only the connection's write pump calls this."""
-        self.socket.sendall(data)
+    def write(self, data: bytes, timeout: float) -> None:
+        """Write encoded frames, giving up after `timeout` seconds. Only the write pump calls this.
+
+        Fast path: one send() on the non-blocking socket, which takes all of it whenever the
+        kernel has room; gevent's sendall() costs an extra getsockopt() and a timer per call.
+        """
+        try:
+            sent = self.socket._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            with gevent.Timeout(timeout):
+                self.socket.sendall(memoryview(data)[sent:])
 
     def finish_sending(self) -> None:
         """Send our FIN after the close frame; reading goes on (a TCP half-close)."""

@@ -10,13 +10,16 @@ from chatapp.hub import Hub
 
 
 class FakeConn:
-    """Just what the hub touches of a Conn: its send queue and close()."""
+    """Just what the hub touches of a Conn: its send queue, deliver() and close()."""
 
     def __init__(self, queue_size: int = 256) -> None:
         self.send: Queue = Queue(maxsize=queue_size)
         self.close_code = 1000
         self.close_reason = ""
         self.closed_with: tuple[int, str] | None = None
+
+    def deliver(self, frame: bytes, now: bool) -> None:
+        self.send.put_nowait(frame)
 
     def close(self, code: int, reason: str) -> None:
         if self.closed_with is None:
