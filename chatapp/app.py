@@ -28,7 +28,12 @@ class Chat:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.hub = Hub(inbox_size=config.hub_inbox_size, history=config.history)
+        self.hub = Hub(
+            inbox_size=config.hub_inbox_size,
+            history=config.history,
+            ping_period=config.ping_period,
+            pong_wait=config.pong_wait,
+        )
         self.broker = make_broker(config, self.hub)
         # Open WebSocket connections in this process, for the connection cap.
         self.connections = 0
@@ -72,8 +77,6 @@ class Chat:
         conn = Conn(
             ws,
             send_queue_size=config.send_queue_size,
-            ping_period=config.ping_period,
-            pong_wait=config.pong_wait,
             write_wait=config.write_wait,
             peer=f"{environ.get('REMOTE_ADDR', '?')}:{environ.get('REMOTE_PORT', '?')}",
         )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import socket
 from time import monotonic
-from collections import deque
 from collections.abc import Callable
 
 import gevent
@@ -36,8 +34,6 @@ class Conn:
         ws: ChatWebSocket,
         *,
         send_queue_size: int,
-        ping_period: float,
-        pong_wait: float,
         write_wait: float,
         peer: str = "",
     ) -> None:
@@ -45,12 +41,10 @@ class Conn:
         # Encoded frames for the peer. The hub puts (never blocking) and shuts it down on
         # unregister; only the write pump gets.
         self.send: Queue = Queue(maxsize=send_queue_size)
-        self.ping_period = ping_period
-        self.pong_wait = pong_wait
         self.write_wait = write_wait
         self.peer = peer
         # Control frames the read pump asks the write pump to send.
-        self._pongs: deque[bytes] = deque(maxlen=MAX_PENDING_PONGS)
+        self._pongs: list[bytes] = []
         # Code and reason of the close frame the write pump sends last; the first closer wins.
         self.close_code = frames.CLOSE_NORMAL
         self.close_reason = ""
@@ -58,6 +52,10 @@ class Conn:
         # True while the write pump waits on an empty queue (see deliver()).
         self._idle = False
         self._reader_done = Event()
+        # When the read pump last heard from the peer. The hub's ticker pings every connection
+        # and drops those silent for longer than the pong wait: one timer for all of them,
+        # where Gorilla gives each connection a ticker and a read deadline.
+        self.last_read = monotonic()
 
     def __repr__(self) -> str:
         return f"<Conn {self.peer}>"
@@ -96,17 +94,18 @@ class Conn:
         """Pump messages from the WebSocket to on_message until the connection ends.
 
         The application runs this in the request greenlet, so there is at most one reader
-        on the connection. A read deadline of pong_wait ends a silent peer: every frame,
-        pong included, pushes it back.
+        on the connection. Every frame, pong included, counts as a sign of life.
         """
         ws = self.ws
-        ws.set_read_timeout(self.pong_wait)
         try:
             while True:
                 event = ws.receive()
+                self.last_read = monotonic()
                 if isinstance(event, Message):
                     on_message(self, event.data)
                 elif isinstance(event, Ping):
+                    if len(self._pongs) >= MAX_PENDING_PONGS:
+                        del self._pongs[0]
                     self._pongs.append(frames.encode_frame(frames.OP_PONG, event.payload))
                     self._wake_writer()
                 elif isinstance(event, Close):
@@ -118,9 +117,6 @@ class Conn:
             log.info("%s: closing with %s (%s)", self.peer, failure.code, failure.reason)
             self.close(failure.code, failure.reason)
             ws.discard_until_close(CLOSE_WAIT)
-        except socket.timeout:
-            log.info("%s sent nothing for %s s: closing", self.peer, self.pong_wait)
-            self.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
         except (ConnectionLost, OSError):
             self.close(frames.CLOSE_GOING_AWAY, "connection lost")
         except Exception:
@@ -130,29 +126,25 @@ class Conn:
             self._reader_done.set()
 
     def write_pump(self) -> None:
-        """Pump frames from the send queue to the WebSocket, and ping every ping_period.
+        """Pump frames from the send queue to the WebSocket until the queue is shut down.
 
-        The one writer of the connection: data, pongs, pings and the final close frame all
-        leave from this greenlet.
+        The one writer of the connection: data, pings (queued by the hub's ticker), pongs and
+        the final close frame all leave from this greenlet, or from deliver() while this
+        greenlet is idle.
         """
         send = self.send
-        ping = frames.encode_frame(frames.OP_PING, b"")
-        next_ping = monotonic() + self.ping_period
         try:
             closing = False
             while not closing:
-                drain = True
                 try:
                     self._idle = True
-                    batch = [send.get(timeout=max(0.0, next_ping - monotonic()))]
-                except Empty:
-                    batch, drain = [], False
+                    batch = [send.get()]
                 except ShutDown:
                     # gevent may raise this while frames are still queued: drain them first.
                     batch = []
                 self._idle = False
                 # Take what else is queued into the same socket write, one frame each.
-                while drain and len(batch) < MAX_BATCH:
+                while len(batch) < MAX_BATCH:
                     try:
                         batch.append(send.get_nowait())
                     except Empty:
@@ -163,10 +155,6 @@ class Conn:
                 if self._pongs:
                     batch[:0] = self._pongs
                     self._pongs.clear()
-                # Ping on schedule even while data flows: data does not make the peer answer.
-                if monotonic() >= next_ping:
-                    batch.append(ping)
-                    next_ping = monotonic() + self.ping_period
                 self._write(b"".join(batch))
             self._write(frames.encode_close(self.close_code, self.close_reason))
             # Then our FIN, and a moment for the reader to take the peer's answer (or its FIN)

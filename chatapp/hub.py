@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from time import monotonic
 
 import gevent
 from gevent.queue import Full, Queue, ShutDown
@@ -13,11 +14,14 @@ from .conn import Conn
 
 log = logging.getLogger(__name__)
 
-# The three doors onto the inbox (Go's three channels), plus a stop for graceful shutdown.
+# The three doors onto the inbox (Go's three channels), then graceful shutdown and the ticker.
 _REGISTER = 0
 _UNREGISTER = 1
 _BROADCAST = 2
 _SHUTDOWN = 3
+_TICK = 4
+
+_PING = frames.encode_frame(frames.OP_PING, b"")
 
 # Broadcasts the hub handles back to back before it lets other greenlets run; it also
 # yields whenever its inbox is empty.
@@ -33,7 +37,13 @@ class Hub:
     A full inbox makes callers wait: read pumps slow down instead of memory growing.
     """
 
-    def __init__(self, inbox_size: int = 1024, history: int = 0) -> None:
+    def __init__(
+        self,
+        inbox_size: int = 1024,
+        history: int = 0,
+        ping_period: float = 25.0,
+        pong_wait: float = 60.0,
+    ) -> None:
         # Registered connections. Only run() reads or writes this set.
         self.conns: set[Conn] = set()
         # Requests for run(): (kind, conn or frame).
@@ -43,11 +53,22 @@ class Hub:
         # Connections dropped because their send queue was full.
         self.dropped = 0
         # Set by shutdown(): the close code and reason every connection gets.
-        self._stop: tuple[int, str] | None = None
-        self._greenlet: gevent.Greenlet | None = None
+        self._closed_with: tuple[int, str] | None = None
+        # Every ping_period all connections are pinged; those silent for pong_wait, dropped.
+        self.ping_period = ping_period
+        self.pong_wait = pong_wait
+        self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
-        self._greenlet = gevent.spawn(self.run)
+        self._greenlets = [gevent.spawn(self.run), gevent.spawn(self._tick_forever)]
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets)
+
+    def _tick_forever(self) -> None:
+        while True:
+            gevent.sleep(self.ping_period)
+            self._inbox.put((_TICK, None))
 
     def register(self, conn: Conn) -> None:
         self._inbox.put((_REGISTER, conn))
@@ -95,8 +116,8 @@ class Hub:
                     since_yield = 0
                     gevent.sleep(0)
             elif kind == _REGISTER:
-                if self._stop is not None:
-                    item.close(*self._stop)
+                if self._closed_with is not None:
+                    item.close(*self._closed_with)
                     continue
                 try:
                     for frame in self._history:
@@ -107,8 +128,10 @@ class Hub:
             elif kind == _UNREGISTER:
                 conns.discard(item)
                 item.close(item.close_code, item.close_reason)
+            elif kind == _TICK:
+                self._ping_all()
             else:
-                self._stop = code, reason = item
+                self._closed_with = code, reason = item
                 for conn in conns:
                     conn.close(code, reason)
                 conns.clear()
@@ -123,3 +146,26 @@ class Hub:
             self.dropped += 1
             log.warning("dropping %r: send queue full (client too slow)", conn)
             conn.close(frames.CLOSE_TRY_AGAIN_LATER, "too slow: send queue full")
+
+    def _ping_all(self) -> None:
+        """Ping every connection; drop those the peer has been silent on for the pong wait.
+
+        Gorilla gives each connection a ticker and a read deadline; here one ticker serves
+        them all, which spares two timers per connection. A silent peer goes between
+        pong_wait and pong_wait + ping_period after it last spoke.
+        """
+        deadline = monotonic() - self.pong_wait
+        silent = [conn for conn in self.conns if conn.last_read < deadline]
+        for conn in silent:
+            self.conns.discard(conn)
+            log.info("%r sent nothing for %s s: closing", conn, self.pong_wait)
+            conn.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
+        gone = None
+        for conn in self.conns:
+            try:
+                conn.deliver(_PING, True)
+            except (Full, ShutDown):
+                gone = gone or []
+                gone.append(conn)
+        if gone:
+            self._drop(gone)

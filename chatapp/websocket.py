@@ -12,7 +12,6 @@ import hashlib
 import logging
 import socket
 import weakref
-from collections import deque
 
 import gevent
 from gevent.pywsgi import WSGIHandler
@@ -41,7 +40,7 @@ class ChatWebSocket(WebSocket):
     or returns an ordinary HTTP refusal.
     """
 
-    __slots__ = ("accepted", "socket", "_key", "_rfile", "_parser", "_events")
+    __slots__ = ("accepted", "socket", "_key", "_rfile", "_pending", "_parser", "_events")
 
     def __init__(self, environ: dict, handler: WSGIHandler, key: str) -> None:
         super().__init__(environ, Stream(handler), handler)
@@ -49,8 +48,9 @@ class ChatWebSocket(WebSocket):
         self.socket = handler.socket
         self._key = key
         self._rfile = handler.rfile
+        self._pending = b""
         self._parser: FrameParser | None = None
-        self._events: deque[Event] = deque()
+        self._events: list[Event] = []
 
     def accept(self, max_message_size: int) -> None:
         """Answer the handshake with 101 (gap: the stock handler did so before the app ran)."""
@@ -68,6 +68,11 @@ class ChatWebSocket(WebSocket):
         handler.response_headers = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
         handler.headers_sent = True
         handler.close_connection = True
+        # Bytes the HTTP parser buffered past the request are the first frames. Take them,
+        # then close the buffered reader (freeing its 8 KB): reads go to the socket directly.
+        self.socket.settimeout(0.0)
+        self._pending = self._rfile.read1(_READ_SIZE) or b""
+        self._rfile.close()
         # The handshake deadline is over; the read pump sets its own.
         self.socket.settimeout(None)
         # Chat lines are small: send each batch now rather than wait for more (Nagle).
@@ -85,11 +90,15 @@ class ChatWebSocket(WebSocket):
         while not self._events:
             if self._parser.failure is not None:
                 raise self._parser.failure
-            data = self._rfile.read1(_READ_SIZE)
-            if not data:
-                raise ConnectionLost("peer closed the connection")
-            self._events.extend(self._parser.feed(data))
-        return self._events.popleft()
+            self._events = self._parser.feed(self._read())
+        return self._events.pop(0)
+
+    def _read(self) -> bytes:
+        # recv() waits for data before it allocates a buffer: an idle connection holds none.
+        data, self._pending = (self._pending or self.socket.recv(_READ_SIZE)), b""
+        if not data:
+            raise ConnectionLost("peer closed the connection")
+        return data
 
     def discard_until_close(self, seconds: float) -> None:
         """After our close frame: read and drop what the peer still sends, until its close
@@ -102,8 +111,8 @@ class ChatWebSocket(WebSocket):
                     if self._parser.failure is None:
                         if isinstance(self.receive(), Close):
                             return
-                    elif not self._rfile.read1(_READ_SIZE):
-                        return
+                    else:
+                        self._read()
         except (gevent.Timeout, ProtocolFailure, ConnectionLost, OSError):
             pass
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import gevent
 import pytest
 from gevent.queue import Queue, ShutDown
@@ -17,6 +19,7 @@ class FakeConn:
         self.close_code = 1000
         self.close_reason = ""
         self.closed_with: tuple[int, str] | None = None
+        self.last_read = time.monotonic()
 
     def deliver(self, frame: bytes, now: bool) -> None:
         self.send.put_nowait(frame)
@@ -40,7 +43,7 @@ def hub():  # type: ignore[no-untyped-def]
     hub = Hub(inbox_size=16, history=3)
     hub.start()
     yield hub
-    hub._greenlet.kill()  # type: ignore[union-attr]
+    hub.stop()
 
 
 def settle(hub: Hub) -> None:
@@ -112,3 +115,23 @@ def test_shutdown_closes_everyone(hub: Hub) -> None:
     settle(hub)
     assert [c.closed_with for c in conns + [late]] == [(1001, "going away")] * 4
     assert not hub.conns
+
+
+def test_ticker_pings_and_drops_silent_peers() -> None:
+    """Each tick pings every connection; one silent for longer than the pong wait is closed with 1001."""
+    hub = Hub(ping_period=0.05, pong_wait=0.2)
+    hub.start()
+    try:
+        talking, silent = FakeConn(), FakeConn()
+        silent.last_read -= 1.0
+        hub.register(talking)  # type: ignore[arg-type]
+        hub.register(silent)  # type: ignore[arg-type]
+        with gevent.Timeout(2):
+            while talking.send.qsize() < 2:
+                talking.last_read = time.monotonic()
+                gevent.sleep(0.01)
+        assert talking.drain()[:2] == [b"\x89\x00"] * 2
+        assert silent.closed_with == (1001, "no pong within the pong wait")
+        assert silent not in hub.conns and talking in hub.conns
+    finally:
+        hub.stop()

@@ -33,8 +33,6 @@ def echo(environ: dict, start_response):  # type: ignore[no-untyped-def]
     conn = Conn(
         ws,
         send_queue_size=config.send_queue_size,
-        ping_period=config.ping_period,
-        pong_wait=config.pong_wait,
         write_wait=config.write_wait,
     )
     writer = gevent.spawn(conn.write_pump)
