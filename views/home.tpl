@@ -6,10 +6,10 @@
 <title>Chat</title>
 <style>
   :root { color-scheme: light dark; --bg: #fff; --fg: #1b1b1b; --muted: #666; --line: #d0d0d0;
-          --panel: #f4f4f5; --accent: #2563eb; --ok: #15803d; --warn: #b45309; --bad: #b91c1c; }
+          --panel: #f4f4f5; --accent: #2563eb; --on-accent: #fff; --ok: #15803d; --warn: #b45309; --bad: #b91c1c; }
   @media (prefers-color-scheme: dark) {
     :root { --bg: #16171a; --fg: #e6e6e6; --muted: #9a9a9a; --line: #33353a;
-            --panel: #1f2125; --accent: #60a5fa; --ok: #4ade80; --warn: #fbbf24; --bad: #f87171; }
+            --panel: #1f2125; --accent: #60a5fa; --on-accent: #0b1220; --ok: #4ade80; --warn: #fbbf24; --bad: #f87171; }
   }
   * { box-sizing: border-box; }
   html, body { height: 100%; margin: 0; }
@@ -32,7 +32,7 @@
   #msg { flex: 1 1 auto; min-width: 0; font: inherit; padding: .5em .6em; color: inherit; background: var(--bg);
          border: 1px solid var(--line); border-radius: 6px; }
   #msg:focus { outline: 2px solid var(--accent); outline-offset: -1px; }
-  button { font: inherit; padding: .5em 1em; border: 0; border-radius: 6px; background: var(--accent); color: #fff; cursor: pointer; }
+  button { font: inherit; padding: .5em 1em; border: 0; border-radius: 6px; background: var(--accent); color: var(--on-accent); cursor: pointer; }
   .visually-hidden { position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; overflow: hidden;
                      clip: rect(0 0 0 0); white-space: nowrap; border: 0; }
 </style>
