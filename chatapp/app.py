@@ -8,7 +8,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import bottle
-import gevent
 
 from . import frames
 from .broker import Broker, InProcessBroker, RedisBroker
@@ -82,13 +81,11 @@ class Chat:
         )
         self.connections += 1
         self.hub.register(conn)
-        writer = gevent.spawn(conn.write_pump)
         try:
             conn.read_pump(self._chat_reader(conn))
         finally:
             self.hub.unregister(conn)
-            writer.join(timeout=2 * config.write_wait + 5)
-            writer.kill(block=False)
+            conn.wait_closed(timeout=2 * config.write_wait + 5)
             self.connections -= 1
         return ""
 

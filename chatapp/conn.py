@@ -22,6 +22,9 @@ CLOSE_WAIT = 2.0
 MAX_PENDING_PONGS = 32
 # Queued frames joined into one socket write.
 MAX_BATCH = 64
+# Seconds a write pump with nothing to send waits for more before it ends; the next frame
+# that cannot go straight out starts a new one.
+WRITER_LINGER = 1.0
 # Put on the send queue to wake the write pump; writing it writes nothing.
 _WAKE = b""
 
@@ -39,8 +42,10 @@ class Conn:
     ) -> None:
         self.ws = ws
         # Encoded frames for the peer. The hub puts (never blocking) and shuts it down on
-        # unregister; only the write pump gets.
-        self.send: Queue = Queue(maxsize=send_queue_size)
+        # unregister; only the write pump gets. Made when a frame first has to wait, and
+        # dropped again with an idle write pump: an idle connection holds no queue.
+        self.send: Queue | None = None
+        self.send_queue_size = send_queue_size
         self.write_wait = write_wait
         self.peer = peer
         # Control frames the read pump asks the write pump to send.
@@ -49,6 +54,8 @@ class Conn:
         self.close_code = frames.CLOSE_NORMAL
         self.close_reason = ""
         self._closing = False
+        # The write pump, while there is something to write (see write_pump()).
+        self._writer: gevent.Greenlet | None = None
         # True while the write pump waits on an empty queue (see deliver()).
         self._idle = False
         self._reader_done = Event()
@@ -63,23 +70,37 @@ class Conn:
     def deliver(self, frame: bytes, now: bool) -> None:
         """Hand the write pump a frame without blocking (the hub calls this); Full if stuck.
 
-        Fast path, when `now` (no more frames are coming right behind this one): while the
-        write pump sits idle with nothing queued, the frame goes straight to the kernel with
-        one non-blocking send and the pump is not woken at all; waking a thousand pumps for
-        one message costs more than the sends. That send cannot interleave with the pump's
-        writes: greenlets switch only when one blocks, and the pump is blocked on its empty
-        queue, not in a write. Otherwise the frame is queued, and the pump sends everything
-        queued in one write.
+        Fast path, when `now` (no more frames are coming right behind this one): while no
+        write pump is writing and nothing is queued, the frame goes straight to the kernel
+        with one non-blocking send, and no pump is woken at all; waking a thousand pumps for
+        one message costs more than the sends. That send cannot interleave with a pump's
+        writes: greenlets switch only when one blocks, and a pump is then either absent or
+        waiting on its empty queue. Otherwise the frame is queued, and the pump sends
+        everything queued in one write.
         """
-        if now and self._idle and not self._closing and not self.send.qsize():
+        if self._closing:
+            raise ShutDown
+        if now and (self._writer is None or self._idle) and not (self.send and self.send.qsize()):
             try:
                 sent = self.ws.socket._sock.send(frame)
             except OSError:
-                sent = 0  # Full or broken: the pump finds out on its next write.
+                sent = 0  # Full or broken: the pump finds out on its write.
             if sent == len(frame):
                 return
             frame = frame[sent:]
-        self.send.put_nowait(frame)
+        self._queue().put_nowait(frame)
+        self._start_writer()
+
+    def send_message(self, frame: bytes) -> None:
+        """Queue a frame, waiting while the queue is full (for one-to-one servers, not the hub)."""
+        if self._closing:
+            raise ShutDown
+        self._start_writer()
+        self._queue().put(frame)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def close(self, code: int, reason: str) -> None:
         """Ask the write pump to flush what is queued, send this close frame and stop."""
@@ -88,7 +109,24 @@ class Conn:
         self._closing = True
         self.close_code = code
         self.close_reason = reason
-        self.send.shutdown()
+        self._queue().shutdown()
+        self._start_writer()
+
+    def wait_closed(self, timeout: float) -> None:
+        """Wait for the write pump to send the close frame and end the connection."""
+        writer = self._writer
+        if writer is not None:
+            writer.join(timeout)
+            writer.kill(block=False)
+
+    def _queue(self) -> Queue:
+        if self.send is None:
+            self.send = Queue(maxsize=self.send_queue_size)
+        return self.send
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = gevent.spawn(self.write_pump)
 
     def read_pump(self, on_message: Callable[[Conn, str | bytes], None]) -> None:
         """Pump messages from the WebSocket to on_message until the connection ends.
@@ -126,36 +164,21 @@ class Conn:
             self._reader_done.set()
 
     def write_pump(self) -> None:
-        """Pump frames from the send queue to the WebSocket until the queue is shut down.
+        """Pump frames from the send queue to the WebSocket, then the close frame.
 
         The one writer of the connection: data, pings (queued by the hub's ticker), pongs and
-        the final close frame all leave from this greenlet, or from deliver() while this
-        greenlet is idle.
+        the final close frame all leave from this greenlet, or from deliver() while no frame
+        is queued. Go's goroutines are cheap enough to keep one per connection for its
+        whole life; a greenlet costs several KB, so this one runs only while there is
+        something to write, and ends after WRITER_LINGER seconds with nothing queued.
         """
-        send = self.send
         try:
-            closing = False
-            while not closing:
-                try:
-                    self._idle = True
-                    batch = [send.get()]
-                except ShutDown:
-                    # gevent may raise this while frames are still queued: drain them first.
-                    batch = []
-                self._idle = False
-                # Take what else is queued into the same socket write, one frame each.
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(send.get_nowait())
-                    except Empty:
-                        break
-                    except ShutDown:
-                        closing = True
-                        break
-                if self._pongs:
-                    batch[:0] = self._pongs
-                    self._pongs.clear()
-                self._write(b"".join(batch))
+            if not self._write_queued():
+                # Idle: let the pump and the empty queue go; the next frame that has to wait
+                # makes new ones.
+                self._writer = None
+                self.send = None
+                return
             self._write(frames.encode_close(self.close_code, self.close_reason))
             # Then our FIN, and a moment for the reader to take the peer's answer (or its FIN)
             # before the connection is cut.
@@ -165,15 +188,50 @@ class Conn:
             log.info("%s: a write took over %s s: dropping the connection", self.peer, self.write_wait)
         except OSError:
             pass
-        finally:
-            self.ws.shutdown()
+        self.ws.shutdown()
+
+    def _write_queued(self) -> bool:
+        """Write batches until the queue is shut down (True) or stays empty (False)."""
+        send = self._queue()
+        while True:
+            try:
+                self._idle = True
+                batch = [send.get(timeout=WRITER_LINGER)]
+            except Empty:
+                if not self._pongs:
+                    return False
+                batch = []
+            except ShutDown:
+                # gevent may raise this while frames are still queued: drain them first.
+                batch = []
+            finally:
+                self._idle = False
+            closing = False
+            # Take what else is queued into the same socket write, one frame each.
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(send.get_nowait())
+                except Empty:
+                    break
+                except ShutDown:
+                    closing = True
+                    break
+            if self._pongs:
+                batch[:0] = self._pongs
+                self._pongs.clear()
+            self._write(b"".join(batch))
+            if closing:
+                return True
 
     def _write(self, data: bytes) -> None:
         if data:
             self.ws.write(data, self.write_wait)
 
     def _wake_writer(self) -> None:
+        if self._writer is None:
+            self._start_writer()
+            return
         try:
-            self.send.put_nowait(_WAKE)
+            self._queue().put_nowait(_WAKE)
         except (Full, ShutDown):
             pass  # The write pump is busy or finishing; it sends the pongs on its way.

@@ -121,7 +121,7 @@ class Hub:
                     continue
                 try:
                     for frame in self._history:
-                        item.send.put_nowait(frame)
+                        item.deliver(frame, False)
                 except ShutDown:
                     continue  # It left before it was registered; its unregister follows.
                 conns.add(item)
@@ -140,7 +140,7 @@ class Hub:
         """Remove connections a broadcast could not reach; run() calls it."""
         for conn in conns:
             self.conns.discard(conn)
-            if conn.send.is_shutdown:
+            if conn.closing:
                 continue  # Already closing; its unregister is on the way.
             # Dead or stuck: its queue filled up. Drop it; everyone else goes on.
             self.dropped += 1

@@ -24,6 +24,10 @@ class FakeConn:
     def deliver(self, frame: bytes, now: bool) -> None:
         self.send.put_nowait(frame)
 
+    @property
+    def closing(self) -> bool:
+        return self.closed_with is not None
+
     def close(self, code: int, reason: str) -> None:
         if self.closed_with is None:
             self.closed_with = (code, reason)

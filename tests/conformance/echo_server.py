@@ -12,7 +12,6 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 
-import gevent  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from gevent.queue import ShutDown  # noqa: E402
 
@@ -35,7 +34,6 @@ def echo(environ: dict, start_response):  # type: ignore[no-untyped-def]
         send_queue_size=config.send_queue_size,
         write_wait=config.write_wait,
     )
-    writer = gevent.spawn(conn.write_pump)
 
     def send_back(conn: Conn, data: str | bytes) -> None:
         if isinstance(data, str):
@@ -43,14 +41,14 @@ def echo(environ: dict, start_response):  # type: ignore[no-untyped-def]
         else:
             frame = frames.encode_frame(frames.OP_BINARY, data)
         try:
-            conn.send.put(frame)  # Waits while the write pump is behind: backpressure.
+            conn.send_message(frame)  # Waits while the write pump is behind: backpressure.
         except ShutDown:
             pass
 
     try:
         conn.read_pump(send_back)
     finally:
-        writer.join()
+        conn.wait_closed(config.write_wait + 5)
     return []
 
 
