@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test conformance clean
+.PHONY: run test conformance bench clean
 
 run: $(VENV)/.runtime
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
@@ -23,6 +23,20 @@ $(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
 $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.runtime
+
+# bench/: the frame layer against gevent-websocket's, then ours against two peers under load
+# (scenarios a-f, about 20 minutes), bench/plot.png, then one worker against two through Redis.
+# Not part of `make test`.
+bench: $(VENV)/.bench
+	$(MAKE) -C bench .build/loadgen
+	$(BIN)/python bench/protocol.py
+	$(BIN)/python bench/run.py --scenarios a,b,c,d,e,f,cl300,cl3000,cl10000
+	$(BIN)/python bench/plot.py
+	$(BIN)/python bench/run.py --servers ours,ours-redis --scenarios a,b,c --out bench/results-redis.jsonl
+
+$(VENV)/.bench: bench/requirements.txt $(VENV)/.dev
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	touch $@
 
 clean:
 	rm -rf $(VENV)

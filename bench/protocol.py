@@ -52,8 +52,8 @@ def main() -> None:
         frame = masked_frame(payload, mask)
         masked_payload = frames.unmask(payload, mask)
         calls = max(1, 200_000 // size)
-        stock = best(lambda: stock_read(masked_payload, mask), calls)
-        ours = best(lambda: frames.FrameParser(1 << 30).feed(frame), calls * 20)
+        stock = best(lambda p=masked_payload: stock_read(p, mask), calls)
+        ours = best(lambda f=frame: frames.FrameParser(1 << 30).feed(f), calls * 20)
         print(f"{len(payload):>9} {stock * 1e6:>9.1f}µs {ours * 1e6:>7.1f}µs {stock / ours:>7.0f}")
         print(f"{'':>9} {len(payload) / stock / 1e6:>7.1f}MB/s {len(payload) / ours / 1e6:>5.0f}MB/s")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
-from collections.abc import Mapping
 
 
 class ConfigError(ValueError):
@@ -88,7 +88,7 @@ def _redis_url(env: Mapping[str, str]) -> str:
             f"REDIS_URL must look like redis://[:password@]host:port[/db], got {url!r}"
         )
     try:
-        parts.port
+        _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         raise ConfigError(f"REDIS_URL has a bad port: {url!r}") from None
     return url

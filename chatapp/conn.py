@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from time import monotonic
 from collections.abc import Callable
+from time import monotonic
 
 import gevent
 from gevent.event import Event

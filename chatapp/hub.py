@@ -85,7 +85,8 @@ class Hub:
         self._inbox.put((_SHUTDOWN, (code, reason)))
 
     def seed_history(self, history: list[bytes]) -> None:
-        """Replace the history (before start(); the Redis broker seeds it from the stream)."""
+        """Replace the history: the Redis broker seeds it from the stream. It does not yield,
+        so no request of run()'s interleaves."""
         self._history.clear()
         self._history.extend(history)
 
@@ -97,17 +98,8 @@ class Hub:
             kind, item = inbox.get()
             if kind == _BROADCAST:
                 self._history.append(item)
-                gone = None
                 # In a burst, queue (the write pumps batch); alone, write at once.
-                now = not inbox.qsize()
-                for conn in conns:
-                    try:
-                        conn.deliver(item, now)
-                    except (Full, ShutDown):
-                        gone = gone or []
-                        gone.append(conn)
-                if gone:
-                    self._drop(gone)
+                self._deliver_all(item, now=not inbox.qsize())
                 # Let the write pumps run now and then: a hub that never blocks starves them.
                 # Not after every broadcast: a write pump then finds several frames queued and
                 # sends them in one write.
@@ -160,10 +152,14 @@ class Hub:
             self.conns.discard(conn)
             log.info("%r sent nothing for %s s: closing", conn, self.pong_wait)
             conn.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
+        self._deliver_all(_PING, now=True)
+
+    def _deliver_all(self, frame: bytes, now: bool) -> None:
+        """Give every connection the frame without blocking; drop those that cannot take it."""
         gone = None
         for conn in self.conns:
             try:
-                conn.deliver(_PING, True)
+                conn.deliver(frame, now)
             except (Full, ShutDown):
                 gone = gone or []
                 gone.append(conn)

@@ -251,7 +251,7 @@ class ChatHandler(WebSocketHandler):
 
     def _respond(self, status: str, reason: str, headers: list[tuple[str, str]]) -> None:
         # Gap: error bodies were str and got lost on Python 3; ours are bytes with a length.
-        body = f"{status}: {reason}\n".encode("utf-8")
+        body = f"{status}: {reason}\n".encode()
         WSGIHandler.start_response(
             self,
             status,

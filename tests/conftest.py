@@ -6,7 +6,6 @@ import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from support import RedisProcess, ServerProcess, free_port
 
 # Settings every test server gets unless the test says otherwise: no flood control, which

@@ -18,7 +18,6 @@ import websocket
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page
-
     from support import ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -12,7 +12,6 @@ import time
 import urllib.request
 
 import websocket
-
 from support import client_frame, raw_handshake, read_close, read_server_frame, wait_until
 
 

@@ -10,7 +10,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import websocket
-
 from support import wait_until
 
 
@@ -31,7 +30,7 @@ def recv_n(ws: websocket.WebSocket, n: int) -> list[str]:
 
 
 def test_two_workers_are_one_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
-    """WEB_CONCURRENCY=2 with Redis: 20 clients over both workers each get every message once, in each sender's order."""
+    """WEB_CONCURRENCY=2 with Redis: clients on both workers get every message once, each sender in order."""
     server = start_server("gunicorn", REDIS_URL=redis_server.url, WEB_CONCURRENCY="2", CHAT_HISTORY="0")
     wait_until(lambda: len(server.worker_pids()) == 2, 15, what="two workers")
     clients: list[websocket.WebSocket] = []
@@ -104,7 +103,7 @@ def test_new_worker_starts_from_the_stream(start_server, redis_server) -> None: 
 
 
 def test_redis_outage_and_return(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
-    """Redis dies: servers serve their own clients and report degraded; it returns: outage messages reach the other side, in order, once."""
+    """Redis dies: each server serves its own clients, degraded; back: outage lines reach the rest once, in order."""
     a = start_server("gunicorn", REDIS_URL=redis_server.url, CHAT_HISTORY="0")
     b = start_server("wsgi", REDIS_URL=redis_server.url, CHAT_HISTORY="0")
     a1, a2, b1 = connect(a), connect(a), connect(b)

@@ -10,8 +10,7 @@ import time
 
 import pytest
 import websocket
-
-from support import client_frame, raw_handshake, read_close, read_server_frame, wait_until
+from support import client_frame, raw_handshake, read_close, read_server_frame
 
 
 def http_get(server, path: str, method: str = "GET") -> tuple[int, str, bytes]:  # type: ignore[no-untyped-def]

@@ -1,0 +1,498 @@
+// Command loadgen is the chat benchmark's load generator.
+//
+// It opens -clients WebSocket connections to a broadcast chat server (ramping
+// with bounded concurrency), waits until every one is registered (client 0
+// broadcasts "hello <n>" probes until every client has received one), then
+// lets the first -senders clients send "b <sender> <seq> <unixnanos>" for
+// -duration, either as fast as possible (open loop), at a fixed total -rate,
+// or in a closed loop where message q is sent only after every client has
+// received message q-window. Every client checks per-sender order and gaps
+// and records end-to-end latency. It prints one table line, or one JSON line
+// with -json (the table line then goes to stderr). Progress lines starting
+// with "# " go to stderr; "# sending" and "# sent" bracket the send phase.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"math/bits"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+const (
+	ring         = 4096            // per-sender slots for closed-loop delivery counts
+	stallTimeout = 5 * time.Second // closed loop: give up waiting for a lagging window
+	subBits      = 7               // latency histogram: 128 sub-buckets per power of two
+	nBuckets     = (64 - subBits + 1) << subBits
+)
+
+type config struct {
+	url, origin             string
+	clients, senders, ramp  int
+	duration, settle, drain time.Duration
+	rate                    float64
+	window                  int64
+	jsonOut                 bool
+}
+
+// sender holds one sending client's counters; acks[q%ring] counts the clients
+// that have received (or skipped past) message q.
+type sender struct {
+	conn     *websocket.Conn
+	sent     int64
+	acks     [ring]atomic.Int32
+	complete atomic.Int64 // highest q that every client has received or skipped
+	notify   chan struct{}
+}
+
+// result is what one run prints, as a table line or a JSON line.
+type result struct {
+	URL             string  `json:"url"`
+	Clients         int     `json:"clients"`
+	Senders         int     `json:"senders"`
+	DurationS       float64 `json:"duration_s"`
+	Rate            float64 `json:"rate"`
+	Window          int64   `json:"window"`
+	Connected       int64   `json:"connected"`
+	ConnectFailures int     `json:"connect_failures"`
+	ConnectS        float64 `json:"connect_s"`
+	Disconnects     int64   `json:"disconnects"`
+	SendErrors      int64   `json:"send_errors"`
+	Stalls          int64   `json:"stalls"` // closed loop: waits for a window that gave up after stallTimeout
+	Sent            int64   `json:"sent"`
+	Expected        int64   `json:"expected"` // sent * connected
+	Delivered       int64   `json:"delivered"`
+	DeliveredPerS   float64 `json:"delivered_per_s"` // deliveries during the send phase / its length
+	Loss            int64   `json:"loss"`            // expected - delivered, after the drain
+	LossPct         float64 `json:"loss_pct"`
+	Gaps            int64   `json:"gaps"`     // messages skipped in a client's per-sender sequence
+	Reorders        int64   `json:"reorders"` // messages older than one already seen
+	P50Ms           float64 `json:"p50_ms"`
+	P90Ms           float64 `json:"p90_ms"`
+	P99Ms           float64 `json:"p99_ms"`
+	MaxMs           float64 `json:"max_ms"`
+	LoadgenCPUPct   float64 `json:"loadgen_cpu_pct"` // this process, during the send phase
+}
+
+type bench struct {
+	cfg                     config
+	conns                   []*websocket.Conn
+	senders                 []*sender
+	registered              atomic.Int64
+	delivered, inWindow     atomic.Int64
+	gaps, reorders          atomic.Int64
+	disconnects, sendErrors atomic.Int64
+	stalls                  atomic.Int64
+	maxLatency              atomic.Int64 // nanoseconds
+	sendEnd                 atomic.Int64 // unix nanos; 0 while sending
+	stopping                atomic.Bool
+	hist                    [nBuckets]atomic.Uint64 // microseconds, log-linear
+}
+
+func main() {
+	var cfg config
+	flag.StringVar(&cfg.url, "url", "ws://127.0.0.1:8080/ws", "WebSocket URL")
+	flag.StringVar(&cfg.origin, "origin", "", "Origin header (default: http://host of -url)")
+	flag.IntVar(&cfg.clients, "clients", 100, "connections to open")
+	flag.IntVar(&cfg.senders, "senders", 10, "how many of the clients send")
+	flag.DurationVar(&cfg.duration, "duration", 10*time.Second, "send phase length")
+	flag.Float64Var(&cfg.rate, "rate", 0, "total messages/s over all senders (0 = as fast as possible)")
+	flag.Int64Var(&cfg.window, "window", 0, "closed loop: send q only after every client got q-window (0 = off)")
+	flag.IntVar(&cfg.ramp, "ramp", 200, "concurrent connection attempts")
+	flag.DurationVar(&cfg.settle, "settle", 60*time.Second, "max wait for all clients to be registered")
+	flag.DurationVar(&cfg.drain, "drain", 10*time.Second, "max wait for in-flight messages after sending")
+	flag.BoolVar(&cfg.jsonOut, "json", false, "print a JSON line (table line goes to stderr)")
+	flag.Parse()
+	if cfg.origin == "" {
+		u, err := url.Parse(cfg.url)
+		if err != nil {
+			fatal("bad -url: %v", err)
+		}
+		cfg.origin = "http://" + u.Host
+	}
+	if cfg.senders > cfg.clients || cfg.window >= ring || cfg.clients < 1 {
+		fatal("need 1 <= clients, senders <= clients, window < %d", ring)
+	}
+	raiseFileLimit(uint64(cfg.clients) + 100)
+	b := &bench{cfg: cfg}
+	res := b.run()
+	row := tableRow(res)
+	if cfg.jsonOut {
+		fmt.Fprintln(os.Stderr, row)
+		out, _ := json.Marshal(res)
+		fmt.Println(string(out))
+	} else {
+		fmt.Println(row)
+	}
+}
+
+func (b *bench) run() result {
+	cfg := b.cfg
+	t0 := time.Now()
+	failures, firstErr := b.connect()
+	connectTime := time.Since(t0)
+	n := int64(len(b.conns))
+	if n == 0 {
+		fatal("no connection succeeded: %v", firstErr)
+	}
+	if failures > 0 {
+		progress("%d connect failures, first: %v", failures, firstErr)
+	}
+	for i := 0; i < cfg.senders && i < len(b.conns); i++ {
+		b.senders = append(b.senders, &sender{conn: b.conns[i], notify: make(chan struct{}, 1)})
+	}
+	for i, c := range b.conns {
+		go b.receive(i, c, n)
+	}
+	b.register(n)
+
+	progress("sending")
+	cpu0, start := cpuTime(), time.Now()
+	var wg sync.WaitGroup
+	for i, s := range b.senders {
+		wg.Add(1)
+		go func(i int, s *sender) { defer wg.Done(); b.send(i, s, start) }(i, s)
+	}
+	wg.Wait()
+	time.Sleep(time.Until(start.Add(cfg.duration))) // with no senders: hold the connections
+	end := time.Now()
+	b.sendEnd.Store(end.UnixNano())
+	cpu1 := cpuTime()
+	progress("sent")
+
+	var sent int64
+	for _, s := range b.senders {
+		sent += s.sent
+	}
+	expected := sent * n
+	b.waitDrain(expected)
+	b.stopping.Store(true)
+	for _, c := range b.conns {
+		if tcp, ok := c.UnderlyingConn().(*net.TCPConn); ok {
+			tcp.SetLinger(0) // reset instead of TIME_WAIT: thousands of runs share the port range
+		}
+		c.Close()
+	}
+
+	r := result{
+		URL: cfg.url, Clients: cfg.clients, Senders: cfg.senders, DurationS: cfg.duration.Seconds(),
+		Rate: cfg.rate, Window: cfg.window, Connected: n, ConnectFailures: failures,
+		ConnectS: round(connectTime.Seconds()), Disconnects: b.disconnects.Load(),
+		SendErrors: b.sendErrors.Load(), Stalls: b.stalls.Load(), Sent: sent, Expected: expected,
+		Delivered: b.delivered.Load(), Gaps: b.gaps.Load(), Reorders: b.reorders.Load(),
+		P50Ms: b.percentile(0.50), P90Ms: b.percentile(0.90), P99Ms: b.percentile(0.99),
+		MaxMs: round(float64(b.maxLatency.Load()) / 1e6),
+	}
+	wall := end.Sub(start).Seconds()
+	r.DeliveredPerS = round(float64(b.inWindow.Load()) / wall)
+	r.LoadgenCPUPct = round(100 * (cpu1 - cpu0).Seconds() / wall)
+	r.Loss = expected - r.Delivered
+	if expected > 0 {
+		r.LossPct = round(100 * float64(r.Loss) / float64(expected))
+	}
+	return r
+}
+
+// connect dials all clients with at most cfg.ramp handshakes in flight.
+func (b *bench) connect() (failures int, firstErr error) {
+	dialer := websocket.Dialer{HandshakeTimeout: 10 * time.Second}
+	header := http.Header{"Origin": {b.cfg.origin}}
+	conns := make([]*websocket.Conn, b.cfg.clients)
+	errs := make([]error, b.cfg.clients)
+	sem := make(chan struct{}, b.cfg.ramp)
+	var wg sync.WaitGroup
+	for i := range conns {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(i int) {
+			defer func() { <-sem; wg.Done() }()
+			conns[i], _, errs[i] = dialer.Dial(b.cfg.url, header)
+		}(i)
+		if (i+1)%1000 == 0 {
+			progress("dialed %d", i+1)
+		}
+	}
+	wg.Wait()
+	for i, c := range conns {
+		if c != nil {
+			b.conns = append(b.conns, c)
+		} else if failures++; firstErr == nil {
+			firstErr = errs[i]
+		}
+	}
+	return failures, firstErr
+}
+
+// register broadcasts probes from client 0 until all n clients got one.
+func (b *bench) register(n int64) {
+	deadline := time.Now().Add(b.cfg.settle)
+	for probe := 1; b.registered.Load() < n; probe++ {
+		if time.Now().After(deadline) {
+			fatal("only %d of %d clients registered after %v", b.registered.Load(), n, b.cfg.settle)
+		}
+		if err := b.conns[0].WriteMessage(websocket.TextMessage, []byte("hello "+strconv.Itoa(probe))); err != nil {
+			fatal("probe: %v", err)
+		}
+		for wait := time.Now().Add(time.Second); time.Now().Before(wait) && b.registered.Load() < n; {
+			time.Sleep(10 * time.Millisecond)
+		}
+		progress("registered %d/%d", b.registered.Load(), n)
+	}
+}
+
+func (b *bench) send(id int, s *sender, start time.Time) {
+	end := start.Add(b.cfg.duration)
+	s.conn.SetWriteDeadline(end.Add(5 * time.Second))
+	var interval time.Duration
+	next := start
+	if b.cfg.rate > 0 {
+		interval = time.Duration(float64(len(b.senders)) / b.cfg.rate * 1e9)
+		next = start.Add(interval * time.Duration(id) / time.Duration(len(b.senders)))
+	}
+	buf := make([]byte, 0, 64)
+	for q := int64(1); ; q++ {
+		stamp := time.Now()
+		if interval > 0 {
+			time.Sleep(time.Until(next))
+			stamp, next = next, next.Add(interval) // scheduled time: no coordinated omission
+		}
+		if b.cfg.window > 0 {
+			b.waitWindow(s, q-b.cfg.window, end)
+			stamp = time.Now()
+		}
+		if !stamp.Before(end) || !time.Now().Before(end) {
+			return
+		}
+		s.acks[q%ring].Store(0)
+		buf = append(buf[:0], "b "...)
+		buf = strconv.AppendInt(buf, int64(id), 10)
+		buf = append(buf, ' ')
+		buf = strconv.AppendInt(buf, q, 10)
+		buf = append(buf, ' ')
+		buf = strconv.AppendInt(buf, stamp.UnixNano(), 10)
+		if err := s.conn.WriteMessage(websocket.TextMessage, buf); err != nil {
+			b.sendErrors.Add(1)
+			return
+		}
+		s.sent++
+	}
+}
+
+// waitWindow blocks until every client has message q (or skipped past it),
+// the send phase ends, or stallTimeout passes (counted as a stall).
+func (b *bench) waitWindow(s *sender, q int64, end time.Time) {
+	stalled := time.Now().Add(stallTimeout)
+	deadline := end
+	if stalled.Before(end) {
+		deadline = stalled
+	}
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	for s.complete.Load() < q {
+		select {
+		case <-s.notify:
+		case <-timer.C:
+			if deadline == stalled {
+				b.stalls.Add(1)
+			}
+			return
+		}
+	}
+}
+
+// receive reads one client's messages until its connection closes.
+func (b *bench) receive(client int, c *websocket.Conn, n int64) {
+	next := make([]int64, len(b.senders)) // next expected seq per sender
+	for i := range next {
+		next[i] = 1
+	}
+	seenProbe := false
+	for {
+		_, data, err := c.ReadMessage()
+		if err != nil {
+			if !b.stopping.Load() && b.disconnects.Add(1) <= 3 {
+				progress("client %d disconnected: %v", client, err)
+			}
+			return
+		}
+		now := time.Now().UnixNano()
+		for len(data) > 0 { // a server may batch messages into one frame, newline-separated
+			var line []byte
+			line, data, _ = bytes.Cut(data, []byte{'\n'})
+			if !bytes.HasPrefix(line, []byte("hello ")) {
+				b.deliver(line, next, now, n)
+			} else if !seenProbe {
+				seenProbe = true
+				b.registered.Add(1)
+			}
+		}
+	}
+}
+
+// deliver accounts one received "b <sender> <seq> <unixnanos>" message.
+func (b *bench) deliver(line []byte, next []int64, now, n int64) {
+	v, ok := parseBench(line)
+	id, q, sentAt := int(v[0]), v[1], v[2]
+	if !ok || id >= len(next) {
+		return
+	}
+	b.delivered.Add(1)
+	if end := b.sendEnd.Load(); end == 0 || now <= end {
+		b.inWindow.Add(1)
+	}
+	b.record(now - sentAt)
+	exp := next[id]
+	if q < exp {
+		b.reorders.Add(1)
+		return
+	}
+	if q > exp {
+		b.gaps.Add(q - exp)
+	}
+	next[id] = q + 1
+	if b.cfg.window == 0 {
+		return
+	}
+	s := b.senders[id]
+	for k := exp; k <= q; k++ {
+		if int64(s.acks[k%ring].Add(1)) == n {
+			for old := s.complete.Load(); k > old && !s.complete.CompareAndSwap(old, k); old = s.complete.Load() {
+			}
+			select {
+			case s.notify <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// parseBench parses "b <sender> <seq> <unixnanos>" without allocating.
+func parseBench(line []byte) (v [3]int64, ok bool) {
+	if !bytes.HasPrefix(line, []byte("b ")) {
+		return v, false
+	}
+	line = line[1:]
+	for i := range v {
+		if len(line) < 2 || line[0] != ' ' || line[1] < '0' || line[1] > '9' {
+			return v, false
+		}
+		line = line[1:]
+		for len(line) > 0 && line[0] >= '0' && line[0] <= '9' {
+			v[i] = v[i]*10 + int64(line[0]-'0')
+			line = line[1:]
+		}
+	}
+	return v, len(line) == 0
+}
+
+func (b *bench) waitDrain(expected int64) {
+	deadline := time.Now().Add(b.cfg.drain)
+	last, lastChange := b.delivered.Load(), time.Now()
+	for b.delivered.Load() < expected && time.Now().Before(deadline) && time.Since(lastChange) < 2*time.Second {
+		time.Sleep(20 * time.Millisecond)
+		if d := b.delivered.Load(); d != last {
+			last, lastChange = d, time.Now()
+		}
+	}
+}
+
+func (b *bench) record(ns int64) {
+	if ns < 0 {
+		ns = 0
+	}
+	for old := b.maxLatency.Load(); ns > old && !b.maxLatency.CompareAndSwap(old, ns); old = b.maxLatency.Load() {
+	}
+	b.hist[bucket(uint64(ns/1000))].Add(1)
+}
+
+// bucket maps microseconds to a log-linear bucket (< 1% relative error).
+func bucket(us uint64) int {
+	if us < 1<<(subBits+1) {
+		return int(us)
+	}
+	e := bits.Len64(us) - 1 - subBits
+	return e<<subBits + int(us>>e)
+}
+
+// lowerBound is the smallest microsecond value that falls in bucket i.
+func lowerBound(i int) uint64 {
+	if i < 1<<(subBits+1) {
+		return uint64(i)
+	}
+	e := i>>subBits - 1
+	return uint64(i-e<<subBits) << e
+}
+
+func (b *bench) percentile(p float64) float64 {
+	var total uint64
+	for i := range b.hist {
+		total += b.hist[i].Load()
+	}
+	if total == 0 {
+		return 0
+	}
+	rank, seen := uint64(p*float64(total-1))+1, uint64(0)
+	for i := range b.hist {
+		if seen += b.hist[i].Load(); seen >= rank {
+			return round(float64(lowerBound(i)) / 1000)
+		}
+	}
+	return 0
+}
+
+func tableRow(r result) string {
+	return fmt.Sprintf("clients=%d senders=%d rate=%g window=%d | delivered/s=%.0f loss=%d (%.2f%%) gaps=%d reorders=%d | "+
+		"p50=%.2fms p90=%.2fms p99=%.2fms max=%.2fms | connect_failures=%d disconnects=%d stalls=%d loadgen_cpu=%.0f%%",
+		r.Clients, r.Senders, r.Rate, r.Window, r.DeliveredPerS, r.Loss, r.LossPct, r.Gaps, r.Reorders,
+		r.P50Ms, r.P90Ms, r.P99Ms, r.MaxMs, r.ConnectFailures, r.Disconnects, r.Stalls, r.LoadgenCPUPct)
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// raiseFileLimit lifts RLIMIT_NOFILE to need (root may raise the hard limit),
+// or as far as the hard limit allows.
+func raiseFileLimit(need uint64) {
+	var lim syscall.Rlimit
+	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+	if lim.Cur >= need {
+		return
+	}
+	if syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: need, Max: max(need, lim.Max)}) != nil {
+		lim.Cur = lim.Max
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	}
+}
+
+func max(a, b uint64) uint64 {
+	if a > b {
+		return a
+	}
+	return b
+}
+
+func round(x float64) float64 { return float64(int64(x*1000+0.5)) / 1000 }
+
+func progress(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "# "+format+"\n", args...)
+}
+
+func fatal(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "loadgen: "+format+"\n", args...)
+	os.Exit(1)
+}

@@ -1,0 +1,273 @@
+"""Chat benchmark runner: our server against peer servers, scenario by scenario.
+
+Each (server, scenario) pair gets a fresh server pinned to CPU 0 and the Go
+load generator (bench/loadgen, built with make) pinned to CPU 1. The server's
+worker process (for gunicorn: the master's children) is sampled with psutil
+for CPU% over the send phase and for peak RSS; both cores' total busy share
+(softirq included) shows whether the server core or the generator's core was
+the one saturated, and bg% is the busier core's load from other processes
+just before the server started (the machine may be shared). Prints a table
+plus ratios of ours to each peer, and writes JSON lines to
+bench/results.jsonl; server logs go to bench/.build/logs/.
+
+    make bench                                       # everything: build, all scenarios, plot
+    .venv/bin/python bench/run.py --quick            # ~3 s per scenario
+    .venv/bin/python bench/run.py --servers straightforward,websockets --scenarios a,e
+    .venv/bin/python bench/run.py --scenarios a,cl300,c,cl3000,cl10000   # closed-loop sweep for plot.py
+
+"loss" is everything not delivered by the end of the drain (in open loop mostly
+backlog still queued in the server); "gaps" are holes in a client's sequence
+from a sender, i.e. messages the server dropped.
+"""
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+LOADGEN = BENCH / ".build" / "loadgen"
+LOGS = BENCH / ".build" / "logs"
+
+SERVERS = {  # name -> command (run from the repo root with env PORT)
+    "ours": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+    # Ours across two workers through a redis-server of run.py's own, on the same core.
+    "ours-redis": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+    "straightforward": [sys.executable, str(BENCH / "peers" / "straightforward.py"), "--port", "{port}"],
+    "websockets": [sys.executable, str(BENCH / "peers" / "websockets_peer.py"), "--port", "{port}"],
+}
+# For ours (the peers ignore it): room for scenario f, and no per-connection rate limit
+# (10 msg/s by default, past which a sender is closed), since the peers have none.
+# CHAT_* variables in run.py's own environment override these.
+SERVER_ENV = {
+    "CHAT_MAX_CONNECTIONS": "20000",
+    "CHAT_RATE_LIMIT": "0",
+    **{k: v for k, v in os.environ.items() if k.startswith("CHAT_")},
+}
+SCENARIOS = {  # name -> (description, load generator flags)
+    "a": ("100 clients, 10 senders, closed loop W=8", {"clients": 100, "senders": 10, "window": 8}),
+    "b": ("1000 clients, 10 senders, 100 msg/s", {"clients": 1000, "senders": 10, "rate": 100}),
+    "c": ("1000 clients, 10 senders, closed loop W=8", {"clients": 1000, "senders": 10, "window": 8}),
+    "d": ("1000 clients, 10 senders, open loop max rate", {"clients": 1000, "senders": 10}),
+    "e": ("5000 idle connections", {"clients": 5000, "senders": 0}),
+    "f": ("10000 clients, 10 senders, 10 msg/s", {"clients": 10000, "senders": 10, "rate": 10}),
+}
+DEFAULT_SCENARIOS = "a,b,c,d,e,f"
+for _n in (300, 3000, 10000):  # extra closed-loop points for plot.py's curves; not run by default
+    SCENARIOS[f"cl{_n}"] = (f"{_n} clients, 10 senders, closed loop W=8", {"clients": _n, "senders": 10, "window": 8})
+RATIO_KEYS = ["delivered_per_s", "p99_ms", "server_cpu_pct", "server_peak_rss_mb", "rss_per_conn_kb"]
+COLUMNS = [  # (header, key, format)
+    ("scen", "scenario", "{}"), ("server", "server", "{}"), ("deliv/s", "delivered_per_s", "{:.0f}"),
+    ("loss%", "loss_pct", "{:.2f}"), ("gaps", "gaps", "{}"), ("reord", "reorders", "{}"), ("p50ms", "p50_ms", "{:.1f}"),
+    ("p99ms", "p99_ms", "{:.1f}"), ("maxms", "max_ms", "{:.0f}"), ("srvcpu%", "server_cpu_pct", "{:.0f}"),
+    ("peakMB", "server_peak_rss_mb", "{:.0f}"), ("KB/conn", "rss_per_conn_kb", "{:.1f}"),
+    ("connfail", "connect_failures", "{}"), ("disc", "disconnects", "{}"), ("lgcpu%", "loadgen_cpu_pct", "{:.0f}"),
+    ("core0%", "core0_busy_pct", "{:.0f}"), ("core1%", "core1_busy_pct", "{:.0f}"),
+    ("bg%", "background_busy_pct", "{:.0f}"),
+]
+
+
+class Server:
+    """A server under test, pinned to CPU 0, with its worker processes sampled every 0.1 s."""
+
+    def __init__(self, name, port):
+        cmd = [arg.format(port=port) for arg in SERVERS[name]]
+        env = dict(os.environ, PORT=str(port), **SERVER_ENV)
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log = open(LOGS / f"{name}.log", "a")
+        self.redis = None
+        if name == "ours-redis":
+            redis_port = free_port()
+            self.redis = subprocess.Popen(
+                ["taskset", "-c", "0", "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no"], stdout=self.log, stderr=subprocess.STDOUT)
+            env.update(REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", WEB_CONCURRENCY="2")
+        self.proc = subprocess.Popen(["taskset", "-c", "0", *cmd], cwd=REPO, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.port, self.peak_rss, self.workers = port, 0, []
+        self._stop = threading.Event()
+        try:
+            self._wait_ready(name)
+        except Exception:
+            self.stop()
+            raise
+        self.baseline_rss = self.rss()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _wait_ready(self, name):
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}, see {self.log.name}")
+            try:  # any HTTP answer (400, 426, ...) to a plain GET means a worker is serving
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    if sock.recv(16).startswith(b"HTTP/"):
+                        self.workers = psutil.Process(self.proc.pid).children(recursive=True) or [
+                            psutil.Process(self.proc.pid)]
+                        time.sleep(0.5)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} not ready on port {self.port}, see {self.log.name}")
+
+    def rss(self):
+        return sum(p.memory_info().rss for p in self.workers)
+
+    def cpu(self):
+        return sum(sum(p.cpu_times()[:2]) for p in self.workers)
+
+    def _sample(self):
+        while not self._stop.wait(0.1):
+            try:
+                self.peak_rss = max(self.peak_rss, self.rss())
+            except psutil.Error:
+                return
+
+    def stop(self):
+        self._stop.set()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for worker in self.workers:
+            if worker.pid != self.proc.pid and worker.is_running():
+                worker.kill()
+        if self.redis is not None:
+            self.redis.kill()
+            self.redis.wait()
+        self.log.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def busy_pct(before, after):
+    """Share of a core's time not idle, softirq included (the process CPU% misses that)."""
+    total = sum(after) - sum(before)
+    idle = after.idle + after.iowait - before.idle - before.iowait
+    return round(100 * (1 - idle / total), 1) if total else 0.0
+
+
+def run_one(server_name, scenario, duration):
+    """Runs one scenario against a fresh server; returns its result record."""
+    desc, flags = SCENARIOS[scenario]
+    background = max(psutil.cpu_percent(interval=0.5, percpu=True)[:2])
+    if background > 10:
+        print(f"# warning: {background:.0f}% of a core busy before starting: other load skews results",
+              file=sys.stderr, flush=True)
+    server = Server(server_name, free_port())
+    try:
+        cmd = ["taskset", "-c", "1", str(LOADGEN), "-json", f"-duration={duration}s",
+               f"-url=ws://127.0.0.1:{server.port}/ws", f"-origin=http://127.0.0.1:{server.port}"]
+        cmd += [f"-{key}={value}" for key, value in flags.items()]
+        gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        timer = threading.Timer(duration + 180, gen.kill)
+        timer.start()
+        marks, tail = {}, []
+        for line in gen.stderr:  # "# sending" / "# sent" bracket the send phase
+            if line.strip() in ("# sending", "# sent"):
+                marks[line.strip()] = (time.time(), server.cpu(), server.rss(), psutil.cpu_times(percpu=True))
+            else:
+                tail = (tail + [line.rstrip()])[-5:]
+        out = gen.stdout.read()
+        gen.wait()
+        timer.cancel()
+        if gen.returncode != 0 or len(marks) != 2:
+            raise RuntimeError(f"loadgen failed ({gen.returncode}): " + " | ".join(tail))
+        result = json.loads(out)
+        (t0, cpu0, _, cores0), (t1, cpu1, rss1, cores1) = marks["# sending"], marks["# sent"]
+        result.update(
+            server=server_name, scenario=scenario, desc=desc, background_busy_pct=background,
+            server_cpu_pct=round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
+            server_baseline_rss_mb=round(server.baseline_rss / 2**20, 1),
+            server_peak_rss_mb=round(max(server.peak_rss, rss1) / 2**20, 1),
+            rss_per_conn_kb=round((rss1 - server.baseline_rss) / result["connected"] / 1024, 2),
+            core0_busy_pct=busy_pct(cores0[0], cores1[0]),
+            core1_busy_pct=busy_pct(cores0[1], cores1[1]),
+        )
+        return result
+    finally:
+        server.stop()
+
+
+def ratios(results):
+    """Ours divided by each peer, per scenario, for RATIO_KEYS."""
+    by = {(r["server"], r["scenario"]): r for r in results}
+    out = []
+    for (peer, scenario), other in by.items():
+        ours = by.get(("ours", scenario))
+        if peer != "ours" and ours:
+            out.append({"kind": "ratio", "scenario": scenario, "ours_over": peer, **{
+                k: round(ours[k] / other[k], 3) if other[k] else None for k in RATIO_KEYS}})
+    return out
+
+
+def print_table(results, ratio_rows):
+    rows = [[h for h, _, _ in COLUMNS]]
+    rows += [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    if ratio_rows:
+        print("\nours / peer   " + "  ".join(RATIO_KEYS))
+        for r in ratio_rows:
+            print(f"{r['scenario']} / {r['ours_over']:<16}" + "  ".join(
+                f"{r[k] if r[k] is not None else '-':>{len(k)}}" for k in RATIO_KEYS))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default="ours,straightforward,websockets",
+                        help="comma list of " + ", ".join(SERVERS))
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help="comma list of " + ", ".join(SCENARIOS))
+    parser.add_argument("--quick", action="store_true", help="3 s per scenario instead of 10 s")
+    parser.add_argument("--duration", type=float, help="seconds per scenario (overrides --quick)")
+    parser.add_argument("--out", type=Path, default=BENCH / "results.jsonl", help="JSON lines output (overwritten)")
+    args = parser.parse_args()
+    duration = args.duration or (3 if args.quick else 10)
+    servers, scenarios = args.servers.split(","), args.scenarios.split(",")
+    unknown = set(servers) - set(SERVERS) | set(scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown server or scenario: {', '.join(sorted(unknown))}")
+    if "ours" in servers and not (REPO / "gunicorn.conf.py").exists():
+        print("skipping ours: no gunicorn.conf.py in the repo root yet", file=sys.stderr)
+        servers.remove("ours")
+    subprocess.run(["make", "-s", "-C", str(BENCH), ".build/loadgen"], check=True)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:  # servers inherit this; root may raise the hard limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65536), max(hard, 65536)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    results = []
+    for scenario in scenarios:
+        for server in servers:
+            print(f"# {scenario} ({SCENARIOS[scenario][0]}) on {server}", file=sys.stderr, flush=True)
+            try:
+                results.append(run_one(server, scenario, duration))
+            except (RuntimeError, psutil.Error) as err:
+                print(f"# {scenario} on {server} FAILED: {err}", file=sys.stderr, flush=True)
+    ratio_rows = ratios(results)
+    with open(args.out, "w") as f:
+        for record in results + ratio_rows:
+            f.write(json.dumps(record) + "\n")
+    print_table(results, ratio_rows)
+
+
+if __name__ == "__main__":
+    main()
