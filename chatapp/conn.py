@@ -41,6 +41,8 @@ class Conn:
         peer: str = "",
     ) -> None:
         self.ws = ws
+        # The kernel socket's own send(): non-blocking, for deliver()'s fast path.
+        self._send_now = ws.socket._sock.send
         # Encoded frames for the peer. The hub puts (never blocking) and shuts it down on
         # unregister; only the write pump gets. Made when a frame first has to wait, and
         # dropped again with an idle write pump: an idle connection holds no queue.
@@ -80,9 +82,10 @@ class Conn:
         """
         if self._closing:
             raise ShutDown
-        if now and (self._writer is None or self._idle) and not (self.send and self.send.qsize()):
+        # A queue with frames in it always has a pump: no pump means nothing is queued.
+        if now and (self._writer is None or (self._idle and not self.send.qsize())):
             try:
-                sent = self.ws.socket._sock.send(frame)
+                sent = self._send_now(frame)
             except OSError:
                 sent = 0  # Full or broken: the pump finds out on its write.
             if sent == len(frame):
