@@ -116,9 +116,6 @@ class ChatWebSocket(WebSocket):
         except (gevent.Timeout, ProtocolFailure, ConnectionLost, OSError):
             pass
 
-    def set_read_timeout(self, seconds: float | None) -> None:
-        self.socket.settimeout(seconds)
-
     def write(self, data: bytes, timeout: float) -> None:
         """Write encoded frames, giving up after `timeout` seconds. Only the write pump calls this.
 

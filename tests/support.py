@@ -160,6 +160,20 @@ def read_server_frame(sock: socket.socket) -> tuple[int, bytes]:
     return first & 0x0F, exactly(n)
 
 
+def recv_until_close(ws) -> tuple[list[str], int, str]:  # type: ignore[no-untyped-def]
+    """Read a websocket-client connection up to the server's close frame.
+
+    Returns the text messages before it, and the close frame's code and reason.
+    """
+    texts = []
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == 0x8:
+            return texts, struct.unpack("!H", data[:2])[0], data[2:].decode()
+        if opcode == 0x1:
+            texts.append(data.decode())
+
+
 def read_close(sock: socket.socket) -> tuple[int, str]:
     """Read frames until the close frame; return its code and reason."""
     while True:

@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 import websocket
-from support import client_frame, raw_handshake, read_close, read_server_frame, wait_until
+from support import client_frame, raw_handshake, read_close, read_server_frame, recv_until_close, wait_until
 
 
 def health(server) -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -108,15 +108,9 @@ def test_graceful_shutdown(start_server, server_kind) -> None:  # type: ignore[n
     started = time.monotonic()
     server.proc.send_signal(15)
     for listener in listeners:
-        got = []
-        while True:
-            opcode, data = listener.recv_data(control_frame=True)
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
-                assert struct.unpack("!H", data[:2])[0] == 1001
-                break
-            if opcode == websocket.ABNF.OPCODE_TEXT:
-                got.append(data.decode())
-        assert got == [f"before shutdown {i}" for i in range(50)]
+        texts, code, _ = recv_until_close(listener)
+        assert code == 1001
+        assert texts == [f"before shutdown {i}" for i in range(50)]
     assert server.proc.wait(25) == 0
     assert time.monotonic() - started < 20  # gunicorn's graceful_timeout
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import websocket
-from support import client_frame, raw_handshake, read_close, read_server_frame
+from support import client_frame, raw_handshake, read_close, read_server_frame, recv_until_close
 
 
 def http_get(server, path: str, method: str = "GET") -> tuple[int, str, bytes]:  # type: ignore[no-untyped-def]
@@ -26,10 +26,8 @@ def connect(server, **kwargs) -> websocket.WebSocket:  # type: ignore[no-untyped
 
 def recv_close(ws: websocket.WebSocket) -> tuple[int, str]:
     """Read until the server's close frame; return its code and reason."""
-    while True:
-        opcode, data = ws.recv_data(control_frame=True)
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            return struct.unpack("!H", data[:2])[0], data[2:].decode()
+    _, code, reason = recv_until_close(ws)
+    return code, reason
 
 
 def test_page_is_served(server) -> None:  # type: ignore[no-untyped-def]
@@ -128,14 +126,9 @@ def test_stuck_client_is_dropped_and_others_miss_nothing(start_server, server_ki
     assert [int(m.split()[0]) for m in received] == list(range(sent))
     total = sent
     # The stuck client now reads what reached it: a gap-free prefix, then close 1013.
-    got = []
-    while True:
-        opcode, data = stuck.recv_data(control_frame=True)
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            assert struct.unpack("!H", data[:2])[0] == 1013
-            break
-        if opcode == websocket.ABNF.OPCODE_TEXT:
-            got.append(int(data.split()[0]))
+    texts, code, _ = recv_until_close(stuck)
+    assert code == 1013
+    got = [int(text.split()[0]) for text in texts]
     assert got == list(range(len(got))) and len(got) < total
 
 
