@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 CLOSE_WAIT = 2.0
 # Pongs waiting to be written; under a ping flood only the latest ones are answered (§5.5.3).
 MAX_PENDING_PONGS = 32
-# Queued frames joined into one socket write.
+# Queue items joined into one socket write.
 MAX_BATCH = 64
 # Seconds a write pump with nothing to send waits for more before it ends; the next frame
 # that cannot go straight out starts a new one.
 WRITER_LINGER = 1.0
 # Put on the send queue to wake the write pump; writing it writes nothing.
-_WAKE = b""
+_WAKE = (b"", 0)
 
 
 class Conn:
@@ -47,6 +47,8 @@ class Conn:
         # unregister; only the write pump gets. Made when a frame first has to wait, and
         # dropped again with an idle write pump: an idle connection holds no queue.
         self.send: Queue | None = None
+        # Messages queued: each queue item is (frames, how many messages they hold).
+        self._backlog = 0
         self.send_queue_size = send_queue_size
         self.write_wait = write_wait
         self.peer = peer
@@ -69,29 +71,33 @@ class Conn:
     def __repr__(self) -> str:
         return f"<Conn {self.peer}>"
 
-    def deliver(self, frame: bytes, now: bool) -> None:
-        """Hand the write pump a frame without blocking (the hub calls this); Full if stuck.
+    def deliver(self, data: bytes, count: int = 1) -> None:
+        """Hand the peer `count` encoded frames (joined) without blocking; Full if stuck.
 
-        Fast path, when `now` (no more frames are coming right behind this one): while no
-        write pump is writing and nothing is queued, the frame goes straight to the kernel
-        with one non-blocking send, and no pump is woken at all; waking a thousand pumps for
-        one message costs more than the sends. That send cannot interleave with a pump's
-        writes: greenlets switch only when one blocks, and a pump is then either absent or
-        waiting on its empty queue. Otherwise the frame is queued, and the pump sends
-        everything queued in one write.
+        The hub calls this. Fast path: while no write pump is writing and nothing is queued,
+        the frames go straight to the kernel with one non-blocking send, and no pump is woken
+        at all; waking a thousand pumps for one message costs more than the sends. That send
+        cannot interleave with a pump's writes: greenlets switch only when one blocks, and a
+        pump is then either absent or waiting on its empty queue. What the kernel does not
+        take is queued for the pump, which sends everything queued in one write.
         """
         if self._closing:
             raise ShutDown
         # A queue with frames in it always has a pump: no pump means nothing is queued.
-        if now and (self._writer is None or (self._idle and not self.send.qsize())):
+        if self._writer is None or (self._idle and not self.send.qsize()):
             try:
-                sent = self._send_now(frame)
+                sent = self._send_now(data)
             except OSError:
                 sent = 0  # Full or broken: the pump finds out on its write.
-            if sent == len(frame):
+            if sent == len(data):
                 return
-            frame = frame[sent:]
-        self._queue().put_nowait(frame)
+            data = data[sent:]
+        # An empty queue takes any burst (so a frame the kernel took in part is always finished);
+        # a client with messages waiting is stuck once this burst would pass the bound.
+        if self._backlog and self._backlog + count > self.send_queue_size:
+            raise Full
+        self._backlog += count
+        self._queue().put_nowait((data, count))
         self._start_writer()
 
     def send_message(self, frame: bytes) -> None:
@@ -99,7 +105,8 @@ class Conn:
         if self._closing:
             raise ShutDown
         self._start_writer()
-        self._queue().put(frame)
+        self._queue().put((frame, 1))
+        self._backlog += 1
 
     @property
     def closing(self) -> bool:
@@ -210,7 +217,7 @@ class Conn:
             finally:
                 self._idle = False
             closing = False
-            # Take what else is queued into the same socket write, one frame each.
+            # Take what else is queued into the same socket write, one frame per message.
             while len(batch) < MAX_BATCH:
                 try:
                     batch.append(send.get_nowait())
@@ -219,10 +226,12 @@ class Conn:
                 except ShutDown:
                     closing = True
                     break
+            data = [item[0] for item in batch]
+            self._backlog -= sum(item[1] for item in batch)
             if self._pongs:
-                batch[:0] = self._pongs
+                data[:0] = self._pongs
                 self._pongs.clear()
-            self._write(b"".join(batch))
+            self._write(b"".join(data))
             if closing:
                 return True
 
@@ -234,7 +243,10 @@ class Conn:
         if self._writer is None:
             self._start_writer()
             return
+        send = self._queue()
+        if send.qsize():
+            return  # The write pump has frames to take: it sends the pongs with them.
         try:
-            self._queue().put_nowait(_WAKE)
-        except (Full, ShutDown):
-            pass  # The write pump is busy or finishing; it sends the pongs on its way.
+            send.put_nowait(_WAKE)
+        except ShutDown:
+            pass  # The write pump is finishing; it sends the pongs on its way.

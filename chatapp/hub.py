@@ -23,9 +23,9 @@ _TICK = 4
 
 _PING = frames.encode_frame(frames.OP_PING, b"")
 
-# Broadcasts the hub handles back to back before it lets other greenlets run; it also
-# yields whenever its inbox is empty.
-YIELD_EVERY = 32
+# Broadcasts waiting in the inbox that the hub takes together and sends to each connection
+# in one write (still one frame per message).
+MAX_BURST = 64
 
 
 class Hub:
@@ -93,27 +93,26 @@ class Hub:
     def run(self) -> None:
         conns = self.conns
         inbox = self._inbox
-        since_yield = 0
         while True:
             kind, item = inbox.get()
             if kind == _BROADCAST:
-                self._history.append(item)
-                # In a burst, queue (the write pumps batch); alone, write at once.
-                self._deliver_all(item, now=not inbox.qsize())
-                # Let the write pumps run now and then: a hub that never blocks starves them.
-                # Not after every broadcast: a write pump then finds several frames queued and
-                # sends them in one write.
-                since_yield += 1
-                if since_yield >= YIELD_EVERY:
-                    since_yield = 0
-                    gevent.sleep(0)
+                # Take the broadcasts queued right behind this one along: each connection
+                # then gets the whole burst in one send, however many clients spoke.
+                burst = [item]
+                while len(burst) < MAX_BURST and inbox.qsize() and inbox.peek_nowait()[0] == _BROADCAST:
+                    burst.append(inbox.get_nowait()[1])
+                self._history.extend(burst)
+                self._deliver_all(b"".join(burst) if len(burst) > 1 else item, len(burst))
+                # A hub that never blocks starves the pumps: let them run, and let the next
+                # burst gather meanwhile.
+                gevent.sleep(0)
             elif kind == _REGISTER:
                 if self._closed_with is not None:
                     item.close(*self._closed_with)
                     continue
                 try:
-                    for frame in self._history:
-                        item.deliver(frame, False)
+                    if self._history:
+                        item.deliver(b"".join(self._history), len(self._history))
                 except ShutDown:
                     continue  # It left before it was registered; its unregister follows.
                 conns.add(item)
@@ -152,14 +151,14 @@ class Hub:
             self.conns.discard(conn)
             log.info("%r sent nothing for %s s: closing", conn, self.pong_wait)
             conn.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
-        self._deliver_all(_PING, now=True)
+        self._deliver_all(_PING, 1)
 
-    def _deliver_all(self, frame: bytes, now: bool) -> None:
-        """Give every connection the frame without blocking; drop those that cannot take it."""
+    def _deliver_all(self, data: bytes, count: int) -> None:
+        """Give every connection `count` frames without blocking; drop those that cannot take them."""
         gone = None
         for conn in self.conns:
             try:
-                conn.deliver(frame, now)
+                conn.deliver(data, count)
             except (Full, ShutDown):
                 gone = gone or []
                 gone.append(conn)

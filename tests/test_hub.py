@@ -6,23 +6,29 @@ import time
 
 import gevent
 import pytest
-from gevent.queue import Queue, ShutDown
+from gevent.queue import Full, ShutDown
 
 from chatapp.hub import Hub
 
 
 class FakeConn:
-    """Just what the hub touches of a Conn: its send queue, deliver() and close()."""
+    """Just what the hub touches of a Conn: deliver(), close() and a bound on queued messages."""
 
     def __init__(self, queue_size: int = 256) -> None:
-        self.send: Queue = Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        # What each deliver() got: (joined frames, how many messages).
+        self.delivered: list[tuple[bytes, int]] = []
         self.close_code = 1000
         self.close_reason = ""
         self.closed_with: tuple[int, str] | None = None
         self.last_read = time.monotonic()
 
-    def deliver(self, frame: bytes, now: bool) -> None:
-        self.send.put_nowait(frame)
+    def deliver(self, data: bytes, count: int = 1) -> None:
+        if self.closed_with is not None:
+            raise ShutDown
+        if sum(n for _, n in self.delivered) + count > self.queue_size:
+            raise Full
+        self.delivered.append((data, count))
 
     @property
     def closing(self) -> bool:
@@ -31,15 +37,9 @@ class FakeConn:
     def close(self, code: int, reason: str) -> None:
         if self.closed_with is None:
             self.closed_with = (code, reason)
-        self.send.shutdown()
 
-    def drain(self) -> list[bytes]:
-        items = []
-        while True:
-            try:
-                items.append(self.send.get_nowait())
-            except Exception:  # Empty or ShutDown
-                return items
+    def received(self) -> bytes:
+        return b"".join(data for data, _ in self.delivered)
 
 
 @pytest.fixture
@@ -66,7 +66,21 @@ def test_register_and_broadcast(hub: Hub) -> None:
     for i in range(5):
         hub.broadcast(b"m%d" % i)
     settle(hub)
-    assert all(conn.drain() == [b"m0", b"m1", b"m2", b"m3", b"m4"] for conn in conns)
+    assert all(conn.received() == b"m0m1m2m3m4" for conn in conns)
+
+
+def test_a_burst_of_broadcasts_is_one_delivery(hub: Hub) -> None:
+    """Broadcasts waiting in the inbox together reach each connection in one deliver(), in order."""
+    conns = [FakeConn() for _ in range(2)]
+    for conn in conns:
+        hub.register(conn)  # type: ignore[arg-type]
+    settle(hub)
+    hub.broadcast(b"alone")
+    settle(hub)
+    for i in range(5):  # The hub does not run until settle() yields: all five wait together.
+        hub.broadcast(b"m%d" % i)
+    settle(hub)
+    assert all(conn.delivered == [(b"alone", 1), (b"m0m1m2m3m4", 5)] for conn in conns)
 
 
 def test_unregister_closes_the_send_queue(hub: Hub) -> None:
@@ -77,10 +91,8 @@ def test_unregister_closes_the_send_queue(hub: Hub) -> None:
     hub.unregister(gone)  # type: ignore[arg-type]
     hub.broadcast(b"after")
     settle(hub)
-    assert gone not in hub.conns
-    with pytest.raises(ShutDown):
-        gone.send.get_nowait()
-    assert stays.drain() == [b"after"]
+    assert gone not in hub.conns and gone.closed_with == (1000, "")
+    assert gone.received() == b"" and stays.received() == b"after"
 
 
 def test_full_queue_drops_only_that_connection(hub: Hub) -> None:
@@ -90,11 +102,13 @@ def test_full_queue_drops_only_that_connection(hub: Hub) -> None:
     hub.register(reader)  # type: ignore[arg-type]
     for i in range(10):
         hub.broadcast(b"%d" % i)
+        if i < 2:
+            settle(hub)  # Delivered one at a time: the stuck connection's queue takes these two.
     settle(hub)
     assert stuck not in hub.conns and hub.dropped == 1
     assert stuck.closed_with is not None and stuck.closed_with[0] == 1013
-    assert stuck.drain() == [b"0", b"1"]
-    assert reader.drain() == [b"%d" % i for i in range(10)]
+    assert stuck.received() == b"01"
+    assert reader.received() == b"0123456789"
 
 
 def test_history_for_late_joiners(hub: Hub) -> None:
@@ -105,7 +119,7 @@ def test_history_for_late_joiners(hub: Hub) -> None:
     hub.register(late)  # type: ignore[arg-type]
     hub.broadcast(b"live")
     settle(hub)
-    assert late.drain() == [b"2", b"3", b"4", b"live"]
+    assert late.delivered == [(b"234", 3), (b"live", 1)]
 
 
 def test_shutdown_closes_everyone(hub: Hub) -> None:
@@ -131,10 +145,10 @@ def test_ticker_pings_and_drops_silent_peers() -> None:
         hub.register(talking)  # type: ignore[arg-type]
         hub.register(silent)  # type: ignore[arg-type]
         with gevent.Timeout(2):
-            while talking.send.qsize() < 2:
+            while len(talking.delivered) < 2:
                 talking.last_read = time.monotonic()
                 gevent.sleep(0.01)
-        assert talking.drain()[:2] == [b"\x89\x00"] * 2
+        assert talking.delivered[:2] == [(b"\x89\x00", 1)] * 2
         assert silent.closed_with == (1001, "no pong within the pong wait")
         assert silent not in hub.conns and talking in hub.conns
     finally:
