@@ -17,11 +17,13 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"math/bits"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -45,6 +47,7 @@ type config struct {
 	rate                    float64
 	window                  int64
 	jsonOut                 bool
+	cpuProfile              string
 }
 
 // sender holds one sending client's counters; acks[q%ring] counts the clients
@@ -114,6 +117,7 @@ func main() {
 	flag.DurationVar(&cfg.settle, "settle", 60*time.Second, "max wait for all clients to be registered")
 	flag.DurationVar(&cfg.drain, "drain", 10*time.Second, "max wait for in-flight messages after sending")
 	flag.BoolVar(&cfg.jsonOut, "json", false, "print a JSON line (table line goes to stderr)")
+	flag.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile of the send phase to this file (go tool pprof)")
 	flag.Parse()
 	if cfg.origin == "" {
 		u, err := url.Parse(cfg.url)
@@ -159,6 +163,13 @@ func (b *bench) run() result {
 	b.register(n)
 
 	progress("sending")
+	if cfg.cpuProfile != "" { // to check where the generator's own core goes
+		f, err := os.Create(cfg.cpuProfile)
+		if err != nil {
+			fatal("-cpuprofile: %v", err)
+		}
+		pprof.StartCPUProfile(f)
+	}
 	cpu0, start := cpuTime(), time.Now()
 	var wg sync.WaitGroup
 	for i, s := range b.senders {
@@ -169,6 +180,7 @@ func (b *bench) run() result {
 	time.Sleep(time.Until(start.Add(cfg.duration))) // with no senders: hold the connections
 	end := time.Now()
 	b.sendEnd.Store(end.UnixNano())
+	pprof.StopCPUProfile()
 	cpu1 := cpuTime()
 	progress("sent")
 
@@ -180,7 +192,7 @@ func (b *bench) run() result {
 	b.waitDrain(expected)
 	b.stopping.Store(true)
 	for _, c := range b.conns {
-		if tcp, ok := c.UnderlyingConn().(*net.TCPConn); ok {
+		if tcp, ok := c.UnderlyingConn().(*stampedConn).Conn.(*net.TCPConn); ok {
 			tcp.SetLinger(0) // reset instead of TIME_WAIT: thousands of runs share the port range
 		}
 		c.Close()
@@ -207,7 +219,7 @@ func (b *bench) run() result {
 
 // connect dials all clients with at most cfg.ramp handshakes in flight.
 func (b *bench) connect() (failures int, firstErr error) {
-	dialer := websocket.Dialer{HandshakeTimeout: 10 * time.Second}
+	dialer := websocket.Dialer{HandshakeTimeout: 10 * time.Second, NetDial: dialStamped}
 	header := http.Header{"Origin": {b.cfg.origin}}
 	conns := make([]*websocket.Conn, b.cfg.clients)
 	errs := make([]error, b.cfg.clients)
@@ -318,16 +330,19 @@ func (b *bench) receive(client int, c *websocket.Conn, n int64) {
 	for i := range next {
 		next[i] = 1
 	}
+	stamped := c.UnderlyingConn().(*stampedConn)
 	seenProbe := false
+	buf := make([]byte, 0, 1024) // reused for every message: no garbage per message
 	for {
-		_, data, err := c.ReadMessage()
+		data, err := readMessage(c, buf)
 		if err != nil {
 			if !b.stopping.Load() && b.disconnects.Add(1) <= 3 {
 				progress("client %d disconnected: %v", client, err)
 			}
 			return
 		}
-		now := time.Now().UnixNano()
+		buf = data[:0]
+		now := stamped.readAt
 		for len(data) > 0 { // a server may batch messages into one frame, newline-separated
 			var line []byte
 			line, data, _ = bytes.Cut(data, []byte{'\n'})
@@ -337,6 +352,49 @@ func (b *bench) receive(client int, c *websocket.Conn, n int64) {
 				seenProbe = true
 				b.registered.Add(1)
 			}
+		}
+	}
+}
+
+// stampedConn notes when each read from the socket returned: the arrival time
+// of every message in those bytes, for one clock read per read, not per message.
+type stampedConn struct {
+	net.Conn
+	readAt int64 // unix nanos; only the connection's reader touches it
+}
+
+func (c *stampedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.readAt = time.Now().UnixNano()
+	return n, err
+}
+
+func dialStamped(network, addr string) (net.Conn, error) {
+	c, err := net.Dial(network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return &stampedConn{Conn: c}, nil
+}
+
+// readMessage reads the next message into buf (grown as needed), like
+// ReadMessage but without allocating a new slice per message.
+func readMessage(c *websocket.Conn, buf []byte) ([]byte, error) {
+	_, r, err := c.NextReader()
+	if err != nil {
+		return nil, err
+	}
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := r.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, nil
+		}
+		if err != nil {
+			return nil, err
 		}
 	}
 }
