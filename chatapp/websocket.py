@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # Bytes asked of the socket per read; a read returns whatever has arrived, up to this.
 _READ_SIZE = 65536
+# Kernel receive buffer per connection (at least two messages of the largest size allowed).
+RECEIVE_BUFFER = 16384
 
 
 class ConnectionLost(Exception):
@@ -77,6 +79,10 @@ class ChatWebSocket(WebSocket):
         self.socket.settimeout(None)
         # Chat lines are small: send each batch now rather than wait for more (Nagle).
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Cap what the kernel holds for us unread: Linux grows a receive buffer up to tcp_rmem's
+        # maximum (often 6-32 MB, minutes of chat lines). With a small one, a client that outruns
+        # the hub is held back by TCP within moments, so its lines never wait long.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(RECEIVE_BUFFER, 2 * max_message_size))
         self._parser = FrameParser(max_message_size)
 
     def receive(self) -> Event:  # type: ignore[override]
