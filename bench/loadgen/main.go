@@ -10,6 +10,10 @@
 // and records end-to-end latency. It prints one table line, or one JSON line
 // with -json (the table line then goes to stderr). Progress lines starting
 // with "# " go to stderr; "# sending" and "# sent" bracket the send phase.
+//
+// It uses the standard library only: ws.go is a minimal WebSocket client and
+// receiver.go reads every connection from one epoll loop, which is what lets
+// one core of it outrun one core of the server.
 package main
 
 import (
@@ -17,10 +21,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"math/bits"
-	"net"
-	"net/http"
 	"net/url"
 	"os"
 	"runtime/pprof"
@@ -29,8 +30,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-
-	"github.com/gorilla/websocket"
 )
 
 const (
@@ -38,6 +37,8 @@ const (
 	stallTimeout = 5 * time.Second // closed loop: give up waiting for a lagging window
 	subBits      = 7               // latency histogram: 128 sub-buckets per power of two
 	nBuckets     = (64 - subBits + 1) << subBits
+	// SO_SNDBUF of a sending client (the kernel doubles it).
+	senderWriteBuffer = 16 << 10
 )
 
 type config struct {
@@ -53,7 +54,7 @@ type config struct {
 // sender holds one sending client's counters; acks[q%ring] counts the clients
 // that have received (or skipped past) message q.
 type sender struct {
-	conn     *websocket.Conn
+	conn     *client
 	sent     int64
 	acks     [ring]atomic.Int32
 	complete atomic.Int64 // highest q that every client has received or skipped
@@ -91,7 +92,7 @@ type result struct {
 
 type bench struct {
 	cfg                     config
-	conns                   []*websocket.Conn
+	conns                   []*client
 	senders                 []*sender
 	registered              atomic.Int64
 	delivered, inWindow     atomic.Int64
@@ -155,11 +156,12 @@ func (b *bench) run() result {
 		progress("%d connect failures, first: %v", failures, firstErr)
 	}
 	for i := 0; i < cfg.senders && i < len(b.conns); i++ {
+		// A message's latency starts when its sender writes it: keep the sender's own kernel
+		// queue short (Linux grows it to megabytes), so what is measured is the server's.
+		b.conns[i].conn.SetWriteBuffer(senderWriteBuffer)
 		b.senders = append(b.senders, &sender{conn: b.conns[i], notify: make(chan struct{}, 1)})
 	}
-	for i, c := range b.conns {
-		go b.receive(i, c, n)
-	}
+	go b.receiveAll(n)
 	b.register(n)
 
 	progress("sending")
@@ -192,10 +194,7 @@ func (b *bench) run() result {
 	b.waitDrain(expected)
 	b.stopping.Store(true)
 	for _, c := range b.conns {
-		if tcp, ok := c.UnderlyingConn().(*stampedConn).Conn.(*net.TCPConn); ok {
-			tcp.SetLinger(0) // reset instead of TIME_WAIT: thousands of runs share the port range
-		}
-		c.Close()
+		c.close()
 	}
 
 	r := result{
@@ -219,9 +218,7 @@ func (b *bench) run() result {
 
 // connect dials all clients with at most cfg.ramp handshakes in flight.
 func (b *bench) connect() (failures int, firstErr error) {
-	dialer := websocket.Dialer{HandshakeTimeout: 10 * time.Second, NetDial: dialStamped}
-	header := http.Header{"Origin": {b.cfg.origin}}
-	conns := make([]*websocket.Conn, b.cfg.clients)
+	conns := make([]*client, b.cfg.clients)
 	errs := make([]error, b.cfg.clients)
 	sem := make(chan struct{}, b.cfg.ramp)
 	var wg sync.WaitGroup
@@ -230,7 +227,7 @@ func (b *bench) connect() (failures int, firstErr error) {
 		wg.Add(1)
 		go func(i int) {
 			defer func() { <-sem; wg.Done() }()
-			conns[i], _, errs[i] = dialer.Dial(b.cfg.url, header)
+			conns[i], errs[i] = dial(b.cfg.url, b.cfg.origin, 10*time.Second)
 		}(i)
 		if (i+1)%1000 == 0 {
 			progress("dialed %d", i+1)
@@ -239,6 +236,7 @@ func (b *bench) connect() (failures int, firstErr error) {
 	wg.Wait()
 	for i, c := range conns {
 		if c != nil {
+			c.id = len(b.conns)
 			b.conns = append(b.conns, c)
 		} else if failures++; firstErr == nil {
 			firstErr = errs[i]
@@ -254,7 +252,7 @@ func (b *bench) register(n int64) {
 		if time.Now().After(deadline) {
 			fatal("only %d of %d clients registered after %v", b.registered.Load(), n, b.cfg.settle)
 		}
-		if err := b.conns[0].WriteMessage(websocket.TextMessage, []byte("hello "+strconv.Itoa(probe))); err != nil {
+		if err := b.conns[0].write(opText, []byte("hello "+strconv.Itoa(probe))); err != nil {
 			fatal("probe: %v", err)
 		}
 		for wait := time.Now().Add(time.Second); time.Now().Before(wait) && b.registered.Load() < n; {
@@ -266,7 +264,7 @@ func (b *bench) register(n int64) {
 
 func (b *bench) send(id int, s *sender, start time.Time) {
 	end := start.Add(b.cfg.duration)
-	s.conn.SetWriteDeadline(end.Add(5 * time.Second))
+	s.conn.conn.SetWriteDeadline(end.Add(5 * time.Second))
 	var interval time.Duration
 	next := start
 	if b.cfg.rate > 0 {
@@ -294,7 +292,7 @@ func (b *bench) send(id int, s *sender, start time.Time) {
 		buf = strconv.AppendInt(buf, q, 10)
 		buf = append(buf, ' ')
 		buf = strconv.AppendInt(buf, stamp.UnixNano(), 10)
-		if err := s.conn.WriteMessage(websocket.TextMessage, buf); err != nil {
+		if err := s.conn.write(opText, buf); err != nil {
 			b.sendErrors.Add(1)
 			return
 		}
@@ -324,77 +322,16 @@ func (b *bench) waitWindow(s *sender, q int64, end time.Time) {
 	}
 }
 
-// receive reads one client's messages until its connection closes.
-func (b *bench) receive(client int, c *websocket.Conn, n int64) {
-	next := make([]int64, len(b.senders)) // next expected seq per sender
-	for i := range next {
-		next[i] = 1
-	}
-	stamped := c.UnderlyingConn().(*stampedConn)
-	seenProbe := false
-	buf := make([]byte, 0, 1024) // reused for every message: no garbage per message
-	for {
-		data, err := readMessage(c, buf)
-		if err != nil {
-			if !b.stopping.Load() && b.disconnects.Add(1) <= 3 {
-				progress("client %d disconnected: %v", client, err)
-			}
-			return
-		}
-		buf = data[:0]
-		now := stamped.readAt
-		for len(data) > 0 { // a server may batch messages into one frame, newline-separated
-			var line []byte
-			line, data, _ = bytes.Cut(data, []byte{'\n'})
-			if !bytes.HasPrefix(line, []byte("hello ")) {
-				b.deliver(line, next, now, n)
-			} else if !seenProbe {
-				seenProbe = true
-				b.registered.Add(1)
-			}
-		}
-	}
-}
-
-// stampedConn notes when each read from the socket returned: the arrival time
-// of every message in those bytes, for one clock read per read, not per message.
-type stampedConn struct {
-	net.Conn
-	readAt int64 // unix nanos; only the connection's reader touches it
-}
-
-func (c *stampedConn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	c.readAt = time.Now().UnixNano()
-	return n, err
-}
-
-func dialStamped(network, addr string) (net.Conn, error) {
-	c, err := net.Dial(network, addr)
-	if err != nil {
-		return nil, err
-	}
-	return &stampedConn{Conn: c}, nil
-}
-
-// readMessage reads the next message into buf (grown as needed), like
-// ReadMessage but without allocating a new slice per message.
-func readMessage(c *websocket.Conn, buf []byte) ([]byte, error) {
-	_, r, err := c.NextReader()
-	if err != nil {
-		return nil, err
-	}
-	for {
-		if len(buf) == cap(buf) {
-			buf = append(buf, 0)[:len(buf)]
-		}
-		n, err := r.Read(buf[len(buf):cap(buf)])
-		buf = buf[:len(buf)+n]
-		if err == io.EOF {
-			return buf, nil
-		}
-		if err != nil {
-			return nil, err
+// message accounts one message a client received.
+func (b *bench) message(c *client, data []byte, now, n int64) {
+	for len(data) > 0 { // a server may batch messages into one frame, newline-separated
+		var line []byte
+		line, data, _ = bytes.Cut(data, []byte{'\n'})
+		if !bytes.HasPrefix(line, []byte("hello ")) {
+			b.deliver(line, c.next, now, n)
+		} else if !c.seenProbe {
+			c.seenProbe = true
+			b.registered.Add(1)
 		}
 	}
 }

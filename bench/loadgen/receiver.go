@@ -1,0 +1,91 @@
+package main
+
+// The receiving side of every client: one goroutine, one epoll set. A
+// goroutine per connection costs the generator two reads per wake-up (the
+// second one finds nothing) and a scheduler switch; here each ready socket is
+// read once per turn, so the generator's core outlasts the server's.
+
+import (
+	"errors"
+	"syscall"
+	"time"
+)
+
+const readBufferSize = 256 << 10
+
+func (b *bench) receiveAll(n int64) {
+	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		fatal("epoll: %v", err)
+	}
+	byFd := make(map[int32]*client, len(b.conns))
+	for _, c := range b.conns {
+		c.next = make([]int64, len(b.senders))
+		for i := range c.next {
+			c.next[i] = 1
+		}
+		ev := syscall.EpollEvent{Events: syscall.EPOLLIN, Fd: int32(c.fd)}
+		if err := syscall.EpollCtl(epfd, syscall.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
+			fatal("epoll add: %v", err)
+		}
+		byFd[int32(c.fd)] = c
+		if len(c.pending) > 0 { // frames that came with the handshake
+			b.consume(c, nil, time.Now().UnixNano(), n)
+		}
+	}
+	events := make([]syscall.EpollEvent, 512)
+	buf := make([]byte, readBufferSize)
+	for !b.stopping.Load() {
+		k, err := syscall.EpollWait(epfd, events, 100)
+		if err == syscall.EINTR {
+			continue
+		} else if err != nil {
+			fatal("epoll wait: %v", err)
+		}
+		for _, ev := range events[:k] {
+			c := byFd[ev.Fd]
+			if c == nil {
+				continue
+			}
+			if err := b.readOnce(c, &buf, n); err != nil {
+				syscall.EpollCtl(epfd, syscall.EPOLL_CTL_DEL, c.fd, nil)
+				delete(byFd, ev.Fd)
+				if !b.stopping.Load() && b.disconnects.Add(1) <= 3 {
+					progress("client %d disconnected: %v", c.id, err)
+				}
+			}
+		}
+	}
+}
+
+// readOnce reads what one ready socket holds (one read) and accounts every
+// message in it; all of them arrived by the time that read returned.
+func (b *bench) readOnce(c *client, buf *[]byte, n int64) error {
+	if len(c.pending) >= len(*buf)/2 { // a frame larger than the buffer is arriving
+		*buf = make([]byte, 2*len(*buf)+len(c.pending))
+	}
+	data := (*buf)[:copy(*buf, c.pending)]
+	got, err := syscall.Read(c.fd, (*buf)[len(data):])
+	now := time.Now().UnixNano()
+	if err == syscall.EAGAIN || err == syscall.EINTR {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if got == 0 {
+		return errClosed
+	}
+	return b.consume(c, (*buf)[:len(data)+got], now, n)
+}
+
+func (b *bench) consume(c *client, data []byte, now, n int64) error {
+	if data == nil {
+		data = c.pending
+	}
+	rest, err := c.frames(data, func(msg []byte) { b.message(c, msg, now, n) })
+	c.pending = append(c.pending[:0], rest...)
+	return err
+}
+
+var errClosed = errors.New("connection closed by the server")
