@@ -24,12 +24,13 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.runtime
 
-# bench/: the frame layer against gevent-websocket's, then ours against two peers under load
-# (scenarios a-f, about 20 minutes), bench/plot.png, then one worker against two through Redis.
-# Not part of `make test`.
+# bench/: the frame layer against gevent-websocket's, the kernel's own cost of fan-out, ours
+# against two peers under load (scenarios a-f, about 25 minutes), bench/plot.png, then one
+# worker against two through Redis. Not part of `make test`.
 bench: $(VENV)/.bench
 	$(MAKE) -C bench .build/loadgen
 	$(BIN)/python bench/protocol.py
+	$(BIN)/python bench/floor.py
 	$(BIN)/python bench/run.py --scenarios a,b,c,d,e,f,cl300,cl3000,cl10000
 	$(BIN)/python bench/plot.py
 	$(BIN)/python bench/run.py --servers ours,ours-redis --scenarios a,b,c --out bench/results-redis.jsonl
