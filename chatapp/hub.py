@@ -26,6 +26,9 @@ _PING = frames.encode_frame(frames.OP_PING, b"")
 # Broadcasts waiting in the inbox that the hub takes together and sends to each connection
 # in one write (still one frame per message).
 MAX_BURST = 64
+# Connections a fan-out reaches before the hub looks up: it yields, so read pumps can speak,
+# and takes what they said along for the connections it has not reached yet.
+LOOK_UP_EVERY = 64
 
 
 class Hub:
@@ -98,11 +101,8 @@ class Hub:
             if kind == _BROADCAST:
                 # Take the broadcasts queued right behind this one along: each connection
                 # then gets the whole burst in one send, however many clients spoke.
-                burst = [item]
-                while len(burst) < MAX_BURST and inbox.qsize() and inbox.peek_nowait()[0] == _BROADCAST:
-                    burst.append(inbox.get_nowait()[1])
-                self._history.extend(burst)
-                self._deliver_all(b"".join(burst) if len(burst) > 1 else item, len(burst))
+                self._history.append(item)
+                self._deliver_all([item, *self._take_broadcasts(MAX_BURST - 1)])
                 # A hub that never blocks starves the pumps: let them run, and let the next
                 # burst gather meanwhile.
                 gevent.sleep(0)
@@ -151,16 +151,40 @@ class Hub:
             self.conns.discard(conn)
             log.info("%r sent nothing for %s s: closing", conn, self.pong_wait)
             conn.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
-        self._deliver_all(_PING, 1)
+        self._deliver_all([_PING])
 
-    def _deliver_all(self, data: bytes, count: int) -> None:
-        """Give every connection `count` frames without blocking; drop those that cannot take them."""
-        gone = None
-        for conn in self.conns:
-            try:
-                conn.deliver(data, count)
-            except (Full, ShutDown):
-                gone = gone or []
-                gone.append(conn)
-        if gone:
-            self._drop(gone)
+    def _take_broadcasts(self, limit: int) -> list[bytes]:
+        """Take up to limit broadcasts from the head of the inbox (never past another request)."""
+        inbox = self._inbox
+        taken: list[bytes] = []
+        while len(taken) < limit and inbox.qsize() and inbox.peek_nowait()[0] == _BROADCAST:
+            taken.append(inbox.get_nowait()[1])
+        self._history.extend(taken)
+        return taken
+
+    def _deliver_all(self, burst: list[bytes]) -> None:
+        """Give every connection the burst without blocking; drop those that cannot take it.
+
+        One send() per socket is most of a fan-out's cost (about 14 us here: 140 ms for
+        10,000 sockets), so a line that arrives just after a fan-out began would wait for it
+        to end, then for its own. Instead, every LOOK_UP_EVERY connections the hub yields and
+        takes the broadcasts that arrived along: the connections not reached yet get them in
+        this pass, joined to the burst, and those already reached get them in a catch-up pass
+        right after. Each connection still gets every frame once and in order.
+        """
+        passes = [(list(self.conns), burst)]
+        for number, (conns, lines) in enumerate(passes):
+            data, count = b"".join(lines), len(lines)
+            for reached, conn in enumerate(conns, 1):
+                try:
+                    conn.deliver(data, count)
+                except (Full, ShutDown):
+                    self._drop([conn])
+                # Look up in the first pass only: a catch-up pass's frames come after its own.
+                if number == 0 and reached % LOOK_UP_EVERY == 0 and reached < len(conns):
+                    gevent.sleep(0)
+                    more = self._take_broadcasts(MAX_BURST - len(lines))
+                    if more:
+                        passes.append((conns[:reached], more))
+                        lines = lines + more
+                        data, count = b"".join(lines), len(lines)

@@ -8,7 +8,7 @@ import gevent
 import pytest
 from gevent.queue import Full, ShutDown
 
-from chatapp.hub import Hub
+from chatapp.hub import LOOK_UP_EVERY, Hub
 
 
 class FakeConn:
@@ -81,6 +81,21 @@ def test_a_burst_of_broadcasts_is_one_delivery(hub: Hub) -> None:
         hub.broadcast(b"m%d" % i)
     settle(hub)
     assert all(conn.delivered == [(b"alone", 1), (b"m0m1m2m3m4", 5)] for conn in conns)
+
+
+def test_broadcasts_arriving_mid_fan_out_join_it(hub: Hub) -> None:
+    """A long fan-out yields; a line sent meanwhile rides along to the connections not yet
+    reached and follows in a catch-up pass to those reached: everyone gets both, in order."""
+    conns = [FakeConn() for _ in range(3 * LOOK_UP_EVERY)]
+    for conn in conns:
+        hub.register(conn)  # type: ignore[arg-type]
+    settle(hub)
+    hub.broadcast(b"early")
+    gevent.spawn(hub.broadcast, b"late")  # Runs when the hub first looks up.
+    settle(hub)
+    joined = [conn for conn in conns if conn.delivered == [(b"earlylate", 2)]]
+    apart = [conn for conn in conns if conn.delivered == [(b"early", 1), (b"late", 1)]]
+    assert len(joined) == 2 * LOOK_UP_EVERY and len(apart) == LOOK_UP_EVERY
 
 
 def test_unregister_closes_the_send_queue(hub: Hub) -> None:
