@@ -85,7 +85,7 @@ def test_a_burst_of_broadcasts_is_one_delivery(hub: Hub) -> None:
 
 def test_broadcasts_arriving_mid_fan_out_join_it(hub: Hub) -> None:
     """A long fan-out yields; a line sent meanwhile rides along to the connections not yet
-    reached and follows in a catch-up pass to those reached: everyone gets both, in order."""
+    reached and follows in a second round to those reached: everyone gets both, in order."""
     conns = [FakeConn() for _ in range(3 * LOOK_UP_EVERY)]
     for conn in conns:
         hub.register(conn)  # type: ignore[arg-type]
