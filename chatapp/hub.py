@@ -26,8 +26,8 @@ _PING = frames.encode_frame(frames.OP_PING, b"")
 # Broadcasts waiting in the inbox that the hub takes together and sends to each connection
 # in one write (still one frame per message).
 MAX_BURST = 64
-# Connections a fan-out reaches before the hub looks up: it yields, so read pumps can speak,
-# and takes what they said along for the connections it has not reached yet.
+# Sends in a fan-out between two look-ups: the hub yields, so read pumps can speak, and adds
+# what they said to the burst it is sending (see _deliver_all).
 LOOK_UP_EVERY = 64
 
 
@@ -165,15 +165,14 @@ class Hub:
     def _deliver_all(self, burst: list[bytes]) -> None:
         """Give every connection the burst without blocking; drop those that cannot take it.
 
-        One send() per socket is most of a fan-out's cost (about 14 us here: 140 ms for
-        10,000 sockets), so a line that arrives just after a fan-out began would wait for it
+        One send() per socket is most of a fan-out's cost (11-14 us on the benchmark VM:
+        over 100 ms for 10,000 sockets), so a line that arrives just after a fan-out began would wait for it
         to end, then for its own. Instead, every LOOK_UP_EVERY sends the hub yields and adds
         the broadcasts that arrived to the burst. Each connection has a cursor into the burst:
         a send gives it everything from there on, one frame per line and in order, and the
         hub goes round until every connection has all of it. A line thus reaches everyone
         within about one round of arriving.
         """
-        burst = list(burst)
         conns = list(self.conns)
         given = [0] * len(conns)  # how much of the burst each connection has been handed
         joined: dict[int, bytes] = {}  # burst[start:] joined, by start, for the burst as it is
