@@ -228,9 +228,9 @@ class Conn:
                     break
             data = [item[0] for item in batch]
             self._backlog -= sum(item[1] for item in batch)
-            if self._pongs:
-                data[:0] = self._pongs
-                self._pongs.clear()
+            # Pongs go after the batch: its first item may finish a frame deliver() half sent.
+            data += self._pongs
+            self._pongs.clear()
             self._write(b"".join(data))
             if closing:
                 return True
