@@ -240,13 +240,10 @@ class Conn:
             self.ws.write(data, self.write_wait)
 
     def _wake_writer(self) -> None:
-        if self._writer is None:
-            self._start_writer()
-            return
         send = self._queue()
-        if send.qsize():
-            return  # The write pump has frames to take: it sends the pongs with them.
-        try:
-            send.put_nowait(_WAKE)
-        except ShutDown:
-            pass  # The write pump is finishing; it sends the pongs on its way.
+        if not send.qsize():  # Otherwise the write pump has frames to take, pongs with them.
+            try:
+                send.put_nowait(_WAKE)
+            except ShutDown:
+                pass  # The write pump is finishing; it sends the pongs on its way.
+        self._start_writer()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gevent
 from gevent.event import Event
 
 from chatapp import frames
-from chatapp.conn import Conn
+from chatapp.conn import WRITER_LINGER, Conn
 from chatapp.frames import Ping
 from chatapp.websocket import ConnectionLost
 
@@ -65,3 +66,19 @@ def test_a_pong_never_lands_inside_a_frame_the_kernel_took_in_part() -> None:
     conn.read_pump(lambda conn, data: None)  # Queues the pong, then the connection ends.
     conn.wait_closed(2)
     assert ws.stream().startswith(frame + frames.encode_frame(frames.OP_PONG, b"p"))
+
+
+def test_a_ping_to_an_idle_connection_is_answered_at_once() -> None:
+    """With no write pump running, a ping starts one that sends the pong without lingering."""
+    ws = StubWebSocket([Ping(b"p")], then_lost=False)
+    conn = Conn(ws, send_queue_size=8, write_wait=1.0)  # type: ignore[arg-type]
+    reader = gevent.spawn(conn.read_pump, lambda conn, data: None)
+    try:
+        with gevent.Timeout(WRITER_LINGER / 2):
+            while not ws.written:
+                gevent.sleep(0.01)
+        assert ws.stream() == frames.encode_frame(frames.OP_PONG, b"p")
+    finally:
+        ws.closed.set()
+        reader.join(2)
+        conn.wait_closed(2)
