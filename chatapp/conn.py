@@ -105,8 +105,8 @@ class Conn:
         if self._closing:
             raise ShutDown
         self._start_writer()
+        self._backlog += 1  # Before put(): the pump may take the frame before put() returns.
         self._queue().put((frame, 1))
-        self._backlog += 1
 
     @property
     def closing(self) -> bool:
