@@ -54,6 +54,8 @@ class Conn:
         self.peer = peer
         # Control frames the read pump asks the write pump to send.
         self._pongs: list[bytes] = []
+        # True while the queue starts with the rest of a frame deliver() sent only in part.
+        self._mid_frame = False
         # Code and reason of the close frame the write pump sends last; the first closer wins.
         self.close_code = frames.CLOSE_NORMAL
         self.close_reason = ""
@@ -91,7 +93,9 @@ class Conn:
                 sent = 0  # Full or broken: the pump finds out on its write.
             if sent == len(data):
                 return
-            data = data[sent:]
+            if sent:
+                self._mid_frame = True  # The queue was empty: this rest goes first.
+                data = data[sent:]
         # An empty queue takes any burst (so a frame the kernel took in part is always finished);
         # a client with messages waiting is stuck once this burst would pass the bound.
         if self._backlog and self._backlog + count > self.send_queue_size:
@@ -228,9 +232,12 @@ class Conn:
                     break
             data = [item[0] for item in batch]
             self._backlog -= sum(item[1] for item in batch)
-            # Pongs go after the batch: its first item may finish a frame deliver() half sent.
-            data += self._pongs
+            # Pongs jump the queue (a pong answers before later messages), but never into a
+            # frame: they go after the rest of one deliver() half sent, which comes first.
+            at = 1 if self._mid_frame else 0
+            data[at:at] = self._pongs
             self._pongs.clear()
+            self._mid_frame = False
             self._write(b"".join(data))
             if closing:
                 return True

@@ -68,6 +68,17 @@ def test_a_pong_never_lands_inside_a_frame_the_kernel_took_in_part() -> None:
     assert ws.stream().startswith(frame + frames.encode_frame(frames.OP_PONG, b"p"))
 
 
+def test_a_pong_goes_out_before_messages_queued_ahead_of_it() -> None:
+    """A ping is answered before the messages waiting in the queue (RFC 6455 5.5.3, Autobahn 5.6)."""
+    frame = frames.encode_text("hello, world")
+    ws = StubWebSocket([Ping(b"p")], room=0)
+    conn = Conn(ws, send_queue_size=8, write_wait=1.0)  # type: ignore[arg-type]
+    conn.deliver(frame)  # The kernel takes nothing: the whole frame waits for the pump.
+    conn.read_pump(lambda conn, data: None)
+    conn.wait_closed(2)
+    assert ws.stream().startswith(frames.encode_frame(frames.OP_PONG, b"p") + frame)
+
+
 def test_a_ping_to_an_idle_connection_is_answered_at_once() -> None:
     """With no write pump running, a ping starts one that sends the pong without lingering."""
     ws = StubWebSocket([Ping(b"p")], then_lost=False)
