@@ -30,9 +30,8 @@ if not _config.redis_url:
             _asked,
         )
 
-# gunicorn's default of 1000 would make the 1001st connection hang unanswered; the chat
-# answers 503 past CHAT_MAX_CONNECTIONS, so leave room above it for those answers and pages.
-worker_connections = _config.max_connections + 100
+# worker_connections: the worker sets it above CHAT_MAX_CONNECTIONS (gunicorn's default of
+# 1000 would leave the 1001st connection unanswered instead of refused).
 
 # On SIGTERM the worker closes every WebSocket with 1001 and exits; 20 s is ample for that
 # and less than the platform's 30-second shutdown limit.

@@ -31,24 +31,27 @@ def main() -> None:
     from gevent.pool import Pool
     from gevent.pywsgi import WSGIServer
 
-    from chatapp.websocket import ChatHandler
+    from chatapp.websocket import ChatHandler, cap_receive_buffer
 
     parser = argparse.ArgumentParser(description="Serve the chat with gevent's WSGI server.")
     parser.add_argument("--addr", default="localhost:8080", help="http service address")
     host, _, port = parser.parse_args().addr.rpartition(":")
+    config = app.chat.config
     server = WSGIServer(
         (host, int(port)),
         app,
         spawn=Pool(),  # A pool, so that stop() waits for open connections to close.
-        handler_class=ChatHandler.configured(app.chat.config.handshake_timeout),
+        handler_class=ChatHandler.configured(config.handshake_timeout),
     )
+    server.init_socket()
+    cap_receive_buffer(server.socket, config.max_message_size)
 
     def stop() -> None:
         logging.info("SIGTERM: closing connections")
         server.close()  # Stop accepting; then let open connections say goodbye.
         ChatHandler.close_idle_connections()
         app.chat.shutdown()
-        server.stop(timeout=app.chat.config.write_wait)
+        server.stop(timeout=config.write_wait)
 
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(stop))
     logging.info("serving the chat on http://%s:%s", host, port)

@@ -2,5 +2,6 @@
 
 from .app import Chat, create_app
 from .config import Config, ConfigError
+from .websocket import ChatWorker
 
-__all__ = ["Chat", "Config", "ConfigError", "create_app"]
+__all__ = ["Chat", "ChatWorker", "Config", "ConfigError", "create_app"]

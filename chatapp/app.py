@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import bottle
@@ -16,10 +17,29 @@ from .conn import Conn
 from .frames import ProtocolFailure
 from .hub import Hub
 from .ratelimit import TokenBucket
+from .websocket import ChatWebSocket, WebSocket
 
 log = logging.getLogger(__name__)
 
+# Seconds a refused connection has to answer our close frame.
+CLOSE_WAIT = 2.0
+
 VIEWS = Path(__file__).resolve().parent.parent / "views"
+
+
+class Refusal(NamedTuple):
+    """A handshake the chat refuses: an HTTP status before the 101, a close code after it."""
+
+    status: int
+    close_code: int
+    reason: str
+
+
+def peer_of(environ: dict) -> str:
+    """The client's address for the logs: the proxy's X-Forwarded-For when it came through one."""
+    peer = f"{environ.get('REMOTE_ADDR', '?')}:{environ.get('REMOTE_PORT', '?')}"
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    return f"{forwarded.split(',')[-1].strip()} via {peer}" if forwarded else peer
 
 
 class Chat:
@@ -37,6 +57,8 @@ class Chat:
         # Open WebSocket connections in this process, for the connection cap.
         self.connections = 0
         self.shutting_down = False
+        # Whether the log has said once that the stock gevent-websocket handler is serving us.
+        self._stock_handler_noted = False
         self._page = bottle.template(
             "home", template_lookup=[str(VIEWS)], max_message_size=config.max_message_size
         )
@@ -62,23 +84,18 @@ class Chat:
         ws = environ.get("wsgi.websocket")
         if ws is None:
             raise bottle.HTTPError(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
-        if not self._origin_allowed(environ):
-            log.info("refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
-            raise bottle.HTTPError(403, "cross-origin WebSocket refused")
-        if self.shutting_down:
-            raise bottle.HTTPError(503, "server shutting down")
         config = self.config
-        if self.connections >= config.max_connections:
-            log.warning("refused WebSocket: %d connections open (CHAT_MAX_CONNECTIONS)", self.connections)
-            raise bottle.HTTPError(503, "server full, try again later")
-
-        ws.accept(config.max_message_size)
-        conn = Conn(
-            ws,
-            send_queue_size=config.send_queue_size,
-            write_wait=config.write_wait,
-            peer=f"{environ.get('REMOTE_ADDR', '?')}:{environ.get('REMOTE_PORT', '?')}",
-        )
+        refusal = self._refusal(environ)
+        if isinstance(ws, ChatWebSocket):
+            if refusal is not None:
+                raise bottle.HTTPError(refusal.status, refusal.reason)
+            ws.accept(config.max_message_size)
+        else:
+            ws = self._adopt_stock(ws)
+            if refusal is not None:
+                ws.refuse(refusal.close_code, refusal.reason, CLOSE_WAIT)
+                return ""
+        conn = Conn(ws, send_queue_size=config.send_queue_size, write_wait=config.write_wait, peer=peer_of(environ))
         self.connections += 1
         self.hub.register(conn)
         try:
@@ -88,6 +105,36 @@ class Chat:
             conn.wait_closed(timeout=2 * config.write_wait + 5)
             self.connections -= 1
         return ""
+
+    def _refusal(self, environ: dict) -> Refusal | None:
+        """Why this handshake must be refused, or None (origin, shutdown, capacity)."""
+        if not self._origin_allowed(environ):
+            origin, host = environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST")
+            log.info(
+                "refused WebSocket from origin %r to Host %r (%s); if only a reverse proxy makes them "
+                "differ, have it pass the browser's Host (nginx: proxy_set_header Host $http_host;), "
+                "else list the origin in CHAT_ALLOWED_ORIGINS",
+                origin, host, peer_of(environ),
+            )
+            return Refusal(403, frames.CLOSE_POLICY_VIOLATION, "cross-origin WebSocket refused")
+        if self.shutting_down:
+            return Refusal(503, frames.CLOSE_GOING_AWAY, "server shutting down")
+        if self.connections >= self.config.max_connections:
+            log.warning("refused WebSocket: %d connections open (CHAT_MAX_CONNECTIONS)", self.connections)
+            return Refusal(503, frames.CLOSE_TRY_AGAIN_LATER, "server full, try again later")
+        return None
+
+    def _adopt_stock(self, stock: WebSocket) -> ChatWebSocket:
+        """Serve a connection gevent-websocket's stock handler has already answered with 101."""
+        if not self._stock_handler_noted:
+            self._stock_handler_noted = True
+            log.warning(
+                "served by gevent-websocket's stock handler: the chat works, but refusals (origin, "
+                "capacity) come as close frames after the 101, connections get no handshake timeout "
+                "and no close frame on SIGTERM. For all of it start `gunicorn -c gunicorn.conf.py "
+                "wsgi:app` (the Procfile's command), or at least `gunicorn -k chatapp.ChatWorker`"
+            )
+        return ChatWebSocket.adopt(stock, self.config.max_message_size)
 
     def _chat_reader(self, conn: Conn):  # type: ignore[no-untyped-def]
         limit = self.config.rate_limit

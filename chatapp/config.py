@@ -59,7 +59,7 @@ class Config:
             ),
             max_connections=_int(env, "CHAT_MAX_CONNECTIONS", cls.max_connections, minimum=1),
             handshake_timeout=_float(env, "CHAT_HANDSHAKE_TIMEOUT", cls.handshake_timeout),
-            rate_limit=_float(env, "CHAT_RATE_LIMIT", cls.rate_limit, minimum=0.0),
+            rate_limit=_float(env, "CHAT_RATE_LIMIT", cls.rate_limit, minimum=0.0, unit="messages per second"),
             history=_int(env, "CHAT_HISTORY", cls.history, minimum=0),
             redis_url=_redis_url(env),
             redis_stream=env.get("CHAT_REDIS_STREAM", "").strip() or cls.redis_stream,
@@ -107,14 +107,16 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+def _float(
+    env: Mapping[str, str], name: str, default: float, minimum: float = 0.001, unit: str = "seconds"
+) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        raise ConfigError(f"{name} must be a number of {unit}, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value

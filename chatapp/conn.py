@@ -180,11 +180,12 @@ class Conn:
     def write_pump(self) -> None:
         """Pump frames from the send queue to the WebSocket, then the close frame.
 
-        The one writer of the connection: data, pings (queued by the hub's ticker), pongs and
-        the final close frame all leave from this greenlet, or from deliver() while no frame
-        is queued. Go's goroutines are cheap enough to keep one per connection for its
-        whole life; a greenlet costs several KB, so this one runs only while there is
-        something to write, and ends after WRITER_LINGER seconds with nothing queued.
+        Data, pings (the hub's ticker delivers them like messages), pongs and the final close
+        frame leave from this greenlet, or straight from deliver() in the hub while nothing is
+        queued and no pump is writing: never two writers at once. Go's goroutines are cheap
+        enough to keep one per connection for its whole life; a greenlet costs several KB,
+        so this one runs only while there is something to write, and ends after
+        WRITER_LINGER seconds with nothing queued.
         """
         try:
             if not self._write_queued():

@@ -20,14 +20,14 @@ from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
 from gunicorn.workers.ggevent import PyWSGIHandler
 
-from .frames import Close, Event, FrameParser, ProtocolFailure
+from .frames import Close, Event, FrameParser, ProtocolFailure, encode_close
 
 log = logging.getLogger(__name__)
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # Bytes asked of the socket per read; a read returns whatever has arrived, up to this.
 _READ_SIZE = 65536
-# Kernel receive buffer per connection (at least two messages of the largest size allowed).
+# Kernel receive buffer per connection, set on the listening socket (see cap_receive_buffer).
 RECEIVE_BUFFER = 16384
 
 
@@ -63,34 +63,58 @@ class ChatWebSocket(WebSocket):
             b"Connection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + base64.b64encode(digest) + b"\r\n\r\n"
         )
-        self.accepted = True
         handler = self.handler
         handler.status = "101 Switching Protocols"
         handler.code = 101
         handler.response_headers = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
         handler.headers_sent = True
         handler.close_connection = True
+        self._open(max_message_size)
+
+    @classmethod
+    def adopt(cls, stock: WebSocket, max_message_size: int) -> ChatWebSocket:
+        """Take over a connection gevent-websocket's stock handler has already answered with 101.
+
+        Under `gunicorn -k geventwebsocket.gunicorn.workers.GeventWebSocketWorker` the app gets
+        the stock WebSocket; from here on only this one reads and writes the socket.
+        """
+        handler = stock.handler
+        websocket = cls(stock.environ, handler, "")
+        stock.closed = True  # So that the stock handler does not write a close frame of its own.
+        websocket._open(max_message_size)
+        return websocket
+
+    def _open(self, max_message_size: int) -> None:
+        """After the 101: read frames straight from the socket."""
+        self.accepted = True
         # Bytes the HTTP parser buffered past the request are the first frames. Take them,
         # then close the buffered reader (freeing its 8 KB): reads go to the socket directly.
         self.socket.settimeout(0.0)
         self._pending = self._rfile.read1(_READ_SIZE) or b""
         self._rfile.close()
-        # The handshake deadline is over; the read pump sets its own.
+        # The handshake deadline is over; the hub's ticker watches for silent peers.
         self.socket.settimeout(None)
         # Chat lines are small: send each batch now rather than wait for more (Nagle).
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Cap what the kernel holds for us unread: Linux grows a receive buffer up to tcp_rmem's
-        # maximum (often 6-32 MB, minutes of chat lines). With a small one, a client that outruns
-        # the hub is held back by TCP within moments, so its lines never wait long.
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(RECEIVE_BUFFER, 2 * max_message_size))
         self._parser = FrameParser(max_message_size)
+
+    def refuse(self, code: int, reason: str, timeout: float) -> None:
+        """Close an accepted connection at once, for what the stock handler let through
+        (origin, capacity): our close frame, then what the peer sends until its own."""
+        try:
+            self.write(encode_close(code, reason), timeout)
+            self.finish_sending()
+            self.discard_until_close(timeout)
+        except (gevent.Timeout, OSError):
+            pass
+        self.shutdown()
 
     def receive(self) -> Event:  # type: ignore[override]
         """Block until the next message or control frame arrives.
 
         Gap: the stock receive() read any length a header claimed, dropped pongs and wrote
         its own pongs from the reader greenlet. Here nothing is written; the caller answers.
-        Raises ProtocolFailure, ConnectionLost, or socket.timeout past the read deadline.
+        Raises ProtocolFailure, or ConnectionLost (or OSError) when the TCP connection ends.
         """
         assert self._parser is not None, "accept() first"
         while not self._events:
@@ -157,6 +181,26 @@ class ChatWebSocket(WebSocket):
         greenlet called it (even __del__). Close frames go out through the write pump.
         """
         self.closed = True
+
+
+def cap_receive_buffer(listener: socket.socket, max_frame_size: int) -> None:
+    """Cap the kernel receive buffer of every connection this listening socket accepts.
+
+    Why a cap: Linux grows a receive buffer up to tcp_rmem's maximum (32 MB on the benchmark
+    machine, minutes of chat lines). With a small one, a client that writes faster than the hub
+    fans out is held back by TCP within moments instead of parking lines in the kernel.
+
+    Why on the listener, never on an accepted socket: the handshake's SYN-ACK advertises a
+    window sized from the buffer the socket has then, and the peer clamps its segments to half
+    the largest window it ever saw (64 KB on loopback, so 32 KB segments). Shrink the buffer
+    after that and our window stays below one such segment forever; the peer's silly-window
+    avoidance then holds its data back until its persist timer fires (200 ms and backing off),
+    one window per probe. A client with lines queued (as soon as the server lags a moment, say
+    while a stuck client is dropped) was held to ~150 KB/s while the server sat idle, and
+    everyone waited for its lines. Set here, the SYN-ACK already offers the small window and
+    peers size their segments to it. Accepted sockets inherit the setting.
+    """
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(RECEIVE_BUFFER, 2 * max_frame_size))
 
 
 # Handlers waiting for the first or next request on their connection.
@@ -298,6 +342,17 @@ class ChatWorker(GeventWebSocketWorker):
         chat = getattr(self.wsgi, "chat", None)
         timeout = chat.config.handshake_timeout if chat else ChatHandler.handshake_timeout
         self.wsgi_handler = GunicornChatHandler.configured(timeout)
+        if chat is not None:
+            # gunicorn's default of 1000 would leave the 1001st connection unanswered; the chat
+            # refuses past CHAT_MAX_CONNECTIONS itself, so leave room above it for those answers.
+            self.worker_connections = max(self.worker_connections, chat.config.max_connections + 100)
+
+    def run(self) -> None:
+        chat = getattr(self.wsgi, "chat", None)
+        if chat is not None:
+            for listener in self.sockets:
+                cap_receive_buffer(listener, chat.config.max_message_size)
+        super().run()
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[no-untyped-def]
         super().handle_exit(sig, frame)

@@ -148,9 +148,7 @@
       notice.textContent = "";
     };
     ws.onmessage = function (evt) {
-      // The server may batch several messages into one frame, newline-separated.
-      var lines = String(evt.data).split("\n");
-      for (var i = 0; i < lines.length; i++) appendLine(lines[i]);
+      appendLine(String(evt.data));      // one chat line per message
     };
     ws.onclose = function (evt) {
       if (conn !== ws) return;
