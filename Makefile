@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 run: $(VENV)/.runtime
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
+# Tests wait on servers more than they compute: four at a time (pytest-xdist).
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 4
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -9,18 +9,35 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import websocket
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+# Ports for the test's own servers: below Linux's ephemeral range (32768 and up), which the
+# kernel hands to every outgoing connection, so no client socket can take one between our
+# check and the server's bind. Each pytest-xdist worker has a block of its own.
+PORT_BLOCK = 1000
+_worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_ports = iter(range(20000 + PORT_BLOCK * _worker, 20000 + PORT_BLOCK * (_worker + 1)))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no socket on this machine is bound to, unique within this test run."""
+    for port in _ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port left in this worker's block of {PORT_BLOCK}")
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -35,15 +52,29 @@ def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "c
         time.sleep(interval)
 
 
+def procfile_command() -> list[str]:
+    """The Procfile's web command, as a platform runs it."""
+    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    program, *args = line.removeprefix("web:").split()
+    return [str(BIN / program), *args]
+
+
+# How people start the chat: the Procfile; gevent-websocket's documented stock worker;
+# `python wsgi.py`; and the Procfile behind nginx configured as the README says.
+SERVER_KINDS = ("gunicorn", "stock", "wsgi", "nginx")
+
+
 @dataclass
 class ServerProcess:
-    """The chat server as users run it: `gunicorn -c gunicorn.conf.py wsgi:app` or `python wsgi.py`."""
+    """The chat server as users run it, in a subprocess: one of SERVER_KINDS."""
 
     kind: str
     port: int
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    # For kind "nginx": the proxy in front, on `port`; the server itself listens on another.
+    proxy: NginxProcess | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -53,23 +84,33 @@ class ServerProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
+    def command(self, port: int) -> list[str]:
+        if self.kind in ("gunicorn", "nginx"):
+            return procfile_command()
+        if self.kind == "stock":
+            return [str(BIN / "gunicorn"), "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "wsgi:app"]
+        return [sys.executable, "wsgi.py", "--addr", f"127.0.0.1:{port}"]
+
     def start(self, timeout: float = 20.0) -> ServerProcess:
-        if self.kind == "gunicorn":
-            cmd = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"]
-        else:
-            cmd = [sys.executable, "wsgi.py", "--addr", f"127.0.0.1:{self.port}"]
-        env = {**os.environ, "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **self.env}
+        port = self.port
+        if self.kind == "nginx":
+            port = self.proxy.upstream_port if self.proxy else free_port()
+        env = {**os.environ, "PORT": str(port), "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._answers, timeout, 0.05, f"{self.kind} to listen on {self.port}")
+            self.proc = subprocess.Popen(self.command(port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self._answers(port), timeout, 0.05, f"{self.kind} to listen on {port}")
+        if self.kind == "nginx" and self.proxy is None:
+            self.proxy = NginxProcess(self.port, port, self.log_path.parent / f"nginx-{self.port}").start()
+        if self.proxy is not None:
+            wait_until(lambda: self._answers(self.port), timeout, 0.05, f"nginx to listen on {self.port}")
         return self
 
-    def _answers(self) -> bool:
+    def _answers(self, port: int) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"{self.kind} exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 return s.recv(12).startswith(b"HTTP/1.1 200")
         except OSError:
@@ -81,13 +122,13 @@ class ServerProcess:
     def worker_pids(self) -> list[int]:
         """The processes serving requests: gunicorn's workers, or the wsgi.py process itself."""
         assert self.proc is not None
-        if self.kind != "gunicorn":
+        if self.kind == "wsgi":
             return [self.proc.pid]
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
         return [int(pid) for pid in children]
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, as a platform does; returns the exit code."""
+        """SIGTERM, as a platform does; returns the exit code. The proxy in front stays."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
@@ -98,12 +139,97 @@ class ServerProcess:
             self.proc.wait()
             raise
 
+    def stop_proxy(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+
+
+def readme_nginx_block() -> str:
+    """The nginx configuration the README gives (its first ```nginx block)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```nginx\n") + len("```nginx\n")
+    return text[start : text.index("```", start)]
+
+
+@dataclass
+class NginxProcess:
+    """Debian's nginx with the README's server block, listening on `port`, proxying to `upstream_port`."""
+
+    port: int
+    upstream_port: int
+    workdir: Path
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self) -> NginxProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        block = readme_nginx_block()
+        assert "listen 80;" in block and "127.0.0.1:8080" in block, "the README's nginx block changed shape"
+        block = block.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
+        block = block.replace("127.0.0.1:8080", f"127.0.0.1:{self.upstream_port}")
+        work = self.workdir
+        temp_paths = "".join(
+            f"    {kind}_temp_path {work}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        conf = work / "nginx.conf"
+        conf.write_text(
+            f"daemon off;\nmaster_process off;\npid {work}/nginx.pid;\nerror_log {work}/error.log info;\n"
+            f"events {{ worker_connections 4096; }}\n"
+            f"http {{\n    access_log {work}/access.log;\n{temp_paths}{block}}}\n"
+        )
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", str(work), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+NGINX = "/usr/sbin/nginx"
+
+
+# Client sockets tests opened, shut at the end of each test before its servers stop: a server
+# stopping gracefully waits for open connections, and a test's clients are still open then.
+_opened: list[socket.socket] = []
+
+
+def shut_client_sockets() -> None:
+    """Shut every client socket the test opened (shutdown wakes a thread blocked in recv)."""
+    while _opened:
+        sock = _opened.pop()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+
+def connect(server: ServerProcess, **options) -> websocket.WebSocket:  # type: ignore[no-untyped-def]
+    """A websocket-client connection to the server's chat, closed when the test ends."""
+    ws = websocket.create_connection(server.ws_url, timeout=10, **options)
+    _opened.append(ws.sock)
+    return ws
+
 
 def raw_handshake(
-    port: int, headers: dict[str, str] | None = None, version: str = "HTTP/1.1", timeout: float = 5.0
+    port: int,
+    headers: dict[str, str] | None = None,
+    version: str = "HTTP/1.1",
+    timeout: float = 5.0,
+    receive_buffer: int | None = None,
 ) -> tuple[socket.socket, bytes]:
-    """Open a TCP connection, send a WebSocket handshake; return the socket and the response head."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    """Open a TCP connection, send a WebSocket handshake; return the socket and the response head.
+
+    receive_buffer: the client's SO_RCVBUF, set before connecting (a client that reads slowly).
+    """
+    sock = socket.socket()
+    sock.settimeout(timeout)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", port))
+    _opened.append(sock)
     fields = {
         "Host": f"127.0.0.1:{port}",
         "Upgrade": "websocket",
@@ -116,7 +242,7 @@ def raw_handshake(
     sock.sendall(head.encode() + b"\r\n")
     response = b""
     while b"\r\n\r\n" not in response:
-        chunk = sock.recv(4096)
+        chunk = sock.recv(1)  # Byte by byte: what follows the head is the first frames.
         if not chunk:
             break
         response += chunk
@@ -172,6 +298,56 @@ def recv_until_close(ws) -> tuple[list[str], int, str]:  # type: ignore[no-untyp
             return texts, struct.unpack("!H", data[:2])[0], data[2:].decode()
         if opcode == 0x1:
             texts.append(data.decode())
+
+
+def parse_server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Split unmasked server frames: [(opcode, payload)], up to the last whole frame."""
+    frames, at = [], 0
+    while at + 2 <= len(data):
+        opcode, n, start = data[at] & 0x0F, data[at + 1] & 0x7F, at + 2
+        if n == 126:
+            (n,) = struct.unpack_from("!H", data, start)
+            start += 2
+        elif n == 127:
+            (n,) = struct.unpack_from("!Q", data, start)
+            start += 8
+        if start + n > len(data):
+            break
+        frames.append((opcode, data[start : start + n]))
+        at = start + n
+    return frames
+
+
+class StreamReader(threading.Thread):
+    """Reads a socket as fast as the kernel delivers, into one buffer, until EOF or close().
+
+    A client that never falls behind: parsing waits until the test asks (frames()).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.received = bytearray()
+
+    def run(self) -> None:
+        self.sock.settimeout(None)
+        try:
+            while chunk := self.sock.recv(1 << 20):
+                self.received += chunk
+        except OSError:
+            pass
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        return parse_server_frames(bytes(self.received))
+
+    def close(self) -> None:
+        """End the connection (a plain close() would not wake the blocked recv) and the thread."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.join(5)
+        self.sock.close()
 
 
 def read_close(sock: socket.socket) -> tuple[int, str]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import websocket
+from conftest import unavailable
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page
@@ -28,6 +29,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
+    # The name the nginx test serves the page under, as a real deployment would.
+    "--host-resolver-rules=MAP chat.example.test 127.0.0.1",
 ]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 TIMEOUT_MS = 10_000
@@ -37,21 +40,14 @@ RECONNECT_TIMEOUT_MS = 20_000
 LINES = "#log .line"
 
 
-def _unavailable(reason: str) -> None:
-    """Skip locally; under CI=true a missing browser is a broken setup, so fail."""
-    if os.environ.get("CI", "").strip().lower() == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     try:
         from playwright.sync_api import expect, sync_playwright
     except ImportError:
-        _unavailable("playwright not installed: pip install -r requirements-dev.txt")
+        unavailable("playwright not installed: pip install -r requirements-dev.txt")
     if not CHROMIUM.exists():
-        _unavailable("Chromium not found: apt-get install -y chromium")
+        unavailable("Chromium not found: apt-get install -y chromium")
     expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
@@ -69,12 +65,12 @@ def open_page(browser: Browser, start_server: Any) -> Iterator[Callable[..., Pag
     """
     contexts: list[BrowserContext] = []
 
-    def open_(server: ServerProcess, **options: Any) -> Page:
+    def open_(server: ServerProcess, url: str | None = None, **options: Any) -> Page:
         context = browser.new_context(**options)
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)
         page = context.new_page()
-        page.goto(server.url)
+        page.goto(url or server.url)
         wait_open(page)
         return page
 
@@ -145,6 +141,17 @@ def test_line_typed_in_one_page_appears_in_both(start_server: Any, open_page: An
     for page in (alice, bob):
         expect_last_line(page, "hi alice")
     expect(bob.locator("#msg")).to_have_value("")
+
+
+def test_chat_through_nginx_under_a_host_name(start_server: Any, open_page: Any) -> None:
+    """Behind nginx with the README's block, pages served as http://chat.example.test:port chat."""
+    server = start_server("nginx")
+    url = f"http://chat.example.test:{server.port}/"
+    alice, bob = open_page(server, url), open_page(server, url)
+    say(alice, "through the proxy")
+    for page in (alice, bob):
+        expect_last_line(page, "through the proxy")
+    assert "refused" not in server.log()
 
 
 def test_scrolled_up_reader_is_not_yanked_down(start_server: Any, open_page: Any) -> None:

@@ -37,3 +37,11 @@ def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
     """A malformed or inconsistent value raises ConfigError naming the variable."""
     with pytest.raises(ConfigError, match=named):
         Config.from_env(env)
+
+
+def test_errors_name_the_unit() -> None:
+    """A rate is asked for in messages per second, a wait in seconds."""
+    with pytest.raises(ConfigError, match="CHAT_RATE_LIMIT must be a number of messages per second"):
+        Config.from_env({"CHAT_RATE_LIMIT": "fast"})
+    with pytest.raises(ConfigError, match="CHAT_WRITE_WAIT must be a number of seconds"):
+        Config.from_env({"CHAT_WRITE_WAIT": "soon"})

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import gevent
+import pytest
 from gevent.event import Event
+from gevent.queue import Full, ShutDown
 
+from chatapp import conn as conn_module
 from chatapp import frames
-from chatapp.conn import WRITER_LINGER, Conn
+from chatapp.conn import Conn
 from chatapp.frames import Ping
 from chatapp.websocket import ConnectionLost
+
+
+@pytest.fixture(autouse=True)
+def no_close_wait(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """No peer answers a stub's close frame: do not wait for one."""
+    monkeypatch.setattr(conn_module, "CLOSE_WAIT", 0.0)
 
 
 class StubSocket:
@@ -79,13 +88,14 @@ def test_a_pong_goes_out_before_messages_queued_ahead_of_it() -> None:
     assert ws.stream().startswith(frames.encode_frame(frames.OP_PONG, b"p") + frame)
 
 
-def test_a_ping_to_an_idle_connection_is_answered_at_once() -> None:
+def test_a_ping_to_an_idle_connection_is_answered_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """With no write pump running, a ping starts one that sends the pong without lingering."""
+    monkeypatch.setattr(conn_module, "WRITER_LINGER", 3600.0)  # a pong that waited for it never comes
     ws = StubWebSocket([Ping(b"p")], then_lost=False)
     conn = Conn(ws, send_queue_size=8, write_wait=1.0)  # type: ignore[arg-type]
     reader = gevent.spawn(conn.read_pump, lambda conn, data: None)
     try:
-        with gevent.Timeout(WRITER_LINGER / 2):
+        with gevent.Timeout(5):
             while not ws.written:
                 gevent.sleep(0.01)
         assert ws.stream() == frames.encode_frame(frames.OP_PONG, b"p")
@@ -93,3 +103,64 @@ def test_a_ping_to_an_idle_connection_is_answered_at_once() -> None:
         ws.closed.set()
         reader.join(2)
         conn.wait_closed(2)
+
+
+def test_a_connection_with_messages_waiting_is_full_past_its_bound() -> None:
+    """The bound counts messages, not deliveries; an empty queue takes any burst; Full past it."""
+    conn = Conn(StubWebSocket([], room=0), send_queue_size=4, write_wait=1.0)  # type: ignore[arg-type]
+    frame = frames.encode_text("x")
+    conn.deliver(frame * 6, 6)  # An empty queue takes a burst over the bound (it may be half sent).
+    with pytest.raises(Full):
+        conn.deliver(frame)
+    conn.close(1000, "")
+    conn.wait_closed(2)
+
+
+def test_the_backlog_is_paid_back_as_the_pump_writes() -> None:
+    """Once the pump has written what waited, the bound is free again."""
+    ws = StubWebSocket([], room=0)
+    conn = Conn(ws, send_queue_size=4, write_wait=1.0)  # type: ignore[arg-type]
+    frame = frames.encode_text("x")
+    conn.deliver(frame * 4, 4)
+    with gevent.Timeout(5):
+        while len(ws.written) < 1:
+            gevent.sleep(0.01)
+    for _ in range(4):  # Four more one by one: the backlog is back at 0, so this is no overflow.
+        conn.deliver(frame)
+    with gevent.Timeout(5):
+        while ws.stream() != frame * 8:
+            gevent.sleep(0.01)
+    conn.close(1000, "")
+    conn.wait_closed(2)
+
+
+def test_an_idle_write_pump_ends_and_lets_its_queue_go(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """After WRITER_LINGER with nothing to write the pump ends and the queue is dropped; the
+    next frame that must wait starts them again."""
+    monkeypatch.setattr(conn_module, "WRITER_LINGER", 0.05)
+    ws = StubWebSocket([], room=0)
+    conn = Conn(ws, send_queue_size=4, write_wait=1.0)  # type: ignore[arg-type]
+    conn.deliver(frames.encode_text("one"))
+    assert conn._writer is not None and conn.send is not None
+    with gevent.Timeout(5):
+        while conn._writer is not None:
+            gevent.sleep(0.01)
+    assert conn.send is None
+    conn.deliver(frames.encode_text("two"))
+    conn.close(1000, "")
+    conn.wait_closed(2)
+    assert ws.stream() == frames.encode_text("one") + frames.encode_text("two") + frames.encode_close(1000, "")
+
+
+def test_close_flushes_what_is_queued_then_the_close_frame() -> None:
+    """close() lets the queued messages out first, then the close frame, then nothing."""
+    ws = StubWebSocket([], room=0)
+    conn = Conn(ws, send_queue_size=8, write_wait=1.0)  # type: ignore[arg-type]
+    lines = [frames.encode_text(f"line {i}") for i in range(3)]
+    for line in lines:
+        conn.deliver(line)
+    conn.close(1013, "too slow")
+    with pytest.raises(ShutDown):
+        conn.deliver(frames.encode_text("after close"))
+    conn.wait_closed(2)
+    assert ws.stream() == b"".join(lines) + frames.encode_close(1013, "too slow")

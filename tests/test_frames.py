@@ -92,6 +92,12 @@ def test_huge_length_fails_from_the_header_alone() -> None:
         (client_frame(0x8, struct.pack("!H", 5000)), 1002),  # close code out of range
         (client_frame(0x8, struct.pack("!H", 1000) + b"\xff"), 1007),  # invalid close reason
     ],
+    # Masks are random: name the cases, so that every xdist worker collects the same ids.
+    ids=[
+        "unmasked", "reserved-data-opcode", "reserved-control-opcode", "rsv1", "long-control",
+        "fragmented-control", "lone-continuation", "new-message-mid-message", "invalid-utf8",
+        "short-close", "reserved-close-code", "close-code-out-of-range", "invalid-close-reason",
+    ],
 )
 def test_violations(data: bytes, code: int) -> None:
     """Each protocol violation fails with the code RFC 6455 gives it."""

@@ -6,7 +6,8 @@ import time
 
 import gevent
 import pytest
-from gevent.queue import Full, ShutDown
+from gevent.event import Event
+from gevent.queue import Full, Queue, ShutDown
 
 from chatapp.hub import LOOK_UP_EVERY, Hub
 
@@ -42,20 +43,42 @@ class FakeConn:
         return b"".join(data for data, _ in self.delivered)
 
 
+class WatchedInbox(Queue):
+    """The hub's inbox, telling when run() waits on it empty: the hub is then idle (mid-fan-out
+    it yields with the inbox empty too, but it only calls get() again once the fan-out is done)."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.idle = Event()
+
+    def get(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not self.qsize():
+            self.idle.set()
+        item = super().get(*args, **kwargs)
+        self.idle.clear()
+        return item
+
+
+def watched(hub: Hub) -> Hub:
+    hub._inbox = WatchedInbox(hub._inbox.maxsize)
+    return hub
+
+
 @pytest.fixture
 def hub():  # type: ignore[no-untyped-def]
-    hub = Hub(inbox_size=16, history=3)
+    hub = watched(Hub(inbox_size=16, history=3))
     hub.start()
     yield hub
     hub.stop()
 
 
 def settle(hub: Hub) -> None:
-    """Wait until the hub has handled everything in its inbox."""
-    with gevent.Timeout(2):
-        while not hub._inbox.empty():
-            gevent.sleep(0.001)
-        gevent.sleep(0)
+    """Wait until the hub has handled everything put in its inbox so far, fan-outs included."""
+    inbox = hub._inbox
+    with gevent.Timeout(5):
+        while inbox.qsize() or not inbox.idle.is_set():
+            inbox.idle.wait(0.01)
+            gevent.sleep(0)
 
 
 def test_register_and_broadcast(hub: Hub) -> None:
@@ -152,7 +175,7 @@ def test_shutdown_closes_everyone(hub: Hub) -> None:
 
 def test_ticker_pings_and_drops_silent_peers() -> None:
     """Each tick pings every connection; one silent for longer than the pong wait is closed with 1001."""
-    hub = Hub(ping_period=0.05, pong_wait=0.2)
+    hub = watched(Hub(ping_period=0.05, pong_wait=0.2))
     hub.start()
     try:
         talking, silent = FakeConn(), FakeConn()

@@ -10,7 +10,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import websocket
-from support import wait_until
+from support import connect, wait_until
 
 
 def health(server) -> tuple[int, dict]:  # type: ignore[no-untyped-def,type-arg]
@@ -19,10 +19,6 @@ def health(server) -> tuple[int, dict]:  # type: ignore[no-untyped-def,type-arg]
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
-
-
-def connect(server) -> websocket.WebSocket:  # type: ignore[no-untyped-def]
-    return websocket.create_connection(server.ws_url, timeout=10)
 
 
 def recv_n(ws: websocket.WebSocket, n: int) -> list[str]:

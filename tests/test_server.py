@@ -1,16 +1,24 @@
-"""The chat end to end: the real server (gunicorn and `python wsgi.py`) and real clients."""
+"""The chat end to end: the real server, started every way people start it, and real clients."""
 
 from __future__ import annotations
 
 import http.client
-import socket
 import struct
 import threading
 import time
 
 import pytest
 import websocket
-from support import client_frame, raw_handshake, read_close, read_server_frame, recv_until_close
+from support import (
+    StreamReader,
+    client_frame,
+    connect,
+    raw_handshake,
+    read_close,
+    read_server_frame,
+    recv_until_close,
+    wait_until,
+)
 
 
 def http_get(server, path: str, method: str = "GET") -> tuple[int, str, bytes]:  # type: ignore[no-untyped-def]
@@ -18,10 +26,6 @@ def http_get(server, path: str, method: str = "GET") -> tuple[int, str, bytes]: 
     conn.request(method, path)
     response = conn.getresponse()
     return response.status, response.getheader("Content-Type", ""), response.read()
-
-
-def connect(server, **kwargs) -> websocket.WebSocket:  # type: ignore[no-untyped-def]
-    return websocket.create_connection(server.ws_url, timeout=10, **kwargs)
 
 
 def recv_close(ws: websocket.WebSocket) -> tuple[int, str]:
@@ -82,10 +86,16 @@ def test_size_limit(server) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_cross_origin_is_refused(server) -> None:  # type: ignore[no-untyped-def]
-    """A browser handshake from another origin gets 403; same origin or none is accepted."""
+    """A browser handshake from another origin is refused (403, or close 1008 where the stock
+    handler has already said 101); same origin or none is accepted."""
     sock, head = raw_handshake(server.port, {"Origin": "http://evil.example"})
-    assert head.startswith(b"HTTP/1.1 403")
-    sock.close()
+    if server.kind == "stock":
+        assert head.startswith(b"HTTP/1.1 101")
+        assert read_close(sock) == (1008, "cross-origin WebSocket refused")
+    else:
+        assert head.startswith(b"HTTP/1.1 403"), head
+    assert "refused WebSocket from origin 'http://evil.example'" in server.log()
+    assert "proxy_set_header Host $http_host" in server.log()  # what to do behind a proxy
     same = connect(server, origin=f"http://127.0.0.1:{server.port}")
     same.send("same origin")
     assert same.recv() == "same origin"
@@ -101,68 +111,102 @@ def test_allowed_origins_widen_the_check(start_server) -> None:  # type: ignore[
     assert head.startswith(b"HTTP/1.1 403")
 
 
-def test_stuck_client_is_dropped_and_others_miss_nothing(start_server, server_kind) -> None:  # type: ignore[no-untyped-def]
-    """A client that never reads is dropped when its queue fills; a reading client gets every message in order."""
-    server = start_server(server_kind, CHAT_SEND_QUEUE_SIZE="32", CHAT_HISTORY="0")
-    stuck = websocket.WebSocket(sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
-    stuck.connect(server.ws_url, timeout=30)
+# The stuck-client scenario: 16,372 lines of 400 bytes fill the kernel buffers towards a
+# client that never reads (4 KB receive buffer), then its 256-line queue. Run 20 times over:
+# a stall that comes in some runs only (as one once did in most of them) fails the test.
+STUCK_RUNS = 20
+STUCK_LINES = 16372
+# A healthy run delivers all 6.6 MB in well under a second; a stalled one took 8-30 s.
+STUCK_DEADLINE = 15.0
+
+
+# Not behind nginx: its buffers (megabytes) absorb what a stuck browser does not read.
+@pytest.mark.parametrize("kind", ["gunicorn", "stock", "wsgi"])
+def test_one_stuck_client_never_slows_the_others(start_server, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """S never reads, P sends as fast as it can, F reads: every run, F gets every line in order
+    at once, and S is dropped with 1013 after a gap-free prefix."""
+    server = start_server(kind, CHAT_HISTORY="0")
+    lines = [f"{i:06d} {'m' * 393}".encode() for i in range(STUCK_LINES)]  # 400 bytes each
+    for run in range(STUCK_RUNS):
+        stuck_scenario(server, lines, f"run {run}")
+
+
+def stuck_scenario(server, lines: list[bytes], run: str) -> None:  # type: ignore[no-untyped-def]
+    stuck, head = raw_handshake(server.port, receive_buffer=4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    fast_sock, head = raw_handshake(server.port)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    fast = StreamReader(fast_sock)
+    fast.start()
     sender = connect(server)
-    reader = connect(server)
-    body = "m" * 400
-    received: list[str] = []
-    sent = 0
-
-    def dropped() -> bool:
-        return "send queue full" in server.log()
-
-    # Send until the server gives up on the stuck client: kernel buffers absorb a few MB first.
-    while not dropped():
-        assert sent < 60000, "the stuck client was never dropped"
-        for _ in range(100):
-            sender.send(f"{sent} {body}")
-            sent += 1
-        while len(received) < sent:
-            received.append(reader.recv())
-    assert [int(m.split()[0]) for m in received] == list(range(sent))
-    total = sent
+    # The sender hears its own lines too: read them, so that it is not the stuck one.
+    echoes = StreamReader(sender.sock)
+    echoes.start()
+    for line in lines:
+        sender.send(line, websocket.ABNF.OPCODE_TEXT)
+    wanted = len(lines) * (4 + 400)  # frame header + payload
+    deadline = time.monotonic() + STUCK_DEADLINE
+    while len(fast.received) < wanted:
+        assert time.monotonic() < deadline, (
+            f"{run}: after {STUCK_DEADLINE} s the reading client has {len(fast.received) // 404} "
+            f"of {len(lines)} lines: the stuck client stalled the chat"
+        )
+        time.sleep(0.01)
+    got = [payload for opcode, payload in fast.frames() if opcode == 0x1]
+    assert got == lines, f"{run}: lines lost, doubled or out of order"
     # The stuck client now reads what reached it: a gap-free prefix, then close 1013.
-    texts, code, _ = recv_until_close(stuck)
-    assert code == 1013
-    got = [int(text.split()[0]) for text in texts]
-    assert got == list(range(len(got))) and len(got) < total
+    stuck.settimeout(10)
+    texts = []
+    while (frame := read_server_frame(stuck))[0] != 0x8:
+        texts.append(frame[1])
+    assert struct.unpack("!H", frame[1][:2])[0] == 1013, f"{run}: {frame}"
+    assert 0 < len(texts) < len(lines) and texts == lines[: len(texts)], run
+    stuck.close()
+    fast.close()
+    echoes.close()
 
 
 def test_silent_peer_is_dropped_in_time(start_server, server_kind) -> None:  # type: ignore[no-untyped-def]
-    """A peer that never answers pings is cut after the pong wait; one that answers stays."""
-    server = start_server(server_kind, CHAT_PING_PERIOD="0.3", CHAT_PONG_WAIT="1.0")
+    """A peer that never answers pings is closed (1001) after a few pings; one that answers stays."""
+    server = start_server(server_kind, CHAT_PING_PERIOD="0.3", CHAT_PONG_WAIT="1.5")
     live = connect(server)
-    heard: list[str] = []
-    # websocket-client answers each ping as it reads: keep the live client reading throughout.
-    listener = threading.Thread(target=lambda: heard.extend(iter(live.recv, "still connected")))
+    live_pings = []
+    heard = []
+
+    def listen() -> None:
+        """Read the live client (websocket-client answers each ping as it reads it)."""
+        while True:
+            opcode, data = live.recv_data(control_frame=True)
+            if opcode == 0x9:
+                live_pings.append(data)
+            elif opcode == 0x1:
+                heard.append(data.decode())
+                return
+            else:
+                raise AssertionError(f"the live client got opcode {opcode}: {data!r}")
+
+    listener = threading.Thread(target=listen)
     listener.start()
     silent, head = raw_handshake(server.port)
     assert head.startswith(b"HTTP/1.1 101")
-    started = time.monotonic()
+    silent.settimeout(10)
     pings = 0
-    while True:
-        opcode, _ = read_server_frame(silent)
-        if opcode == 0x9:
-            pings += 1
-        if opcode == 0x8:
-            break
-    elapsed = time.monotonic() - started
-    assert pings >= 2
-    assert 0.9 <= elapsed < 3.0
-    # Three pong waits later the answering client is still in.
-    time.sleep(3.0)
+    while (frame := read_server_frame(silent))[0] != 0x8:
+        pings += frame[0] == 0x9
+    assert struct.unpack("!H", frame[1][:2])[0] == 1001 and b"no pong" in frame[1]
+    # Closed after the pong wait (1.5 s: about 5 pings 0.3 s apart), not at once, not much later.
+    assert 2 <= pings <= 7, pings
+    # Two pong waits later (ten pings answered) the answering client is still in.
+    wait_until(lambda: len(live_pings) >= 10, 15, what="ten pings to the live client")
     other = connect(server)
     other.send("still connected")
     listener.join(5)
-    assert not listener.is_alive()
+    assert heard == ["still connected"]
 
 
-def test_handshake_refusals_are_clean(server) -> None:  # type: ignore[no-untyped-def]
+def test_handshake_refusals_are_clean(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
     """Bad keys and versions get 400/426 with a reason, never a 500."""
+    server = start_server(full_server_kind)
     for headers, status in [
         ({"Sec-WebSocket-Key": "not base64!"}, b"400"),
         ({"Sec-WebSocket-Key": "c2hvcnQ="}, b"400"),
