@@ -44,7 +44,7 @@ def main() -> None:
         handler_class=ChatHandler.configured(config.handshake_timeout),
     )
     server.init_socket()
-    cap_receive_buffer(server.socket, config.max_message_size)
+    cap_receive_buffer(server.socket, app.chat.v2.frame_limit)  # v2 frames are the largest
 
     def stop() -> None:
         logging.info("SIGTERM: closing connections")

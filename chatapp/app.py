@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -12,11 +13,13 @@ import bottle
 
 from . import frames
 from .broker import Broker, InProcessBroker, RedisBroker
+from .codec import SUBPROTOCOL_V2, Codec, CommandError, Hello, Say, V1Codec, V2Codec
 from .config import Config
 from .conn import Conn
 from .frames import ProtocolFailure
 from .hub import Hub
-from .ratelimit import TokenBucket
+from .peer import Pace, Peer
+from .room import Rooms
 from .websocket import ChatWebSocket, WebSocket
 
 log = logging.getLogger(__name__)
@@ -42,18 +45,30 @@ def peer_of(environ: dict) -> str:
     return f"{forwarded.split(',')[-1].strip()} via {peer}" if forwarded else peer
 
 
+def offers_v2(environ: dict) -> bool:
+    """Whether the handshake offers the subprotocol chat.v2 (RFC 6455 §4.2.2: else no header, v1)."""
+    offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
+    return SUBPROTOCOL_V2 in (token.strip() for token in offered.split(","))
+
+
 class Chat:
     """What the routes serve: the page, and WebSocket connections joined by one hub."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        rooms = Rooms(config.max_rooms, config.history_bytes, config.recovery_window)
         self.hub = Hub(
+            rooms,
             inbox_size=config.hub_inbox_size,
             history=config.history,
             ping_period=config.ping_period,
             pong_wait=config.pong_wait,
         )
         self.broker = make_broker(config, self.hub)
+        self.hub.said = self.broker.publish
+        # The codecs every connection shares: they hold only the limits.
+        self.v1 = V1Codec(config.max_message_size)
+        self.v2 = V2Codec(config.max_message_size, config.rate_limit)
         # Open WebSocket connections in this process, for the connection cap.
         self.connections = 0
         self.shutting_down = False
@@ -89,22 +104,71 @@ class Chat:
         if isinstance(ws, ChatWebSocket):
             if refusal is not None:
                 raise bottle.HTTPError(refusal.status, refusal.reason)
-            ws.accept(config.max_message_size)
+            codec = self.v2 if offers_v2(environ) else self.v1
+            ws.accept(codec.frame_limit, SUBPROTOCOL_V2 if codec is self.v2 else None)
         else:
-            ws = self._adopt_stock(ws)
+            codec = self.v2 if self._stock_chose_v2(ws) else self.v1
+            ws = self._adopt_stock(ws, codec)
             if refusal is not None:
                 ws.refuse(refusal.close_code, refusal.reason, CLOSE_WAIT)
                 return ""
-        conn = Conn(ws, send_queue_size=config.send_queue_size, write_wait=config.write_wait, peer=peer_of(environ))
+        conn = Conn(
+            ws,
+            Peer(codec, config.rate_limit),
+            send_queue_size=config.send_queue_size,
+            send_queue_bytes=config.send_queue_bytes,
+            write_wait=config.write_wait,
+            address=peer_of(environ),
+        )
         self.connections += 1
         self.hub.register(conn)
         try:
-            conn.read_pump(self._chat_reader(conn))
+            conn.read_pump(self._reader(conn))
         finally:
             self.hub.unregister(conn)
             conn.wait_closed(timeout=2 * config.write_wait + 5)
             self.connections -= 1
         return ""
+
+    def _reader(self, conn: Conn) -> Callable[[Conn, str | bytes], None]:
+        """What the read pump does with each message: decode it, pace it, hand it to the hub."""
+        peer = conn.peer
+        codec = peer.codec
+        hub = self.hub
+        limit = self.config.rate_limit
+
+        def on_message(_: Conn, data: str | bytes) -> None:
+            if isinstance(data, bytes):
+                raise ProtocolFailure(frames.CLOSE_UNSUPPORTED_DATA, "text messages only")
+            pace = peer.spend()
+            if pace is Pace.FLOODING or (pace is Pace.OVER and codec is self.v1):
+                raise ProtocolFailure(frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s")
+            if codec is self.v1:
+                say = codec.decode(data)
+                if say is not None:
+                    hub.say(conn, say)
+                return
+            try:
+                command = codec.decode(data, peer.nick is not None)
+                if pace is Pace.OVER:
+                    raise CommandError(
+                        "rate_limited",
+                        f"over {limit:g} messages/s: not done",
+                        getattr(command, "room", None),
+                        getattr(command, "ref", None),
+                    )
+                if isinstance(command, Hello):
+                    peer.identify(command.nick, command.session)
+                    hub.reply(conn, codec.welcome(command.nick))
+                elif isinstance(command, Say):
+                    hub.say(conn, command)
+                else:
+                    hub.command(conn, command)
+            except CommandError as error:
+                log.debug("%r: %s", conn, error)
+                hub.reply(conn, codec.error(error))
+
+        return on_message
 
     def _refusal(self, environ: dict) -> Refusal | None:
         """Why this handshake must be refused, or None (origin, shutdown, capacity)."""
@@ -124,7 +188,13 @@ class Chat:
             return Refusal(503, frames.CLOSE_TRY_AGAIN_LATER, "server full, try again later")
         return None
 
-    def _adopt_stock(self, stock: WebSocket) -> ChatWebSocket:
+    @staticmethod
+    def _stock_chose_v2(stock: WebSocket) -> bool:
+        """Whether the stock handler's 101 named chat.v2 (it asks app_protocol(), see create_app)."""
+        headers = getattr(stock.handler, "response_headers", None) or []
+        return any(name.lower() == "sec-websocket-protocol" and value == SUBPROTOCOL_V2 for name, value in headers)
+
+    def _adopt_stock(self, stock: WebSocket, codec: Codec) -> ChatWebSocket:
         """Serve a connection gevent-websocket's stock handler has already answered with 101."""
         if not self._stock_handler_noted:
             self._stock_handler_noted = True
@@ -134,26 +204,7 @@ class Chat:
                 "and no close frame on SIGTERM. For all of it start `gunicorn -c gunicorn.conf.py "
                 "wsgi:app` (the Procfile's command), or at least `gunicorn -k chatapp.ChatWorker`"
             )
-        return ChatWebSocket.adopt(stock, self.config.max_message_size)
-
-    def _chat_reader(self, conn: Conn):  # type: ignore[no-untyped-def]
-        limit = self.config.rate_limit
-        bucket = TokenBucket(rate=limit, burst=2 * limit) if limit else None
-        broker = self.broker
-
-        def on_message(_: Conn, data: str | bytes) -> None:
-            if isinstance(data, bytes):
-                raise ProtocolFailure(frames.CLOSE_UNSUPPORTED_DATA, "text messages only")
-            if bucket is not None and not bucket.take():
-                raise ProtocolFailure(
-                    frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s"
-                )
-            # One chat line per message, as the page shows it.
-            line = data.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ").strip()
-            if line:
-                broker.publish(line)
-
-        return on_message
+        return ChatWebSocket.adopt(stock, codec.frame_limit)
 
     def _origin_allowed(self, environ: dict) -> bool:
         """Like Gorilla's Upgrader: a browser's Origin must name the host it asked."""
@@ -190,6 +241,8 @@ def create_app(config: Config | None = None) -> bottle.Bottle:
     app.route("/healthz", "GET", chat.serve_health)
     app.default_error_handler = plain_error
     app.chat = chat
+    # gevent-websocket's stock handler asks the application which subprotocol it speaks.
+    app.app_protocol = lambda path: SUBPROTOCOL_V2 if path == "/ws" else None
     chat.hub.start()
     chat.broker.start()
     return app
@@ -199,4 +252,4 @@ def make_broker(config: Config, hub: Hub) -> Broker:
     """Redis when REDIS_URL is set, else this process alone."""
     if config.redis_url:
         return RedisBroker(hub, config.redis_url, config.redis_stream, config.history)
-    return InProcessBroker(hub)
+    return InProcessBroker()

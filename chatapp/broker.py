@@ -1,8 +1,9 @@
-"""Brokers: how a message a client sent reaches the hubs that deliver it.
+"""Brokers: how a line said on this worker reaches the other workers' hubs.
 
-InProcessBroker hands it to this process's hub (one worker, nothing to install).
-RedisBroker appends it to a Redis stream that every worker on every host reads, so all of
-them are one chat; the stream is also the history a new worker starts from.
+The hub delivers every line to this worker's clients itself, then hands it to the broker.
+InProcessBroker has nobody to tell (one worker, nothing to install). RedisBroker appends it
+to a Redis stream that every worker on every host reads, so all of them are one chat; the
+stream is also the history a new worker starts from.
 """
 
 from __future__ import annotations
@@ -18,39 +19,37 @@ from typing import Protocol
 import gevent
 from gevent.queue import Empty, Full, Queue
 
-from . import frames
+from .codec import LOBBY
 from .config import ConfigError
 from .hub import Hub
+from .message import ChatMessage
 
 log = logging.getLogger(__name__)
 
 
 class Broker(Protocol):
-    """Takes what clients say and feeds every hub's broadcast door."""
+    """Carries what is said here to every other worker's hub, and theirs to ours."""
 
     name: str
 
     def start(self) -> None: ...
 
-    def publish(self, text: str) -> None:
-        """Send one chat line; may wait on the local hub's inbox, never on the network."""
+    def publish(self, message: ChatMessage) -> None:
+        """Carry a message said on this worker to the others; never waits (the hub calls it)."""
 
     def healthy(self) -> bool: ...
 
 
 class InProcessBroker:
-    """One process, one hub: publishing is broadcasting."""
+    """One process, one hub: nobody else to tell."""
 
     name = "in-process"
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
 
     def start(self) -> None:
         pass
 
-    def publish(self, text: str) -> None:
-        self.hub.broadcast(frames.encode_text(text))
+    def publish(self, message: ChatMessage) -> None:
+        pass
 
     def healthy(self) -> bool:
         return True
@@ -77,12 +76,13 @@ class _Backoff:
 class RedisBroker:
     """Every worker on every host is one chat through one Redis stream.
 
-    publish() appends (XADD, with an approximate MAXLEN) from a publisher greenlet; a reader
-    greenlet per worker follows the stream with a blocking XREAD from the last id it has
-    seen, so after a Redis outage it resumes where it was and misses nothing. Each entry
-    carries its origin worker and a sequence number: readers drop entries they have seen
-    (a retried XADD), and a worker skips its own entries that it delivered locally while
-    Redis was away.
+    publish() queues a line for a publisher greenlet, which appends it (XADD, with an
+    approximate MAXLEN); a reader greenlet per worker follows the stream with a blocking XREAD
+    from the last id it has seen and relays the other workers' lines to its hub. While Redis
+    is away each worker goes on serving its own clients; when it returns, the lines said
+    meanwhile are appended in order and every reader resumes where it was, so nothing is lost
+    or repeated. Each entry carries its origin worker and a sequence number: a reader drops
+    its own worker's lines (delivered here already) and a retried XADD that had gone through.
     """
 
     name = "redis"
@@ -111,18 +111,16 @@ class RedisBroker:
         self.history = history
         # Keep plenty more than the history; the stream is trimmed approximately.
         self.maxlen = max(1000, 10 * history)
-        # This worker's name in the stream, and the sequence number of its last message.
+        # This worker's name in the stream, and the sequence number of its last line.
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._seq = 0
-        # Lines waiting for the publisher: (seq, text). Bounded.
+        # Lines waiting for the publisher: (seq, room, nick, text). Bounded.
         self._outbox: Queue = Queue(maxsize=outbox_size)
         self.overflowed = 0
         # The last stream id this worker has read; None until Redis first answers.
         self.last_id: str | None = None
         # Highest sequence number seen per origin, to drop a retried XADD's duplicate.
         self._seen: dict[str, int] = {}
-        # Own lines delivered here while Redis was away, ascending; the reader skips them.
-        self._delivered_here: deque[int] = deque()
         self._publisher_up = True
         self._reader_up = True
 
@@ -139,40 +137,41 @@ class RedisBroker:
     def healthy(self) -> bool:
         return self._publisher_up and self._reader_up
 
-    def publish(self, text: str) -> None:
+    def publish(self, message: ChatMessage) -> None:
         self._seq += 1
         try:
-            self._outbox.put_nowait((self._seq, text))
+            self._outbox.put_nowait((self._seq, message.room, message.nick, message.text))
         except Full:
             self._count_lost()
 
     def _publish_forever(self) -> None:
-        """Append lines to the stream in order; while Redis is away, deliver them here at once."""
-        # Lines not yet in Redis, oldest first: [seq, text, delivered here already].
-        pending: deque[list] = deque()  # type: ignore[type-arg]
+        """Append lines to the stream in order; while Redis is away, keep them (bounded)."""
+        pending: deque[tuple[int, str, str | None, str]] = deque()
         backoff = _Backoff()
         retry_at = 0.0
         while True:
             up = self._publisher_up
             try:
-                # While Redis is away, wake for new lines too, so local clients hear them now.
+                # While Redis is away, wake up when it is time to try again.
                 timeout = None if up or not pending else max(0.0, retry_at - monotonic())
-                pending.append([*self._outbox.get(timeout=timeout), False])
+                pending.append(self._outbox.get(timeout=timeout))
                 while True:
-                    pending.append([*self._outbox.get_nowait(), False])
+                    pending.append(self._outbox.get_nowait())
             except Empty:
                 pass
-            if not up:
-                self._deliver_here(pending)
-                if monotonic() < retry_at:
-                    continue
+            # Past the bound, the oldest lines are given up for other servers (they were heard here).
+            while len(pending) > self._outbox.maxsize:
+                pending.popleft()
+                self._count_lost()
+            if not up and monotonic() < retry_at:
+                continue
             batch = list(itertools.islice(pending, 100))
             try:
                 with self._publisher_redis.pipeline(transaction=True) as pipe:
-                    for seq, text, _ in batch:
+                    for seq, room, nick, text in batch:
                         pipe.xadd(
                             self.stream,
-                            {"m": text, "o": self.origin, "s": seq},
+                            {"m": text, "n": nick or "", "r": room, "o": self.origin, "s": seq},
                             maxlen=self.maxlen,
                             approximate=True,
                         )
@@ -181,7 +180,6 @@ class RedisBroker:
                 if up:
                     log.warning("Redis unavailable for publishing (%s): serving locally", error)
                     self._publisher_up = False
-                self._deliver_here(pending)
                 retry_at = monotonic() + backoff.next()
                 continue
             for _ in batch:
@@ -190,18 +188,6 @@ class RedisBroker:
                 log.warning("Redis is back for publishing")
                 self._publisher_up = True
             backoff.reset()
-
-    def _deliver_here(self, pending: deque[list]) -> None:  # type: ignore[type-arg]
-        """Broadcast to this worker's clients the pending lines it has not delivered yet."""
-        for line in pending:
-            if not line[2]:
-                line[2] = True
-                self._delivered_here.append(line[0])
-                self.hub.broadcast(frames.encode_text(line[1]))
-        # Past the bound, the oldest lines are given up for other servers (they were heard here).
-        while len(pending) > self._outbox.maxsize:
-            pending.popleft()
-            self._count_lost()
 
     def _count_lost(self) -> None:
         self.overflowed += 1
@@ -230,30 +216,31 @@ class RedisBroker:
             for _, entries in reply:
                 for entry_id, fields in entries:
                     self.last_id = entry_id.decode()
-                    text = self._accept(fields)
-                    if text is not None:
-                        self.hub.broadcast(frames.encode_text(text))
+                    line = self._accept(fields)
+                    if line is not None:
+                        self.hub.relay(*line)
 
     def _seed_history(self) -> None:
-        """Start from the stream's tail: its last `history` lines become the hub's history."""
+        """Start from the stream's tail: its last `history` lines become the rooms' history."""
         newest = self._reader_redis.xrevrange(self.stream, count=max(1, self.history))
-        lines = [text for _, fields in reversed(newest) if (text := self._accept(fields)) is not None]
-        self.hub.seed_history([frames.encode_text(t) for t in lines[-self.history :]] if self.history else [])
+        by_room: dict[str, list[tuple[str | None, str]]] = {}
+        for _, fields in reversed(newest if self.history else []):
+            line = self._accept(fields)
+            if line is not None:
+                by_room.setdefault(line[0], []).append(line[1:])
+        for room, lines in by_room.items():
+            self.hub.seed(room, lines)
         self.last_id = newest[0][0].decode() if newest else "0-0"
 
-    def _accept(self, fields: dict[bytes, bytes]) -> str | None:
-        """The entry's text, or None for a duplicate or a line this worker delivered itself."""
+    def _accept(self, fields: dict[bytes, bytes]) -> tuple[str, str | None, str] | None:
+        """The entry's (room, nick, text), or None for this worker's own line or a duplicate."""
         origin = fields.get(b"o", b"").decode()
+        if origin == self.origin:
+            return None  # Said here: its hub delivered it already.
         seq = int(fields.get(b"s", b"0"))
         if seq <= self._seen.get(origin, 0):
             return None  # A retried XADD that had gone through after all.
         self._seen[origin] = seq
-        if origin == self.origin:
-            # Own lines come back in order: forget those before this one, skip it if heard here.
-            here = self._delivered_here
-            heard = False
-            while here and here[0] <= seq:
-                heard |= here.popleft() == seq
-            if heard:
-                return None
-        return fields.get(b"m", b"").decode("utf-8", "replace")
+        room = fields.get(b"r", LOBBY.encode()).decode()
+        nick = fields.get(b"n", b"").decode() or None
+        return room, nick, fields.get(b"m", b"").decode("utf-8", "replace")

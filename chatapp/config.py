@@ -25,6 +25,8 @@ class Config:
     write_wait: float = 10.0
     # Messages a connection may have queued for writing before the hub drops it as stuck.
     send_queue_size: int = 256
+    # Bytes likewise: one v2 `joined` can carry hundreds of lines (an empty queue takes any one).
+    send_queue_bytes: int = 1 << 20
     # Extra origins (scheme://host[:port]) allowed besides the request's own host.
     allowed_origins: tuple[str, ...] = ()
     # WebSocket connections one worker accepts; past it the handshake gets 503.
@@ -33,8 +35,15 @@ class Config:
     handshake_timeout: float = 10.0
     # Messages per second one connection may send (burst: twice that); 0 turns it off.
     rate_limit: float = 10.0
-    # Messages a client receives when it connects; 0 turns history off.
+    # Messages a v1 client receives when it connects, and a v2 joiner without `since`; 0: none.
     history: int = 50
+    # Messages a room keeps for clients coming back with `since` (within history_bytes).
+    recovery_window: int = 500
+    # Rooms one worker holds; past it the least recently active room without members goes.
+    max_rooms: int = 10000
+    # Bytes of history one worker holds in all rooms; past it the oldest lines of the least
+    # recently active rooms go first.
+    history_bytes: int = 64 << 20
     # Redis for many workers and hosts; empty means the in-process broker (one worker).
     redis_url: str = ""
     # The Redis stream that carries the chat (and its history).
@@ -52,6 +61,7 @@ class Config:
             ping_period=_float(env, "CHAT_PING_PERIOD", cls.ping_period),
             write_wait=_float(env, "CHAT_WRITE_WAIT", cls.write_wait),
             send_queue_size=_int(env, "CHAT_SEND_QUEUE_SIZE", cls.send_queue_size, minimum=1),
+            send_queue_bytes=_int(env, "CHAT_SEND_QUEUE_BYTES", cls.send_queue_bytes, minimum=1024),
             allowed_origins=tuple(
                 o.strip().rstrip("/").lower()
                 for o in env.get("CHAT_ALLOWED_ORIGINS", "").split(",")
@@ -61,6 +71,9 @@ class Config:
             handshake_timeout=_float(env, "CHAT_HANDSHAKE_TIMEOUT", cls.handshake_timeout),
             rate_limit=_float(env, "CHAT_RATE_LIMIT", cls.rate_limit, minimum=0.0, unit="messages per second"),
             history=_int(env, "CHAT_HISTORY", cls.history, minimum=0),
+            recovery_window=_int(env, "CHAT_RECOVERY_WINDOW", cls.recovery_window, minimum=1),
+            max_rooms=_int(env, "CHAT_MAX_ROOMS", cls.max_rooms, minimum=1),
+            history_bytes=_int(env, "CHAT_HISTORY_BYTES", cls.history_bytes, minimum=0),
             redis_url=_redis_url(env),
             redis_stream=env.get("CHAT_REDIS_STREAM", "").strip() or cls.redis_stream,
             hub_inbox_size=_int(env, "CHAT_HUB_INBOX_SIZE", cls.hub_inbox_size, minimum=1),
@@ -74,6 +87,11 @@ class Config:
             raise ConfigError(
                 f"CHAT_HISTORY ({config.history}) must be less than "
                 f"CHAT_SEND_QUEUE_SIZE ({config.send_queue_size}): history goes through the queue"
+            )
+        if config.history > config.recovery_window:
+            raise ConfigError(
+                f"CHAT_HISTORY ({config.history}) must be at most CHAT_RECOVERY_WINDOW "
+                f"({config.recovery_window}): a room keeps no more than that"
             )
         return config
 

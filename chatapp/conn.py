@@ -12,6 +12,7 @@ from gevent.queue import Empty, Full, Queue, ShutDown
 
 from . import frames
 from .frames import Close, Message, Ping, ProtocolFailure
+from .peer import Peer
 from .websocket import ChatWebSocket, ConnectionLost
 
 log = logging.getLogger(__name__)
@@ -35,23 +36,30 @@ class Conn:
     def __init__(
         self,
         ws: ChatWebSocket,
+        peer: Peer,
         *,
         send_queue_size: int,
+        send_queue_bytes: int,
         write_wait: float,
-        peer: str = "",
+        address: str = "",
     ) -> None:
         self.ws = ws
+        # Who is at the other end, as the chat sees it (nick, rooms, protocol, pace).
+        self.peer = peer
         # The kernel socket's own send(): non-blocking, for deliver()'s fast path.
         self._send_now = ws.socket._sock.send
         # Encoded frames for the peer. The hub puts (never blocking) and shuts it down on
         # unregister; only the write pump gets. Made when a frame first has to wait, and
         # dropped again with an idle write pump: an idle connection holds no queue.
         self.send: Queue | None = None
-        # Messages queued: each queue item is (frames, how many messages they hold).
+        # Messages and bytes queued: each queue item is (frames, how many messages they hold).
         self._backlog = 0
+        self._backlog_bytes = 0
         self.send_queue_size = send_queue_size
+        self.send_queue_bytes = send_queue_bytes
         self.write_wait = write_wait
-        self.peer = peer
+        # The client's address, for the logs.
+        self.address = address
         # Control frames the read pump asks the write pump to send.
         self._pongs: list[bytes] = []
         # True while the queue starts with the rest of a frame deliver() sent only in part.
@@ -71,7 +79,7 @@ class Conn:
         self.last_read = monotonic()
 
     def __repr__(self) -> str:
-        return f"<Conn {self.peer}>"
+        return f"<Conn {self.address}>"
 
     def deliver(self, data: bytes, count: int = 1) -> None:
         """Hand the peer `count` encoded frames (joined) without blocking; Full if stuck.
@@ -97,10 +105,14 @@ class Conn:
                 self._mid_frame = True  # The queue was empty: this rest goes first.
                 data = data[sent:]
         # An empty queue takes any burst (so a frame the kernel took in part is always finished);
-        # a client with messages waiting is stuck once this burst would pass the bound.
-        if self._backlog and self._backlog + count > self.send_queue_size:
+        # a client with messages waiting is stuck once this burst would pass either bound.
+        if self._backlog and (
+            self._backlog + count > self.send_queue_size
+            or self._backlog_bytes + len(data) > self.send_queue_bytes
+        ):
             raise Full
         self._backlog += count
+        self._backlog_bytes += len(data)
         self._queue().put_nowait((data, count))
         self._start_writer()
 
@@ -109,7 +121,9 @@ class Conn:
         if self._closing:
             raise ShutDown
         self._start_writer()
-        self._backlog += 1  # Before put(): the pump may take the frame before put() returns.
+        # Counted before put(): the pump may take the frame before put() returns.
+        self._backlog += 1
+        self._backlog_bytes += len(frame)
         self._queue().put((frame, 1))
 
     @property
@@ -166,13 +180,13 @@ class Conn:
                     self.close(code, event.reason if event.code is not None else "")
                     return
         except ProtocolFailure as failure:
-            log.info("%s: closing with %s (%s)", self.peer, failure.code, failure.reason)
+            log.info("%s: closing with %s (%s)", self.address, failure.code, failure.reason)
             self.close(failure.code, failure.reason)
             ws.discard_until_close(CLOSE_WAIT)
         except (ConnectionLost, OSError):
             self.close(frames.CLOSE_GOING_AWAY, "connection lost")
         except Exception:
-            log.exception("%s: error while reading", self.peer)
+            log.exception("%s: error while reading", self.address)
             self.close(frames.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             self._reader_done.set()
@@ -200,7 +214,7 @@ class Conn:
             self.ws.finish_sending()
             self._reader_done.wait(CLOSE_WAIT)
         except gevent.Timeout:
-            log.info("%s: a write took over %s s: dropping the connection", self.peer, self.write_wait)
+            log.info("%s: a write took over %s s: dropping the connection", self.address, self.write_wait)
         except OSError:
             pass
         self.ws.shutdown()
@@ -233,6 +247,7 @@ class Conn:
                     break
             data = [item[0] for item in batch]
             self._backlog -= sum(item[1] for item in batch)
+            self._backlog_bytes -= sum(len(item) for item in data)
             # Pongs jump the queue (a pong answers before later messages), but never into a
             # frame: they go after the rest of one deliver() half sent, which comes first.
             at = 1 if self._mid_frame else 0

@@ -1,58 +1,74 @@
-"""The hub: one greenlet that owns the set of connections (Gorilla's hub.go)."""
+"""The hub: one greenlet that owns the connections and the rooms (Gorilla's hub.go)."""
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from time import monotonic
 
 import gevent
 from gevent.queue import Full, Queue, ShutDown
 
 from . import frames
+from .codec import LOBBY, MAX_ROOMS_PER_CONN, CommandError, Join, Leave, ListRooms, Say, V1Codec, V2Codec
 from .conn import Conn
+from .message import ChatMessage
+from .room import Room, Rooms
 
 log = logging.getLogger(__name__)
 
-# The three doors onto the inbox (Go's three channels), then graceful shutdown and the ticker.
+# The doors onto the inbox: Go's three channels (register, unregister, broadcast, here a say),
+# the other v2 commands, a reply for one connection, then graceful shutdown and the ticker.
 _REGISTER = 0
 _UNREGISTER = 1
-_BROADCAST = 2
-_SHUTDOWN = 3
-_TICK = 4
+_SAY = 2
+_COMMAND = 3
+_REPLY = 4
+_SHUTDOWN = 5
+_TICK = 6
 
 _PING = frames.encode_frame(frames.OP_PING, b"")
 
-# Broadcasts waiting in the inbox that the hub takes together and sends to each connection
-# in one write (still one frame per message).
+# Says waiting in the inbox that the hub takes together: each member then gets the lines of
+# its rooms in one write (still one frame per line).
 MAX_BURST = 64
 # Sends in a fan-out between two look-ups: the hub yields, so read pumps can speak, and adds
-# what they said to the burst it is sending (see _deliver_all).
+# what they said to the burst it is sending (see _fan_out).
 LOOK_UP_EVERY = 64
+# A session's `ref` publishes at most once per room within this many seconds; the hub
+# remembers at most REF_MEMORY refs (the oldest go first).
+REF_WINDOW = 120.0
+REF_MEMORY = 20000
 
 
 class Hub:
-    """Maintains the set of active connections and broadcasts messages to them.
+    """Maintains the set of active connections and the rooms, and broadcasts messages to them.
 
     Go's hub selects over three channels: register, unregister and broadcast. gevent has no
-    select, so here they are three kinds of request on one bounded inbox, put there by
-    register(), unregister() and broadcast(); run() is the only code that touches the set.
-    A full inbox makes callers wait: read pumps slow down instead of memory growing.
+    select, so here they are kinds of request on one bounded inbox, put there by register(),
+    unregister(), say() and the other doors; run() is the only code that touches the
+    connections and the rooms. A full inbox makes callers wait: read pumps slow down instead
+    of memory growing. Everything a connection receives besides pongs and its close frame is
+    delivered by run(), so a client's answers come in the order of its commands.
     """
 
     def __init__(
         self,
+        rooms: Rooms,
         inbox_size: int = 1024,
         history: int = 0,
         ping_period: float = 25.0,
         pong_wait: float = 60.0,
     ) -> None:
-        # Registered connections. Only run() reads or writes this set.
+        # Registered connections. Only run() reads or writes this set, and the rooms.
         self.conns: set[Conn] = set()
-        # Requests for run(): (kind, conn or frame).
+        self.rooms = rooms
+        # Requests for run(): (kind, connection or None, item).
         self._inbox: Queue = Queue(maxsize=inbox_size)
-        # The last broadcast frames, sent to each connection as it registers.
-        self._history: deque[bytes] = deque(maxlen=history)
+        # Messages a joiner without `since`, and a v1 client connecting, receive.
+        self.history = history
         # Connections dropped because their send queue was full.
         self.dropped = 0
         # Set by shutdown(): the close code and reason every connection gets.
@@ -60,6 +76,12 @@ class Hub:
         # Every ping_period all connections are pinged; those silent for pong_wait, dropped.
         self.ping_period = ping_period
         self.pong_wait = pong_wait
+        # Published refs: (room, epoch, session, ref) -> (seq, monotonic time), oldest first.
+        self._refs: OrderedDict[tuple[str, str, str, str], tuple[int, float]] = OrderedDict()
+        # The chat's clock: milliseconds since 1970, never running backwards.
+        self._last_time = 0
+        # Told of every message said on this worker, for the broker to carry to the others.
+        self.said: Callable[[ChatMessage], None] = lambda message: None
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
@@ -71,72 +93,298 @@ class Hub:
     def _tick_forever(self) -> None:
         while True:
             gevent.sleep(self.ping_period)
-            self._inbox.put((_TICK, None))
+            self._inbox.put((_TICK, None, None))
+
+    # The doors: each waits while the inbox is full.
 
     def register(self, conn: Conn) -> None:
-        self._inbox.put((_REGISTER, conn))
+        self._inbox.put((_REGISTER, conn, None))
 
     def unregister(self, conn: Conn) -> None:
-        self._inbox.put((_UNREGISTER, conn))
+        self._inbox.put((_UNREGISTER, conn, None))
 
-    def broadcast(self, frame: bytes) -> None:
-        """Queue an encoded frame for every connection; waits while the inbox is full."""
-        self._inbox.put((_BROADCAST, frame))
+    def say(self, conn: Conn, say: Say) -> None:
+        """Publish a line to a room the connection is in."""
+        self._inbox.put((_SAY, conn, say))
+
+    def relay(self, room: str, nick: str | None, text: str) -> None:
+        """Publish a line said on another worker (the broker calls this)."""
+        self._inbox.put((_SAY, None, (room, nick, text)))
+
+    def seed(self, room: str, lines: list[tuple[str | None, str]]) -> None:
+        """Fill a room's history with (nick, text) lines said before this worker started. It does
+        not yield, so no request of run()'s interleaves."""
+        for nick, text in lines:
+            self._keep(self.rooms.get(room), nick, text)
+
+    def command(self, conn: Conn, command: Join | Leave | ListRooms) -> None:
+        self._inbox.put((_COMMAND, conn, command))
+
+    def reply(self, conn: Conn, frame: bytes) -> None:
+        """Deliver a frame to one connection, in order with everything else it receives."""
+        self._inbox.put((_REPLY, conn, frame))
 
     def shutdown(self, code: int, reason: str) -> None:
         """Close every connection with this code once its queued messages are written."""
-        self._inbox.put((_SHUTDOWN, (code, reason)))
-
-    def seed_history(self, history: list[bytes]) -> None:
-        """Replace the history: the Redis broker seeds it from the stream. It does not yield,
-        so no request of run()'s interleaves."""
-        self._history.clear()
-        self._history.extend(history)
+        self._inbox.put((_SHUTDOWN, None, (code, reason)))
 
     def run(self) -> None:
-        conns = self.conns
         inbox = self._inbox
         while True:
-            kind, item = inbox.get()
-            if kind == _BROADCAST:
-                # Take the broadcasts queued right behind this one along: each connection
-                # then gets the whole burst in one send, however many clients spoke.
-                self._history.append(item)
-                self._deliver_all([item, *self._take_broadcasts(MAX_BURST - 1)])
+            kind, conn, item = inbox.get()
+            if kind == _SAY:
+                # Take the says queued right behind this one along: each member then gets the
+                # whole burst in one send, however many clients spoke.
+                burst = self._stamp(conn, item)
+                burst += self._take_says(MAX_BURST - len(burst))
+                if burst:
+                    self._fan_out(burst)
                 # A hub that never blocks starves the pumps: let them run, and let the next
                 # burst gather meanwhile.
                 gevent.sleep(0)
+            elif kind == _COMMAND:
+                self._command(conn, item)
+            elif kind == _REPLY:
+                self._send(conn, item)
             elif kind == _REGISTER:
-                if self._closed_with is not None:
-                    item.close(*self._closed_with)
-                    continue
-                try:
-                    if self._history:
-                        item.deliver(b"".join(self._history), len(self._history))
-                except ShutDown:
-                    continue  # It left before it was registered; its unregister follows.
-                conns.add(item)
+                self._register(conn)
             elif kind == _UNREGISTER:
-                conns.discard(item)
-                item.close(item.close_code, item.close_reason)
+                self.conns.discard(conn)
+                self._leave_all(conn)
+                conn.close(conn.close_code, conn.close_reason)
             elif kind == _TICK:
                 self._ping_all()
             else:
                 self._closed_with = code, reason = item
-                for conn in conns:
-                    conn.close(code, reason)
-                conns.clear()
+                for open_conn in self.conns:
+                    open_conn.close(code, reason)
+                self.conns.clear()
+
+    def _register(self, conn: Conn) -> None:
+        if self._closed_with is not None:
+            conn.close(*self._closed_with)
+            return
+        self.conns.add(conn)
+        peer = conn.peer
+        if peer.v2:
+            return  # It joins rooms by its commands.
+        lobby = self.rooms.lobby
+        lobby.conns.add(conn)
+        peer.rooms.add(LOBBY)
+        if not self.history:
+            return
+        newest = list(lobby.history)[-self.history :]
+        if newest:
+            try:
+                conn.deliver(b"".join(V1Codec.message_frame(m) for m in newest), len(newest))
+            except ShutDown:
+                # It left before it was registered; its unregister follows.
+                self.conns.discard(conn)
+                self._leave_all(conn)
+
+    def _stamp(self, conn: Conn | None, say: Say | tuple[str, str | None, str]) -> list[ChatMessage]:
+        """Give a say its place in its room: seq, time, history; ack it. [] if refused or a repeat.
+
+        conn None: a line relayed from another worker, (room, nick, text).
+        """
+        if conn is None:
+            room_name, nick, text = say  # type: ignore[misc]
+            try:
+                return [self._keep(self.rooms.get(room_name), nick, text)]
+            except CommandError:
+                return []  # No room for it on this worker: its members are elsewhere.
+        assert isinstance(say, Say)
+        peer = conn.peer
+        room = self.rooms.find(say.room) if say.room in peer.rooms else None
+        if room is None:
+            if peer.v2:  # (A v1 client is in the lobby until the hub drops it: then it is closing.)
+                error = CommandError("not_member", f"join {say.room} first", say.room, say.ref)
+                self._send(conn, V2Codec.error(error))
+            return []
+        ref_key = None
+        if say.ref is not None:
+            ref_key = (room.name, room.epoch, peer.session, say.ref)
+            known = self._known_ref(ref_key)
+            if known is not None:
+                self._send(conn, V2Codec.ack(say.ref, room.name, known))
+                return []
+        message = self._keep(room, peer.nick, say.text)
+        if ref_key is not None:
+            self._remember_ref(ref_key, message.seq)
+        if peer.v2:
+            self._send(conn, V2Codec.ack(say.ref, room.name, message.seq))
+        self.said(message)
+        return [message]
+
+    def _keep(self, room: Room, nick: str | None, text: str) -> ChatMessage:
+        """A new message: the room's next seq, the chat's time, kept in the room's history."""
+        room.seq += 1
+        self._last_time = max(self._last_time, int(time.time() * 1000))
+        message = ChatMessage(room.name, room.epoch, room.seq, self._last_time, nick, text)
+        # Both encodings now, once: the history counts what it really holds.
+        V2Codec.message_json(message)
+        if room is self.rooms.lobby:
+            V1Codec.message_frame(message)
+        self.rooms.append(room, message)
+        return message
+
+    def _known_ref(self, key: tuple[str, str, str, str]) -> int | None:
+        """The seq a ref was published with, if it was within REF_WINDOW."""
+        refs = self._refs
+        expired = monotonic() - REF_WINDOW
+        while refs and next(iter(refs.values()))[1] < expired:
+            refs.popitem(last=False)
+        known = refs.get(key)
+        return None if known is None else known[0]
+
+    def _remember_ref(self, key: tuple[str, str, str, str], seq: int) -> None:
+        self._refs[key] = (seq, monotonic())
+        if len(self._refs) > REF_MEMORY:
+            self._refs.popitem(last=False)
+
+    def _take_says(self, limit: int) -> list[ChatMessage]:
+        """Stamp up to limit says from the head of the inbox (never past another request)."""
+        inbox = self._inbox
+        taken: list[ChatMessage] = []
+        while limit > 0 and inbox.qsize() and inbox.peek_nowait()[0] == _SAY:
+            _, conn, say = inbox.get_nowait()
+            taken += self._stamp(conn, say)
+            limit -= 1
+        return taken
+
+    def _fan_out(self, burst: list[ChatMessage]) -> None:
+        """Give every member of the burst's rooms its lines without blocking; drop those that
+        cannot take them.
+
+        One send() per socket is most of a fan-out's cost (11-14 us on the benchmark VM: over
+        100 ms for 10,000 sockets), so a line that arrives just after a fan-out began would
+        wait for it to end, then for its own. Instead, every LOOK_UP_EVERY sends the hub
+        yields and adds the says that arrived to the burst. Each member has a cursor into its
+        room's part of the burst: a send gives it everything from there on, one frame per line
+        and in order, and the hub goes round until every member has all of it. A line thus
+        reaches everyone within about one round of arriving.
+        """
+        bursts: dict[str, _RoomBurst] = {}
+        self._add_to(bursts, burst)
+        taken = len(burst)
+        failed: list[Conn] = []
+        sends = 0
+        behind = True
+        while behind:
+            behind = False
+            for room_burst in list(bursts.values()):
+                conns, given, messages = room_burst.conns, room_burst.given, room_burst.messages
+                for index, conn in enumerate(conns):
+                    start, end = given[index], len(messages)
+                    if start == end:
+                        continue
+                    given[index] = end
+                    try:
+                        conn.deliver(room_burst.data(conn.peer.codec, start), end - start)
+                    except (Full, ShutDown):
+                        failed.append(conn)
+                    sends += 1
+                    if sends % LOOK_UP_EVERY == 0 and taken < MAX_BURST:
+                        gevent.sleep(0)
+                        more = self._take_says(MAX_BURST - taken)
+                        if more:
+                            taken += len(more)
+                            self._add_to(bursts, more)
+                            behind = True  # Those already handed the burst need the rest.
+        self._drop(failed)
+
+    def _add_to(self, bursts: dict[str, _RoomBurst], messages: list[ChatMessage]) -> None:
+        for message in messages:
+            room_burst = bursts.get(message.room)
+            if room_burst is None:
+                room_burst = bursts[message.room] = _RoomBurst(self.rooms.find(message.room))
+            room_burst.add(message)
+
+    def _command(self, conn: Conn, command: Join | Leave | ListRooms) -> None:
+        peer = conn.peer
+        codec = peer.codec
+        try:
+            if isinstance(command, Join):
+                self._join(conn, command)
+            elif isinstance(command, Leave):
+                room = self.rooms.find(command.room) if command.room in peer.rooms else None
+                if room is None:
+                    raise CommandError("not_member", f"not in {command.room}", command.room)
+                self._leave(conn, room)
+                self._send(conn, codec.left(room.name))
+            else:
+                self._send(conn, codec.rooms(self.rooms.listing()))
+        except CommandError as error:
+            self._send(conn, codec.error(error))
+
+    def _join(self, conn: Conn, join: Join) -> None:
+        peer = conn.peer
+        fresh = join.room not in peer.rooms
+        if fresh and len(peer.rooms) >= MAX_ROOMS_PER_CONN:
+            raise CommandError("too_many_rooms", f"at most {MAX_ROOMS_PER_CONN} rooms per connection", join.room)
+        room = self.rooms.get(join.room)
+        announce = fresh and room.add(conn, peer.nick, peer.nick_key, peer.session)
+        peer.rooms.add(room.name)
+        self.rooms.touch(room)
+        recovered, messages = room.replay(join.since, self.history)
+        joined = peer.codec.joined(
+            room.name, room.epoch, room.seq, recovered, messages, room.member_nicks(), len(room.members)
+        )
+        self._send(conn, joined)
+        if announce and room.presence:
+            self._announce(room, "joined", peer.nick, peer.nick_key)
+
+    def _leave(self, conn: Conn, room: Room) -> None:
+        peer = conn.peer
+        peer.rooms.discard(room.name)
+        if not peer.v2:
+            room.conns.discard(conn)
+            return
+        gone = room.remove(conn, peer.nick_key)
+        if gone is not None and room.presence:
+            self._announce(room, "left", gone, peer.nick_key)
+
+    def _leave_all(self, conn: Conn) -> None:
+        for name in list(conn.peer.rooms):
+            room = self.rooms.find(name)
+            if room is not None:
+                self._leave(conn, room)
+        conn.peer.rooms.clear()
+
+    def _announce(self, room: Room, change: str, nick: str, nick_key: str) -> None:
+        """Tell the room's v2 members but the nick's own connections that it joined or left."""
+        frame = V2Codec.presence(room.name, change, nick)
+        failed = []
+        for other in room.conns:
+            if other.peer.v2 and other.peer.nick_key != nick_key:
+                try:
+                    other.deliver(frame)
+                except Full:
+                    failed.append(other)
+                except ShutDown:
+                    pass
+        self._drop(failed)
+
+    def _send(self, conn: Conn, frame: bytes) -> None:
+        """Deliver one frame to one connection; a full queue drops it."""
+        try:
+            conn.deliver(frame)
+        except Full:
+            self._drop([conn])
+        except ShutDown:
+            pass  # Closing already; its unregister is on the way.
 
     def _drop(self, conns: list[Conn]) -> None:
-        """Remove connections a broadcast could not reach; run() calls it."""
+        """Remove connections a delivery could not reach; run() calls it."""
         for conn in conns:
-            self.conns.discard(conn)
             if conn.closing:
-                continue  # Already closing; its unregister is on the way.
+                continue  # Already closing (or dropped just now); its unregister is on the way.
             # Dead or stuck: its queue filled up. Drop it; everyone else goes on.
             self.dropped += 1
             log.warning("dropping %r: send queue full (client too slow)", conn)
             conn.close(frames.CLOSE_TRY_AGAIN_LATER, "too slow: send queue full")
+            self.conns.discard(conn)
+            self._leave_all(conn)
 
     def _ping_all(self) -> None:
         """Ping every connection; drop those the peer has been silent on for the pong wait.
@@ -148,55 +396,46 @@ class Hub:
         deadline = monotonic() - self.pong_wait
         silent = [conn for conn in self.conns if conn.last_read < deadline]
         for conn in silent:
-            self.conns.discard(conn)
             log.info("%r sent nothing for %s s: closing", conn, self.pong_wait)
             conn.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
-        self._deliver_all([_PING])
+            self.conns.discard(conn)
+            self._leave_all(conn)
+        failed = []
+        for conn in self.conns:
+            try:
+                conn.deliver(_PING)
+            except (Full, ShutDown):
+                failed.append(conn)
+        self._drop(failed)
 
-    def _take_broadcasts(self, limit: int) -> list[bytes]:
-        """Take up to limit broadcasts from the head of the inbox (never past another request)."""
-        inbox = self._inbox
-        taken: list[bytes] = []
-        while len(taken) < limit and inbox.qsize() and inbox.peek_nowait()[0] == _BROADCAST:
-            taken.append(inbox.get_nowait()[1])
-        self._history.extend(taken)
-        return taken
 
-    def _deliver_all(self, burst: list[bytes]) -> None:
-        """Give every connection the burst without blocking; drop those that cannot take it.
+class _RoomBurst:
+    """One room's part of a fan-out: its lines, the members they go to, and how far each got."""
 
-        One send() per socket is most of a fan-out's cost (11-14 us on the benchmark VM:
-        over 100 ms for 10,000 sockets), so a line that arrives just after a fan-out began would wait for it
-        to end, then for its own. Instead, every LOOK_UP_EVERY sends the hub yields and adds
-        the broadcasts that arrived to the burst. Each connection has a cursor into the burst:
-        a send gives it everything from there on, one frame per line and in order, and the
-        hub goes round until every connection has all of it. A line thus reaches everyone
-        within about one round of arriving.
-        """
-        conns = list(self.conns)
-        given = [0] * len(conns)  # how much of the burst each connection has been handed
-        joined: dict[int, bytes] = {}  # burst[start:] joined, by start, for the burst as it is
-        sends = 0
-        behind = True
-        while behind:
-            behind = False
-            for index, conn in enumerate(conns):
-                start = given[index]
-                if start == len(burst):
-                    continue
-                data = joined.get(start)
-                if data is None:
-                    data = joined[start] = b"".join(burst[start:])
-                given[index] = len(burst)
-                try:
-                    conn.deliver(data, len(burst) - start)
-                except (Full, ShutDown):
-                    self._drop([conn])
-                sends += 1
-                if sends % LOOK_UP_EVERY == 0 and len(burst) < MAX_BURST:
-                    gevent.sleep(0)
-                    more = self._take_broadcasts(MAX_BURST - len(burst))
-                    if more:
-                        burst += more
-                        joined.clear()
-                        behind = True  # Those already handed the burst need the rest.
+    __slots__ = ("conns", "given", "messages", "_frames", "_joined")
+
+    def __init__(self, room: Room) -> None:
+        # The members at the start of the fan-out (no join or leave is handled during it).
+        self.conns = list(room.conns)
+        # How many of the lines each member has been handed.
+        self.given = [0] * len(self.conns)
+        self.messages: list[ChatMessage] = []
+        # Per protocol version: each line's frame, made once.
+        self._frames: dict[int, list[bytes]] = {}
+        # messages[start:] joined, by (protocol version, start), while messages stay as they are.
+        self._joined: dict[tuple[int, int], bytes] = {}
+
+    def add(self, message: ChatMessage) -> None:
+        self.messages.append(message)
+        self._joined.clear()
+
+    def data(self, codec: V1Codec | V2Codec, start: int) -> bytes:
+        """The frames of messages[start:] in codec's protocol, joined."""
+        key = (codec.version, start)
+        data = self._joined.get(key)
+        if data is None:
+            encoded = self._frames.setdefault(codec.version, [])
+            for message in self.messages[len(encoded) :]:
+                encoded.append(codec.message_frame(message))
+            data = self._joined[key] = b"".join(encoded[start:])
+        return data

@@ -54,19 +54,22 @@ class ChatWebSocket(WebSocket):
         self._parser: FrameParser | None = None
         self._events: list[Event] = []
 
-    def accept(self, max_message_size: int) -> None:
-        """Answer the handshake with 101 (gap: the stock handler did so before the app ran)."""
+    def accept(self, max_message_size: int, subprotocol: str | None = None) -> None:
+        """Answer the handshake with 101, naming the subprotocol chosen if any (gap: the stock
+        handler answered before the app ran)."""
         digest = hashlib.sha1(self._key.encode("ascii") + _GUID).digest()
+        headers = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+        if subprotocol is not None:
+            headers.append(("Sec-WebSocket-Protocol", subprotocol))
         self.socket.sendall(
             b"HTTP/1.1 101 Switching Protocols\r\n"
-            b"Upgrade: websocket\r\n"
-            b"Connection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + base64.b64encode(digest) + b"\r\n\r\n"
+            + b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
+            + b"Sec-WebSocket-Accept: " + base64.b64encode(digest) + b"\r\n\r\n"
         )
         handler = self.handler
         handler.status = "101 Switching Protocols"
         handler.code = 101
-        handler.response_headers = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+        handler.response_headers = headers
         handler.headers_sent = True
         handler.close_connection = True
         self._open(max_message_size)
@@ -351,7 +354,7 @@ class ChatWorker(GeventWebSocketWorker):
         chat = getattr(self.wsgi, "chat", None)
         if chat is not None:
             for listener in self.sockets:
-                cap_receive_buffer(listener, chat.config.max_message_size)
+                cap_receive_buffer(listener, chat.v2.frame_limit)  # v2 frames are the largest
         super().run()
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[no-untyped-def]

@@ -2,52 +2,47 @@
 
 from __future__ import annotations
 
-from collections import deque
-
-from chatapp import frames
 from chatapp.broker import RedisBroker
+from chatapp.message import ChatMessage
 
 
 class FakeHub:
     def __init__(self) -> None:
-        self.broadcasts: list[bytes] = []
+        self.relayed: list[tuple[str, str | None, str]] = []
 
-    def broadcast(self, frame: bytes) -> None:
-        self.broadcasts.append(frame)
-
-
-def entry(origin: str, seq: int, text: str) -> dict[bytes, bytes]:
-    return {b"o": origin.encode(), b"s": str(seq).encode(), b"m": text.encode()}
+    def relay(self, room: str, nick: str | None, text: str) -> None:
+        self.relayed.append((room, nick, text))
 
 
-def make_broker() -> tuple[RedisBroker, FakeHub]:
-    hub = FakeHub()
+def entry(origin: str, seq: int, text: str, room: str = "lobby", nick: str = "") -> dict[bytes, bytes]:
+    fields = {"o": origin, "s": str(seq), "m": text, "r": room, "n": nick}
+    return {key.encode(): value.encode() for key, value in fields.items()}
+
+
+def make_broker() -> RedisBroker:
     # redis-py connects lazily: nothing listens on this port and nothing needs to.
-    return RedisBroker(hub, "redis://127.0.0.1:1/0", "chat", history=5), hub  # type: ignore[arg-type]
+    return RedisBroker(FakeHub(), "redis://127.0.0.1:1/0", "chat", history=5)  # type: ignore[arg-type]
 
 
 def test_a_retried_xadd_is_delivered_once() -> None:
     """An entry whose origin and sequence number were seen already (a retry that had gone through) is dropped."""
-    broker, _ = make_broker()
-    assert broker._accept(entry("other", 1, "one")) == "one"
-    assert broker._accept(entry("other", 2, "two")) == "two"
+    broker = make_broker()
+    assert broker._accept(entry("other", 1, "one")) == ("lobby", None, "one")
+    assert broker._accept(entry("other", 2, "two", room="tea", nick="bob")) == ("tea", "bob", "two")
     assert broker._accept(entry("other", 2, "two")) is None
-    assert broker._accept(entry("third", 1, "from another worker")) == "from another worker"
+    assert broker._accept(entry("third", 1, "from another worker")) == ("lobby", None, "from another worker")
 
 
-def test_own_lines_heard_here_during_an_outage_are_not_delivered_twice() -> None:
-    """Lines delivered locally while Redis was away are skipped when they come back from the stream;
-    own lines that were not are delivered, and the bookkeeping forgets what it has passed."""
-    broker, hub = make_broker()
-    broker.publish("said during the outage")  # seq 1
-    broker.publish("also during it")  # seq 2
-    pending = deque([*broker._outbox.get_nowait(), False] for _ in range(2))
-    broker._deliver_here(pending)  # type: ignore[arg-type]
-    assert hub.broadcasts == [frames.encode_text("said during the outage"), frames.encode_text("also during it")]
-    broker._deliver_here(pending)  # type: ignore[arg-type]
-    assert len(hub.broadcasts) == 2, "a pending line was delivered here twice"
-    me = broker.origin
-    assert broker._accept(entry(me, 1, "said during the outage")) is None
-    assert broker._accept(entry(me, 2, "also during it")) is None
-    assert not broker._delivered_here
-    assert broker._accept(entry(me, 3, "after the outage")) == "after the outage"
+def test_own_lines_come_back_to_nobody() -> None:
+    """This worker's own lines, delivered here when said, are not relayed again from the stream."""
+    broker = make_broker()
+    broker.publish(ChatMessage("lobby", "e", 1, 0, "alice", "said here"))
+    seq, room, nick, text = broker._outbox.get_nowait()
+    assert (room, nick, text) == ("lobby", "alice", "said here")
+    assert broker._accept(entry(broker.origin, seq, text, nick="alice")) is None
+
+
+def test_an_entry_from_the_seed_era_is_a_lobby_line() -> None:
+    """Entries without room or nick (written before rooms existed) are v1 lines in the lobby."""
+    broker = make_broker()
+    assert broker._accept({b"o": b"old", b"s": b"1", b"m": b"hello"}) == ("lobby", None, "hello")

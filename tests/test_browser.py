@@ -7,7 +7,6 @@ Synchronisation is Playwright's auto-waiting (expect), never sleeps.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path

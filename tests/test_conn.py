@@ -9,8 +9,10 @@ from gevent.queue import Full, ShutDown
 
 from chatapp import conn as conn_module
 from chatapp import frames
+from chatapp.codec import V1Codec
 from chatapp.conn import Conn
 from chatapp.frames import Ping
+from chatapp.peer import Peer
 from chatapp.websocket import ConnectionLost
 
 
@@ -18,6 +20,11 @@ from chatapp.websocket import ConnectionLost
 def no_close_wait(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """No peer answers a stub's close frame: do not wait for one."""
     monkeypatch.setattr(conn_module, "CLOSE_WAIT", 0.0)
+
+
+def make_conn(ws: StubWebSocket, queue_size: int, queue_bytes: int = 1 << 20) -> Conn:
+    peer = Peer(V1Codec(512), rate_limit=0)
+    return Conn(ws, peer, send_queue_size=queue_size, send_queue_bytes=queue_bytes, write_wait=1.0)  # type: ignore[arg-type]
 
 
 class StubSocket:
@@ -70,7 +77,7 @@ def test_a_pong_never_lands_inside_a_frame_the_kernel_took_in_part() -> None:
     """The pump finishes the frame deliver() half sent before it answers a ping."""
     frame = frames.encode_text("hello, world")
     ws = StubWebSocket([Ping(b"p")], room=3)
-    conn = Conn(ws, send_queue_size=8, write_wait=1.0)  # type: ignore[arg-type]
+    conn = make_conn(ws, queue_size=8)
     conn.deliver(frame)  # The kernel takes 3 bytes; the rest waits for the pump.
     conn.read_pump(lambda conn, data: None)  # Queues the pong, then the connection ends.
     conn.wait_closed(2)
@@ -81,7 +88,7 @@ def test_a_pong_goes_out_before_messages_queued_ahead_of_it() -> None:
     """A ping is answered before the messages waiting in the queue (RFC 6455 5.5.3, Autobahn 5.6)."""
     frame = frames.encode_text("hello, world")
     ws = StubWebSocket([Ping(b"p")], room=0)
-    conn = Conn(ws, send_queue_size=8, write_wait=1.0)  # type: ignore[arg-type]
+    conn = make_conn(ws, queue_size=8)
     conn.deliver(frame)  # The kernel takes nothing: the whole frame waits for the pump.
     conn.read_pump(lambda conn, data: None)
     conn.wait_closed(2)
@@ -92,7 +99,7 @@ def test_a_ping_to_an_idle_connection_is_answered_at_once(monkeypatch) -> None: 
     """With no write pump running, a ping starts one that sends the pong without lingering."""
     monkeypatch.setattr(conn_module, "WRITER_LINGER", 3600.0)  # a pong that waited for it never comes
     ws = StubWebSocket([Ping(b"p")], then_lost=False)
-    conn = Conn(ws, send_queue_size=8, write_wait=1.0)  # type: ignore[arg-type]
+    conn = make_conn(ws, queue_size=8)
     reader = gevent.spawn(conn.read_pump, lambda conn, data: None)
     try:
         with gevent.Timeout(5):
@@ -107,7 +114,7 @@ def test_a_ping_to_an_idle_connection_is_answered_at_once(monkeypatch) -> None: 
 
 def test_a_connection_with_messages_waiting_is_full_past_its_bound() -> None:
     """The bound counts messages, not deliveries; an empty queue takes any burst; Full past it."""
-    conn = Conn(StubWebSocket([], room=0), send_queue_size=4, write_wait=1.0)  # type: ignore[arg-type]
+    conn = make_conn(StubWebSocket([], room=0), queue_size=4)
     frame = frames.encode_text("x")
     conn.deliver(frame * 6, 6)  # An empty queue takes a burst over the bound (it may be half sent).
     with pytest.raises(Full):
@@ -116,20 +123,30 @@ def test_a_connection_with_messages_waiting_is_full_past_its_bound() -> None:
     conn.wait_closed(2)
 
 
+def test_a_connection_with_bytes_waiting_is_full_past_its_byte_bound() -> None:
+    """A client that does not read cannot pin more than the byte bound: one big frame is
+    taken by an empty queue, the next one past the bound is Full."""
+    conn = make_conn(StubWebSocket([], room=0), queue_size=100, queue_bytes=4096)
+    big = frames.encode_text("j" * 10000)  # a joined with a long replay, say
+    conn.deliver(big)
+    with pytest.raises(Full):
+        conn.deliver(frames.encode_text("x"))
+    conn.close(1000, "")
+    conn.wait_closed(2)
+
+
 def test_the_backlog_is_paid_back_as_the_pump_writes() -> None:
-    """Once the pump has written what waited, the bound is free again."""
+    """Once the pump has written what waited, both bounds (messages, bytes) are free again."""
     ws = StubWebSocket([], room=0)
-    conn = Conn(ws, send_queue_size=4, write_wait=1.0)  # type: ignore[arg-type]
-    frame = frames.encode_text("x")
-    conn.deliver(frame * 4, 4)
-    with gevent.Timeout(5):
-        while len(ws.written) < 1:
-            gevent.sleep(0.01)
-    for _ in range(4):  # Four more one by one: the backlog is back at 0, so this is no overflow.
-        conn.deliver(frame)
-    with gevent.Timeout(5):
-        while ws.stream() != frame * 8:
-            gevent.sleep(0.01)
+    frame = frames.encode_text("x")  # 3 bytes
+    conn = make_conn(ws, queue_size=12, queue_bytes=36)
+    for _ in range(2):  # Each round fills most of both bounds: the second fits only if the first was paid back.
+        for _ in range(10):
+            conn.deliver(frame)
+        with gevent.Timeout(5):
+            while conn._backlog:
+                gevent.sleep(0.01)
+    assert ws.stream() == frame * 20
     conn.close(1000, "")
     conn.wait_closed(2)
 
@@ -139,7 +156,7 @@ def test_an_idle_write_pump_ends_and_lets_its_queue_go(monkeypatch) -> None:  # 
     next frame that must wait starts them again."""
     monkeypatch.setattr(conn_module, "WRITER_LINGER", 0.05)
     ws = StubWebSocket([], room=0)
-    conn = Conn(ws, send_queue_size=4, write_wait=1.0)  # type: ignore[arg-type]
+    conn = make_conn(ws, queue_size=4)
     conn.deliver(frames.encode_text("one"))
     assert conn._writer is not None and conn.send is not None
     with gevent.Timeout(5):
@@ -155,7 +172,7 @@ def test_an_idle_write_pump_ends_and_lets_its_queue_go(monkeypatch) -> None:  # 
 def test_close_flushes_what_is_queued_then_the_close_frame() -> None:
     """close() lets the queued messages out first, then the close frame, then nothing."""
     ws = StubWebSocket([], room=0)
-    conn = Conn(ws, send_queue_size=8, write_wait=1.0)  # type: ignore[arg-type]
+    conn = make_conn(ws, queue_size=8)
     lines = [frames.encode_text(f"line {i}") for i in range(3)]
     for line in lines:
         conn.deliver(line)

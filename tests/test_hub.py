@@ -1,21 +1,32 @@
-"""The hub on its own: registration, broadcast, unregistration, slow connections, history."""
+"""The hub on its own: registration, says and fan-out, rooms and presence, slow connections, history."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import gevent
 import pytest
 from gevent.event import Event
 from gevent.queue import Full, Queue, ShutDown
+from support import parse_server_frames
 
+from chatapp.codec import Join, Leave, Position, Say, V1Codec, V2Codec
 from chatapp.hub import LOOK_UP_EVERY, Hub
+from chatapp.peer import Peer
+from chatapp.room import Rooms
+
+V1 = V1Codec(512)
+V2 = V2Codec(512, 0)
 
 
 class FakeConn:
-    """Just what the hub touches of a Conn: deliver(), close() and a bound on queued messages."""
+    """Just what the hub touches of a Conn: its peer, deliver(), close() and a bound on queued messages."""
 
-    def __init__(self, queue_size: int = 256) -> None:
+    def __init__(self, queue_size: int = 256, nick: str | None = None, session: str = "s") -> None:
+        self.peer = Peer(V2 if nick else V1, rate_limit=0)
+        if nick:
+            self.peer.identify(nick, session)
         self.queue_size = queue_size
         # What each deliver() got: (joined frames, how many messages).
         self.delivered: list[tuple[bytes, int]] = []
@@ -42,6 +53,14 @@ class FakeConn:
     def received(self) -> bytes:
         return b"".join(data for data, _ in self.delivered)
 
+    def texts(self) -> list[str]:
+        """Every text frame delivered, in order."""
+        return [payload.decode() for opcode, payload in parse_server_frames(self.received()) if opcode == 0x1]
+
+    def events(self) -> list[dict]:  # type: ignore[type-arg]
+        """Every v2 event delivered, decoded."""
+        return [json.loads(text) for text in self.texts()]
+
 
 class WatchedInbox(Queue):
     """The hub's inbox, telling when run() waits on it empty: the hub is then idle (mid-fan-out
@@ -66,7 +85,7 @@ def watched(hub: Hub) -> Hub:
 
 @pytest.fixture
 def hub():  # type: ignore[no-untyped-def]
-    hub = watched(Hub(inbox_size=16, history=3))
+    hub = watched(Hub(Rooms(max_rooms=100, history_budget=1 << 20, recovery_window=10), inbox_size=16, history=3))
     hub.start()
     yield hub
     hub.stop()
@@ -81,83 +100,90 @@ def settle(hub: Hub) -> None:
             gevent.sleep(0)
 
 
-def test_register_and_broadcast(hub: Hub) -> None:
-    """Every registered connection gets every broadcast, in order."""
+def say(hub: Hub, conn: FakeConn, text: str, room: str = "lobby", ref: str | None = None) -> None:
+    hub.say(conn, Say(room, text, ref))  # type: ignore[arg-type]
+
+
+def registered(hub: Hub, *conns: FakeConn) -> None:
+    for conn in conns:
+        hub.register(conn)  # type: ignore[arg-type]
+    settle(hub)
+
+
+def test_register_and_say(hub: Hub) -> None:
+    """Every v1 connection gets every line said in the lobby, in order."""
     conns = [FakeConn() for _ in range(3)]
-    for conn in conns:
-        hub.register(conn)  # type: ignore[arg-type]
+    registered(hub, *conns)
     for i in range(5):
-        hub.broadcast(b"m%d" % i)
+        say(hub, conns[0], f"m{i}")
     settle(hub)
-    assert all(conn.received() == b"m0m1m2m3m4" for conn in conns)
+    assert all(conn.texts() == [f"m{i}" for i in range(5)] for conn in conns)
 
 
-def test_a_burst_of_broadcasts_is_one_delivery(hub: Hub) -> None:
-    """Broadcasts waiting in the inbox together reach each connection in one deliver(), in order."""
+def test_a_burst_of_says_is_one_delivery(hub: Hub) -> None:
+    """Says waiting in the inbox together reach each connection in one deliver(), in order."""
     conns = [FakeConn() for _ in range(2)]
-    for conn in conns:
-        hub.register(conn)  # type: ignore[arg-type]
-    settle(hub)
-    hub.broadcast(b"alone")
+    registered(hub, *conns)
+    say(hub, conns[0], "alone")
     settle(hub)
     for i in range(5):  # The hub does not run until settle() yields: all five wait together.
-        hub.broadcast(b"m%d" % i)
+        say(hub, conns[1], f"m{i}")
     settle(hub)
-    assert all(conn.delivered == [(b"alone", 1), (b"m0m1m2m3m4", 5)] for conn in conns)
+    assert all([count for _, count in conn.delivered] == [1, 5] for conn in conns)
+    assert all(conn.texts() == ["alone", "m0", "m1", "m2", "m3", "m4"] for conn in conns)
 
 
-def test_broadcasts_arriving_mid_fan_out_join_it(hub: Hub) -> None:
-    """A long fan-out yields; a line sent meanwhile rides along to the connections not yet
+def test_says_arriving_mid_fan_out_join_it(hub: Hub) -> None:
+    """A long fan-out yields; a line said meanwhile rides along to the connections not yet
     reached and follows in a second round to those reached: everyone gets both, in order."""
     conns = [FakeConn() for _ in range(3 * LOOK_UP_EVERY)]
-    for conn in conns:
-        hub.register(conn)  # type: ignore[arg-type]
+    registered(hub, *conns)
+    say(hub, conns[0], "early")
+    gevent.spawn(say, hub, conns[1], "late")  # Runs when the hub first looks up.
     settle(hub)
-    hub.broadcast(b"early")
-    gevent.spawn(hub.broadcast, b"late")  # Runs when the hub first looks up.
-    settle(hub)
-    joined = [conn for conn in conns if conn.delivered == [(b"earlylate", 2)]]
-    apart = [conn for conn in conns if conn.delivered == [(b"early", 1), (b"late", 1)]]
+    joined = [conn for conn in conns if [n for _, n in conn.delivered] == [2]]
+    apart = [conn for conn in conns if [n for _, n in conn.delivered] == [1, 1]]
     assert len(joined) == 2 * LOOK_UP_EVERY and len(apart) == LOOK_UP_EVERY
+    assert all(conn.texts() == ["early", "late"] for conn in conns)
 
 
-def test_unregister_closes_the_send_queue(hub: Hub) -> None:
-    """Unregister removes the connection and shuts its queue; later broadcasts skip it."""
+def test_unregister_closes_the_connection(hub: Hub) -> None:
+    """Unregister removes the connection and closes it; later lines skip it."""
     gone, stays = FakeConn(), FakeConn()
-    hub.register(gone)  # type: ignore[arg-type]
-    hub.register(stays)  # type: ignore[arg-type]
+    registered(hub, gone, stays)
     hub.unregister(gone)  # type: ignore[arg-type]
-    hub.broadcast(b"after")
+    say(hub, stays, "after")
     settle(hub)
     assert gone not in hub.conns and gone.closed_with == (1000, "")
-    assert gone.received() == b"" and stays.received() == b"after"
+    assert gone.texts() == [] and stays.texts() == ["after"]
 
 
 def test_full_queue_drops_only_that_connection(hub: Hub) -> None:
     """A connection whose queue is full is dropped with 1013; the others get everything in order."""
     stuck, reader = FakeConn(queue_size=2), FakeConn(queue_size=256)
-    hub.register(stuck)  # type: ignore[arg-type]
-    hub.register(reader)  # type: ignore[arg-type]
+    registered(hub, stuck, reader)
     for i in range(10):
-        hub.broadcast(b"%d" % i)
+        say(hub, reader, str(i))
         if i < 2:
             settle(hub)  # Delivered one at a time: the stuck connection's queue takes these two.
     settle(hub)
     assert stuck not in hub.conns and hub.dropped == 1
     assert stuck.closed_with is not None and stuck.closed_with[0] == 1013
-    assert stuck.received() == b"01"
-    assert reader.received() == b"0123456789"
+    assert stuck.texts() == ["0", "1"]
+    assert reader.texts() == [str(i) for i in range(10)]
 
 
 def test_history_for_late_joiners(hub: Hub) -> None:
-    """A connection registering late first gets the last `history` messages, then live ones."""
+    """A v1 connection registering late first gets the last `history` lines, then live ones."""
+    early = FakeConn()
+    registered(hub, early)
     for i in range(5):
-        hub.broadcast(b"%d" % i)
+        say(hub, early, str(i))
     late = FakeConn()
-    hub.register(late)  # type: ignore[arg-type]
-    hub.broadcast(b"live")
+    registered(hub, late)
+    say(hub, early, "live")
     settle(hub)
-    assert late.delivered == [(b"234", 3), (b"live", 1)]
+    assert [n for _, n in late.delivered] == [3, 1] and late.texts() == ["2", "3", "4", "live"]
 
 
 def test_shutdown_closes_everyone(hub: Hub) -> None:
@@ -175,7 +201,7 @@ def test_shutdown_closes_everyone(hub: Hub) -> None:
 
 def test_ticker_pings_and_drops_silent_peers() -> None:
     """Each tick pings every connection; one silent for longer than the pong wait is closed with 1001."""
-    hub = watched(Hub(ping_period=0.05, pong_wait=0.2))
+    hub = watched(Hub(Rooms(10, 1 << 20, 10), ping_period=0.05, pong_wait=0.2))
     hub.start()
     try:
         talking, silent = FakeConn(), FakeConn()
@@ -191,3 +217,85 @@ def test_ticker_pings_and_drops_silent_peers() -> None:
         assert silent not in hub.conns and talking in hub.conns
     finally:
         hub.stop()
+
+
+def join(hub: Hub, conn: FakeConn, room: str, since: Position | None = None) -> dict:  # type: ignore[type-arg]
+    """Join and return the `joined` event."""
+    before = len(conn.events())
+    hub.command(conn, Join(room, since))  # type: ignore[arg-type]
+    settle(hub)
+    events = conn.events()[before:]
+    assert events and events[0]["type"] in ("joined", "error"), events
+    return events[0]
+
+
+def test_presence_is_per_nick_not_per_tab(hub: Hub) -> None:
+    """Two tabs of one session are one member: others hear one joined, and left only when the last tab goes."""
+    alice1, alice2 = FakeConn(nick="Alice", session="a"), FakeConn(nick="alice", session="a")
+    bob = FakeConn(nick="bob", session="b")
+    registered(hub, alice1, alice2, bob)
+    assert join(hub, bob, "tea")["members"] == ["bob"]
+    assert join(hub, alice1, "tea")["members"] == ["Alice", "bob"]
+    assert join(hub, alice2, "tea")["member_count"] == 2
+    hub.command(alice1, Leave("tea"))  # type: ignore[arg-type]
+    settle(hub)
+    presence = [e for e in bob.events() if e["type"] == "presence"]
+    assert presence == [{"type": "presence", "room": "tea", "joined": "Alice"}]
+    hub.unregister(alice2)  # type: ignore[arg-type]
+    settle(hub)
+    presence = [e for e in bob.events() if e["type"] == "presence"]
+    assert presence[-1] == {"type": "presence", "room": "tea", "left": "Alice"}
+    assert not [e for e in alice1.events() + alice2.events() if e["type"] == "presence"]
+
+
+def test_a_nick_belongs_to_one_session_per_room(hub: Hub) -> None:
+    """Another session asking for a nick held in a room gets nick_taken; in another room it is free."""
+    alice, impostor = FakeConn(nick="alice", session="a"), FakeConn(nick="ALICE", session="x")
+    registered(hub, alice, impostor)
+    join(hub, alice, "tea")
+    refused = join(hub, impostor, "tea")
+    assert (refused["type"], refused["code"], refused["room"]) == ("error", "nick_taken", "tea")
+    assert join(hub, impostor, "coffee")["type"] == "joined"
+
+
+def test_recovery_gives_exactly_what_was_missed(hub: Hub) -> None:
+    """A join with since gets exactly the messages after it; another epoch gets recovered false."""
+    alice, bob = FakeConn(nick="alice", session="a"), FakeConn(nick="bob", session="b")
+    registered(hub, alice, bob)
+    first = join(hub, alice, "tea")
+    for i in range(6):
+        say(hub, alice, f"line {i}", room="tea")
+    settle(hub)
+    since = Position(first["epoch"], 4)
+    replay = join(hub, bob, "tea", since)
+    assert replay["recovered"] is True and [m["text"] for m in replay["messages"]] == ["line 4", "line 5"]
+    assert join(hub, bob, "tea", Position(first["epoch"], 6))["messages"] == []
+    stale = join(hub, bob, "tea", Position("another-epoch", 4))
+    assert stale["recovered"] is False and [m["seq"] for m in stale["messages"]] == [4, 5, 6]  # the last 3
+
+
+def test_a_ref_publishes_once(hub: Hub) -> None:
+    """A say repeating a published ref publishes nothing new and is acked with the first seq."""
+    alice, bob = FakeConn(nick="alice", session="a"), FakeConn(nick="bob", session="b")
+    registered(hub, alice, bob)
+    join(hub, alice, "tea")
+    join(hub, bob, "tea")
+    say(hub, alice, "hello", room="tea", ref="r1")
+    say(hub, alice, "hello again, resent", room="tea", ref="r1")
+    settle(hub)
+    acks = [e for e in alice.events() if e["type"] == "ack"]
+    assert acks == [{"type": "ack", "ref": "r1", "room": "tea", "seq": 1}] * 2
+    assert [e["text"] for e in bob.events() if e["type"] == "message"] == ["hello"]
+
+
+def test_v1_and_v2_share_the_lobby(hub: Hub) -> None:
+    """v1 clients hear v2 lines as "nick: text"; v2 clients hear v1 lines with nick null."""
+    old, new = FakeConn(), FakeConn(nick="alice", session="a")
+    registered(hub, old, new)
+    join(hub, new, "lobby")
+    say(hub, new, "hi from v2")
+    say(hub, old, "hi from v1")
+    settle(hub)
+    assert old.texts() == ["alice: hi from v2", "hi from v1"]
+    messages = [(e["nick"], e["text"]) for e in new.events() if e["type"] == "message"]
+    assert messages == [("alice", "hi from v2"), (None, "hi from v1")]

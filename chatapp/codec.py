@@ -1,0 +1,314 @@
+"""The wire protocols at the edge: what a client's text frame means, and the frames it receives.
+
+v1 is the Gorilla chat's plain text; v2 is one JSON object per frame, chosen with the
+subprotocol `chat.v2` (docs/protocol.md). A codec knows no socket and no hub: text in,
+commands out; events in, encoded frames out. The hub holds a connection's codec and asks it
+for the frames that connection needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from .frames import OP_TEXT, encode_frame, encode_text
+from .message import ChatMessage
+
+SUBPROTOCOL_V2 = "chat.v2"
+# The room v1 clients are in, and every page opens first.
+LOBBY = "lobby"
+# A nick after NFKC normalisation, and a room name (docs/protocol.md, "Identity", "Rooms").
+NICK = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,23}")
+ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+# Rooms one connection may be in at once.
+MAX_ROOMS_PER_CONN = 16
+# Longest session id and ref a client may send, in characters.
+MAX_ID = 64
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class CommandError(Exception):
+    """A command the server refuses: answered with an `error` event, never a closed connection."""
+
+    def __init__(self, code: str, message: str, room: str | None = None, ref: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.room = room
+        self.ref = ref
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    nick: str
+    session: str
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a client's copy of a room ends: the last seq it has, in that epoch."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    room: str
+    since: Position | None
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    room: str
+    text: str
+    ref: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListRooms:
+    pass
+
+
+Command = Hello | Join | Say | Leave | ListRooms
+
+
+def one_line(text: str) -> str:
+    """A chat line as everyone sees it: CR and LF become spaces, then it is trimmed. So no
+    client can forge a second line for v1 readers."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ").strip()
+
+
+class V1Codec:
+    """The seed's protocol: a text frame is one line said in the lobby; lines come back as text."""
+
+    version = 1
+
+    def __init__(self, text_limit: int) -> None:
+        # The largest frame a client may send: the text limit itself.
+        self.frame_limit = text_limit
+
+    def decode(self, data: str) -> Say | None:
+        line = one_line(data)
+        return Say(LOBBY, line, None) if line else None
+
+    @staticmethod
+    def message_frame(message: ChatMessage) -> bytes:
+        frame = message.v1_frame
+        if frame is None:
+            text = message.text if message.nick is None else f"{message.nick}: {message.text}"
+            frame = message.v1_frame = encode_text(text)
+        return frame
+
+
+class V2Codec:
+    """JSON commands and events (docs/protocol.md)."""
+
+    version = 2
+
+    def __init__(self, text_limit: int, rate: float) -> None:
+        self.text_limit = text_limit
+        # Room for JSON escaping of a whole text (\u00XX is 6 bytes) plus the other fields.
+        self.frame_limit = 6 * text_limit + 1024
+        self.limits = {
+            "text": text_limit,
+            "frame": self.frame_limit,
+            "rooms": MAX_ROOMS_PER_CONN,
+            "rate": int(rate) if rate == int(rate) else rate,
+        }
+
+    # Decoding: one text frame into one command, or a CommandError.
+
+    def decode(self, data: str, identified: bool) -> Command:
+        """The command in this frame. `identified`: whether this connection's hello was welcomed."""
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+            raise CommandError("bad_message", "not JSON") from None
+        if not isinstance(obj, dict):
+            raise CommandError("bad_message", "a command is a JSON object")
+        kind = obj.get("type")
+        parse = _PARSERS.get(kind) if isinstance(kind, str) else None
+        if parse is None:
+            raise CommandError("bad_message", f"unknown type {kind!r}")
+        if kind == "hello":
+            if identified:
+                raise CommandError("bad_message", "hello comes once")
+        elif not identified:
+            raise CommandError("not_hello", "say hello first", _named_room(obj), _ref(obj) if kind == "say" else None)
+        return parse(self, obj)
+
+    def _hello(self, obj: dict[str, Any]) -> Hello:
+        nick, session = obj.get("nick"), obj.get("session")
+        if not isinstance(session, str) or not 0 < len(session) <= MAX_ID:
+            raise CommandError("bad_message", f"session must be a string of 1 to {MAX_ID} characters")
+        if not isinstance(nick, str):
+            raise CommandError("bad_nick", "nick must be a string")
+        nick = unicodedata.normalize("NFKC", nick)
+        if not NICK.fullmatch(nick):
+            raise CommandError(
+                "bad_nick", "a nick is 1 to 24 letters, digits, _ . or -, starting with a letter, digit or _"
+            )
+        return Hello(nick, session)
+
+    def _join(self, obj: dict[str, Any]) -> Join:
+        room = _room(obj)
+        since = obj.get("since")
+        if since is None:
+            return Join(room, None)
+        epoch, seq = (since.get("epoch"), since.get("seq")) if isinstance(since, dict) else (None, None)
+        if not isinstance(epoch, str) or type(seq) is not int or seq < 0:
+            raise CommandError("bad_message", 'since must be {"epoch": string, "seq": integer >= 0}', room)
+        return Join(room, Position(epoch, seq))
+
+    def _say(self, obj: dict[str, Any]) -> Say:
+        ref = obj.get("ref")
+        if ref is not None and _ref(obj) is None:
+            raise CommandError("bad_message", f"ref must be a string of up to {MAX_ID} characters", _named_room(obj))
+        room = _room(obj, ref)
+        text = obj.get("text")
+        if not isinstance(text, str) or not _unicode(text):
+            raise CommandError("bad_message", "text must be a string of Unicode text", room, ref)
+        if len(text.encode()) > self.text_limit:
+            raise CommandError("too_long", f"text over {self.text_limit} bytes of UTF-8", room, ref)
+        line = one_line(text)
+        if not line:
+            raise CommandError("bad_message", "text is empty", room, ref)
+        return Say(room, line, ref)
+
+    def _leave(self, obj: dict[str, Any]) -> Leave:
+        return Leave(_room(obj))
+
+    def _rooms(self, obj: dict[str, Any]) -> ListRooms:
+        return ListRooms()
+
+    # Encoding: events into frames.
+
+    @staticmethod
+    def message_json(message: ChatMessage) -> bytes:
+        encoded = message.v2_json
+        if encoded is None:
+            encoded = message.v2_json = _dumps(
+                {
+                    "type": "message",
+                    "room": message.room,
+                    "epoch": message.epoch,
+                    "seq": message.seq,
+                    "time": message.time,
+                    "nick": message.nick,
+                    "text": message.text,
+                }
+            ).encode()
+        return encoded
+
+    def message_frame(self, message: ChatMessage) -> bytes:
+        return encode_frame(OP_TEXT, self.message_json(message))
+
+    def welcome(self, nick: str) -> bytes:
+        return _event({"type": "welcome", "nick": nick, "limits": self.limits})
+
+    def joined(
+        self,
+        room: str,
+        epoch: str,
+        seq: int,
+        recovered: bool,
+        messages: list[ChatMessage],
+        members: list[str],
+        member_count: int,
+    ) -> bytes:
+        head = _dumps(
+            {
+                "type": "joined",
+                "room": room,
+                "epoch": epoch,
+                "seq": seq,
+                "recovered": recovered,
+                "members": members,
+                "member_count": member_count,
+            }
+        ).encode()
+        replay = b",".join(self.message_json(message) for message in messages)
+        return encode_frame(OP_TEXT, head[:-1] + b',"messages":[' + replay + b"]}")
+
+    @staticmethod
+    def ack(ref: str | None, room: str, seq: int) -> bytes:
+        return _event({"type": "ack", "ref": ref, "room": room, "seq": seq})
+
+    @staticmethod
+    def presence(room: str, change: str, nick: str) -> bytes:
+        """change: "joined" or "left"."""
+        return _event({"type": "presence", "room": room, change: nick})
+
+    @staticmethod
+    def left(room: str) -> bytes:
+        return _event({"type": "left", "room": room})
+
+    @staticmethod
+    def rooms(listing: list[tuple[str, int]]) -> bytes:
+        return _event({"type": "rooms", "rooms": [{"room": room, "members": n} for room, n in listing]})
+
+    @staticmethod
+    def error(error: CommandError) -> bytes:
+        event: dict[str, Any] = {"type": "error", "code": error.code, "message": error.message}
+        if error.ref is not None:
+            event["ref"] = error.ref
+        if error.room is not None:
+            event["room"] = error.room
+        return _event(event)
+
+
+Codec = V1Codec | V2Codec
+
+_PARSERS = {
+    "hello": V2Codec._hello,
+    "join": V2Codec._join,
+    "say": V2Codec._say,
+    "leave": V2Codec._leave,
+    "rooms": V2Codec._rooms,
+}
+
+
+def _event(event: dict[str, Any]) -> bytes:
+    return encode_frame(OP_TEXT, _dumps(event).encode())
+
+
+def _unicode(text: str) -> bool:
+    """Whether text can be sent back as UTF-8: JSON's \ud800 escapes can make lone surrogates."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _named_room(obj: dict[str, Any]) -> str | None:
+    """The room a command named, to echo in an error: any string that is short and can be sent back."""
+    room = obj.get("room")
+    return room if isinstance(room, str) and len(room) <= MAX_ID and _unicode(room) else None
+
+
+def _ref(obj: dict[str, Any]) -> str | None:
+    """A say's ref, to echo in an ack or error: a string of at most MAX_ID characters."""
+    ref = obj.get("ref")
+    return ref if isinstance(ref, str) and len(ref) <= MAX_ID and _unicode(ref) else None
+
+
+def _room(obj: dict[str, Any], ref: str | None = None) -> str:
+    room = obj.get("room")
+    if not isinstance(room, str):
+        raise CommandError("bad_message", "room must be a string", ref=ref)
+    if not ROOM.fullmatch(room):
+        raise CommandError(
+            "bad_room", "a room is 1 to 32 of a-z, 0-9, _ or -, starting with a letter or digit", _named_room(obj), ref
+        )
+    return room
