@@ -7,7 +7,14 @@
 // -duration, either as fast as possible (open loop), at a fixed total -rate,
 // or in a closed loop where message q is sent only after every client has
 // received message q-window. Every client checks per-sender order and gaps
-// and records end-to-end latency. It prints one table line, or one JSON line
+// and records end-to-end latency.
+//
+// With -v2 the clients speak the chat's v2 protocol (subprotocol chat.v2,
+// JSON; v2.go): each says hello and joins one of -rooms rooms (client i room
+// "r<i mod rooms>", or "lobby" when there is one room) before the probes,
+// which then go to every room. Senders send the same text in a `say`, and
+// every client also checks its room's seq for gaps and reorders. A sender's
+// closed-loop window counts the clients of its room only. It prints one table line, or one JSON line
 // with -json (the table line then goes to stderr). Progress lines starting
 // with "# " go to stderr; "# sending" and "# sent" bracket the send phase.
 //
@@ -47,14 +54,17 @@ type config struct {
 	duration, settle, drain time.Duration
 	rate                    float64
 	window                  int64
+	v2                      bool
+	rooms                   int
 	jsonOut                 bool
 	cpuProfile              string
 }
 
 // sender holds one sending client's counters; acks[q%ring] counts the clients
-// that have received (or skipped past) message q.
+// that have received (or skipped past) message q, out of members.
 type sender struct {
 	conn     *client
+	members  int64 // clients that receive its messages: all of them, or (v2) its room's
 	sent     int64
 	acks     [ring]atomic.Int32
 	complete atomic.Int64 // highest q that every client has received or skipped
@@ -88,13 +98,21 @@ type result struct {
 	P99Ms           float64 `json:"p99_ms"`
 	MaxMs           float64 `json:"max_ms"`
 	LoadgenCPUPct   float64 `json:"loadgen_cpu_pct"` // this process, during the send phase
+	// v2 only.
+	V2         bool  `json:"v2,omitempty"`
+	Rooms      int   `json:"rooms,omitempty"`
+	Acks       int64 `json:"acks,omitempty"`       // `ack` events the senders (and the prober) got
+	Errors     int64 `json:"errors,omitempty"`     // `error` events
+	Unexpected int64 `json:"unexpected,omitempty"` // a message of another room or epoch, a second `joined`, a frame that is no event
 }
 
 type bench struct {
 	cfg                     config
 	conns                   []*client
 	senders                 []*sender
-	registered              atomic.Int64
+	registered, joined      atomic.Int64
+	acks, errors            atomic.Int64
+	unexpected              atomic.Int64
 	delivered, inWindow     atomic.Int64
 	gaps, reorders          atomic.Int64
 	disconnects, sendErrors atomic.Int64
@@ -114,6 +132,8 @@ func main() {
 	flag.DurationVar(&cfg.duration, "duration", 10*time.Second, "send phase length")
 	flag.Float64Var(&cfg.rate, "rate", 0, "total messages/s over all senders (0 = as fast as possible)")
 	flag.Int64Var(&cfg.window, "window", 0, "closed loop: send q only after every client got q-window (0 = off)")
+	flag.BoolVar(&cfg.v2, "v2", false, "speak the v2 protocol (subprotocol chat.v2): hello, join, say")
+	flag.IntVar(&cfg.rooms, "rooms", 1, "v2: rooms; client i joins r<i mod rooms> (one room: lobby)")
 	flag.IntVar(&cfg.ramp, "ramp", 200, "concurrent connection attempts")
 	flag.DurationVar(&cfg.settle, "settle", 60*time.Second, "max wait for all clients to be registered")
 	flag.DurationVar(&cfg.drain, "drain", 10*time.Second, "max wait for in-flight messages after sending")
@@ -129,6 +149,9 @@ func main() {
 	}
 	if cfg.senders > cfg.clients || cfg.window >= ring || cfg.clients < 1 {
 		fatal("need 1 <= clients, senders <= clients, window < %d", ring)
+	}
+	if cfg.rooms < 1 || cfg.rooms > cfg.clients || (cfg.rooms > 1 && !cfg.v2) {
+		fatal("need 1 <= rooms <= clients, and -v2 for more than one room")
 	}
 	raiseFileLimit(uint64(cfg.clients) + 100)
 	b := &bench{cfg: cfg}
@@ -155,13 +178,23 @@ func (b *bench) run() result {
 	if failures > 0 {
 		progress("%d connect failures, first: %v", failures, firstErr)
 	}
+	if cfg.v2 {
+		b.assignRooms()
+	}
 	for i := 0; i < cfg.senders && i < len(b.conns); i++ {
 		// A message's latency starts when its sender writes it: keep the sender's own kernel
 		// queue short (Linux grows it to megabytes), so what is measured is the server's.
 		b.conns[i].conn.SetWriteBuffer(senderWriteBuffer)
-		b.senders = append(b.senders, &sender{conn: b.conns[i], notify: make(chan struct{}, 1)})
+		s := &sender{conn: b.conns[i], members: n, notify: make(chan struct{}, 1)}
+		if cfg.v2 {
+			s.members = b.roomSize(i)
+		}
+		b.senders = append(b.senders, s)
 	}
-	go b.receiveAll(n)
+	go b.receiveAll()
+	if cfg.v2 {
+		b.joinAll(n)
+	}
 	b.register(n)
 
 	progress("sending")
@@ -186,11 +219,11 @@ func (b *bench) run() result {
 	cpu1 := cpuTime()
 	progress("sent")
 
-	var sent int64
+	var sent, expected int64
 	for _, s := range b.senders {
 		sent += s.sent
+		expected += s.sent * s.members
 	}
-	expected := sent * n
 	b.waitDrain(expected)
 	b.stopping.Store(true)
 	for _, c := range b.conns {
@@ -205,6 +238,10 @@ func (b *bench) run() result {
 		Delivered: b.delivered.Load(), Gaps: b.gaps.Load(), Reorders: b.reorders.Load(),
 		P50Ms: b.percentile(0.50), P90Ms: b.percentile(0.90), P99Ms: b.percentile(0.99),
 		MaxMs: round(float64(b.maxLatency.Load()) / 1e6),
+	}
+	if cfg.v2 {
+		r.V2, r.Rooms = true, cfg.rooms
+		r.Acks, r.Errors, r.Unexpected = b.acks.Load(), b.errors.Load(), b.unexpected.Load()
 	}
 	wall := end.Sub(start).Seconds()
 	r.DeliveredPerS = round(float64(b.inWindow.Load()) / wall)
@@ -221,13 +258,17 @@ func (b *bench) connect() (failures int, firstErr error) {
 	conns := make([]*client, b.cfg.clients)
 	errs := make([]error, b.cfg.clients)
 	sem := make(chan struct{}, b.cfg.ramp)
+	subprotocol := ""
+	if b.cfg.v2 {
+		subprotocol = subprotocolV2
+	}
 	var wg sync.WaitGroup
 	for i := range conns {
 		sem <- struct{}{}
 		wg.Add(1)
 		go func(i int) {
 			defer func() { <-sem; wg.Done() }()
-			conns[i], errs[i] = dial(b.cfg.url, b.cfg.origin, 10*time.Second)
+			conns[i], errs[i] = dial(b.cfg.url, b.cfg.origin, subprotocol, 10*time.Second)
 		}(i)
 		if (i+1)%1000 == 0 {
 			progress("dialed %d", i+1)
@@ -245,14 +286,17 @@ func (b *bench) connect() (failures int, firstErr error) {
 	return failures, firstErr
 }
 
-// register broadcasts probes from client 0 until all n clients got one.
+// register broadcasts probes from client 0 (v2: into every room, from its
+// first client) until all n clients got one.
 func (b *bench) register(n int64) {
 	deadline := time.Now().Add(b.cfg.settle)
 	for probe := 1; b.registered.Load() < n; probe++ {
 		if time.Now().After(deadline) {
 			fatal("only %d of %d clients registered after %v", b.registered.Load(), n, b.cfg.settle)
 		}
-		if err := b.conns[0].write(opText, []byte("hello "+strconv.Itoa(probe))); err != nil {
+		if b.cfg.v2 {
+			b.probeRooms(probe)
+		} else if err := b.conns[0].write(opText, []byte("hello "+strconv.Itoa(probe))); err != nil {
 			fatal("probe: %v", err)
 		}
 		for wait := time.Now().Add(time.Second); time.Now().Before(wait) && b.registered.Load() < n; {
@@ -286,12 +330,23 @@ func (b *bench) send(id int, s *sender, start time.Time) {
 			return
 		}
 		s.acks[q%ring].Store(0)
-		buf = append(buf[:0], "b "...)
+		buf = buf[:0]
+		if b.cfg.v2 {
+			buf = append(buf, `{"type":"say","room":"`...)
+			buf = append(buf, s.conn.room...)
+			buf = append(buf, `","text":"`...)
+		}
+		buf = append(buf, "b "...)
 		buf = strconv.AppendInt(buf, int64(id), 10)
 		buf = append(buf, ' ')
 		buf = strconv.AppendInt(buf, q, 10)
 		buf = append(buf, ' ')
 		buf = strconv.AppendInt(buf, stamp.UnixNano(), 10)
+		if b.cfg.v2 {
+			buf = append(buf, `","ref":"`...)
+			buf = strconv.AppendInt(buf, q, 10)
+			buf = append(buf, `"}`...)
+		}
 		if err := s.conn.write(opText, buf); err != nil {
 			b.sendErrors.Add(1)
 			return
@@ -323,21 +378,30 @@ func (b *bench) waitWindow(s *sender, q int64, end time.Time) {
 }
 
 // message accounts one message a client received.
-func (b *bench) message(c *client, data []byte, now, n int64) {
+func (b *bench) message(c *client, data []byte, now int64) {
+	if b.cfg.v2 {
+		b.event(c, data, now)
+		return
+	}
 	for len(data) > 0 { // a server may batch messages into one frame, newline-separated
 		var line []byte
 		line, data, _ = bytes.Cut(data, []byte{'\n'})
-		if !bytes.HasPrefix(line, []byte("hello ")) {
-			b.deliver(line, c.next, now, n)
-		} else if !c.seenProbe {
-			c.seenProbe = true
-			b.registered.Add(1)
-		}
+		b.line(c, line, now)
+	}
+}
+
+// line accounts one chat line: a probe or a "b <sender> <seq> <unixnanos>" message.
+func (b *bench) line(c *client, line []byte, now int64) {
+	if !bytes.HasPrefix(line, []byte("hello ")) {
+		b.deliver(line, c.next, now)
+	} else if !c.seenProbe {
+		c.seenProbe = true
+		b.registered.Add(1)
 	}
 }
 
 // deliver accounts one received "b <sender> <seq> <unixnanos>" message.
-func (b *bench) deliver(line []byte, next []int64, now, n int64) {
+func (b *bench) deliver(line []byte, next []int64, now int64) {
 	v, ok := parseBench(line)
 	id, q, sentAt := int(v[0]), v[1], v[2]
 	if !ok || id >= len(next) {
@@ -362,7 +426,7 @@ func (b *bench) deliver(line []byte, next []int64, now, n int64) {
 	}
 	s := b.senders[id]
 	for k := exp; k <= q; k++ {
-		if int64(s.acks[k%ring].Add(1)) == n {
+		if int64(s.acks[k%ring].Add(1)) == s.members {
 			for old := s.complete.Load(); k > old && !s.complete.CompareAndSwap(old, k); old = s.complete.Load() {
 			}
 			select {
@@ -448,10 +512,14 @@ func (b *bench) percentile(p float64) float64 {
 }
 
 func tableRow(r result) string {
-	return fmt.Sprintf("clients=%d senders=%d rate=%g window=%d | delivered/s=%.0f loss=%d (%.2f%%) gaps=%d reorders=%d | "+
+	row := fmt.Sprintf("clients=%d senders=%d rate=%g window=%d | delivered/s=%.0f loss=%d (%.2f%%) gaps=%d reorders=%d | "+
 		"p50=%.2fms p90=%.2fms p99=%.2fms max=%.2fms | connect_failures=%d disconnects=%d stalls=%d loadgen_cpu=%.0f%%",
 		r.Clients, r.Senders, r.Rate, r.Window, r.DeliveredPerS, r.Loss, r.LossPct, r.Gaps, r.Reorders,
 		r.P50Ms, r.P90Ms, r.P99Ms, r.MaxMs, r.ConnectFailures, r.Disconnects, r.Stalls, r.LoadgenCPUPct)
+	if r.V2 {
+		row += fmt.Sprintf(" | v2 rooms=%d acks=%d errors=%d unexpected=%d", r.Rooms, r.Acks, r.Errors, r.Unexpected)
+	}
+	return row
 }
 
 func cpuTime() time.Duration {

@@ -15,7 +15,7 @@ import (
 
 const readBufferSize = 256 << 10
 
-func (b *bench) receiveAll(n int64) {
+func (b *bench) receiveAll() {
 	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
 	if err != nil {
 		fatal("epoll: %v", err)
@@ -32,7 +32,7 @@ func (b *bench) receiveAll(n int64) {
 		}
 		byFd[int32(c.fd)] = c
 		if len(c.pending) > 0 { // frames that came with the handshake
-			b.consume(c, nil, time.Now().UnixNano(), n)
+			b.consume(c, nil, time.Now().UnixNano())
 		}
 	}
 	events := make([]syscall.EpollEvent, 512)
@@ -54,7 +54,7 @@ func (b *bench) receiveAll(n int64) {
 			if c == nil {
 				continue
 			}
-			if err := b.readOnce(c, &buf, n); err != nil {
+			if err := b.readOnce(c, &buf); err != nil {
 				syscall.EpollCtl(epfd, syscall.EPOLL_CTL_DEL, c.fd, nil)
 				delete(byFd, ev.Fd)
 				if !b.stopping.Load() && b.disconnects.Add(1) <= 3 {
@@ -67,7 +67,7 @@ func (b *bench) receiveAll(n int64) {
 
 // readOnce reads what one ready socket holds (one read) and accounts every
 // message in it; all of them arrived by the time that read returned.
-func (b *bench) readOnce(c *client, buf *[]byte, n int64) error {
+func (b *bench) readOnce(c *client, buf *[]byte) error {
 	if len(c.pending) >= len(*buf)/2 { // a frame larger than the buffer is arriving
 		*buf = make([]byte, 2*len(*buf)+len(c.pending))
 	}
@@ -83,14 +83,14 @@ func (b *bench) readOnce(c *client, buf *[]byte, n int64) error {
 	if got == 0 {
 		return errClosed
 	}
-	return b.consume(c, (*buf)[:len(data)+got], now, n)
+	return b.consume(c, (*buf)[:len(data)+got], now)
 }
 
-func (b *bench) consume(c *client, data []byte, now, n int64) error {
+func (b *bench) consume(c *client, data []byte, now int64) error {
 	if data == nil {
 		data = c.pending
 	}
-	rest, err := c.frames(data, func(msg []byte) { b.message(c, msg, now, n) })
+	rest, err := c.frames(data, func(msg []byte) { b.message(c, msg, now) })
 	c.pending = append(c.pending[:0], rest...)
 	return err
 }

@@ -43,10 +43,19 @@ type client struct {
 	partial   []byte  // a fragmented message so far
 	next      []int64 // next expected sequence number per sender
 	seenProbe bool
+
+	// v2: the one room this client is in (set before the receiver starts) and, from its
+	// `joined` on, that room's epoch, the next seq expected (0 until joined) and how its
+	// messages start, up to "seq":.
+	room     []byte
+	epoch    []byte
+	roomNext int64
+	head     []byte
 }
 
-// dial opens a TCP connection and performs the client handshake.
-func dial(rawURL, origin string, timeout time.Duration) (*client, error) {
+// dial opens a TCP connection and performs the client handshake, offering
+// subprotocol unless it is empty (then the server must not name one).
+func dial(rawURL, origin, subprotocol string, timeout time.Duration) (*client, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
 		return nil, err
@@ -56,7 +65,7 @@ func dial(rawURL, origin string, timeout time.Duration) (*client, error) {
 		return nil, err
 	}
 	c := &client{conn: nc.(*net.TCPConn)}
-	if err := c.handshake(u, origin, timeout); err != nil {
+	if err := c.handshake(u, origin, subprotocol, timeout); err != nil {
 		nc.Close()
 		return nil, err
 	}
@@ -70,7 +79,7 @@ func dial(rawURL, origin string, timeout time.Duration) (*client, error) {
 	return c, nil
 }
 
-func (c *client) handshake(u *url.URL, origin string, timeout time.Duration) error {
+func (c *client) handshake(u *url.URL, origin, subprotocol string, timeout time.Duration) error {
 	c.conn.SetDeadline(time.Now().Add(timeout))
 	defer c.conn.SetDeadline(time.Time{})
 	nonce := make([]byte, 16)
@@ -78,7 +87,11 @@ func (c *client) handshake(u *url.URL, origin string, timeout time.Duration) err
 	key := base64.StdEncoding.EncodeToString(nonce)
 	req := "GET " + u.RequestURI() + " HTTP/1.1\r\nHost: " + u.Host +
 		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key +
-		"\r\nOrigin: " + origin + "\r\n\r\n"
+		"\r\nOrigin: " + origin + "\r\n"
+	if subprotocol != "" {
+		req += "Sec-WebSocket-Protocol: " + subprotocol + "\r\n"
+	}
+	req += "\r\n"
 	if _, err := c.conn.Write([]byte(req)); err != nil {
 		return err
 	}
@@ -93,6 +106,9 @@ func (c *client) handshake(u *url.URL, origin string, timeout time.Duration) err
 	sum := sha1.Sum(append([]byte(key), acceptGUID...))
 	if resp.Header.Get("Sec-WebSocket-Accept") != base64.StdEncoding.EncodeToString(sum[:]) {
 		return fmt.Errorf("handshake: bad Sec-WebSocket-Accept")
+	}
+	if got := resp.Header.Get("Sec-WebSocket-Protocol"); got != subprotocol {
+		return fmt.Errorf("handshake: asked for subprotocol %q, server chose %q", subprotocol, got)
 	}
 	// Frames the server sent right behind its 101 (history, say) are the first input.
 	if n := br.Buffered(); n > 0 {
