@@ -10,14 +10,23 @@ just before the server started (the machine may be shared). Prints a table
 plus ratios of ours to each peer, and writes JSON lines to
 bench/results.jsonl; server logs go to bench/.build/logs/.
 
+Scenarios c2, r100 and e2 speak the chat's v2 protocol (loadgen -v2) and run
+on ours only: the peers speak v1. Ours runs from the checkout --repo names (by
+default the one this file is in), so two commits can be measured back to back:
+with --compare OTHER, each round runs every scenario on OTHER's server, then on
+--repo's, for --rounds rounds, and prints the two side by side.
+
     make bench                                       # everything: build, all scenarios, plot
     .venv/bin/python bench/run.py --quick            # ~3 s per scenario
     .venv/bin/python bench/run.py --servers straightforward,websockets --scenarios a,e
     .venv/bin/python bench/run.py --scenarios a,cl300,c,cl3000,cl10000   # closed-loop sweep for plot.py
+    .venv/bin/python bench/run.py --servers ours --scenarios c,c2,r100,e,e2
+    git worktree add /tmp/before d72b693             # then: that commit against this checkout
+    .venv/bin/python bench/run.py --servers ours --scenarios a,c --compare /tmp/before --rounds 3
 
 "loss" is everything not delivered by the end of the drain (in open loop mostly
 backlog still queued in the server); "gaps" are holes in a client's sequence
-from a sender, i.e. messages the server dropped.
+from a sender (v2: and in its room's seq), i.e. messages the server dropped.
 """
 import argparse
 import json
@@ -37,7 +46,7 @@ REPO = BENCH.parent
 LOADGEN = BENCH / ".build" / "loadgen"
 LOGS = BENCH / ".build" / "logs"
 
-SERVERS = {  # name -> command (run from the repo root with env PORT)
+SERVERS = {  # name -> command (run from the root of --repo with env PORT)
     "ours": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
     # Ours across two workers through a redis-server of run.py's own, on the same core.
     "ours-redis": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
@@ -63,6 +72,18 @@ SCENARIOS = {  # name -> (description, load generator flags)
 DEFAULT_SCENARIOS = "a,b,c,d,e,f"
 for _n in (300, 3000, 10000):  # extra closed-loop points for plot.py's curves; not run by default
     SCENARIOS[f"cl{_n}"] = (f"{_n} clients, 10 senders, closed loop W=8", {"clients": _n, "senders": 10, "window": 8})
+# v2 (not run by default): c's twin in one room; 100 rooms of 10 clients, one sender per room
+# (client i is in room i mod 100 and the first 100 clients send), each sender's window counting
+# its own room; e's twin, every client after hello and join.
+SCENARIOS.update({
+    "c2": ("1000 v2 clients in one room, 10 senders, closed loop W=8",
+           {"clients": 1000, "senders": 10, "window": 8, "v2": True}),
+    "r100": ("100 rooms of 10 v2 clients, 1 sender each, closed loop W=8",
+             {"clients": 1000, "senders": 100, "window": 8, "v2": True, "rooms": 100}),
+    "e2": ("5000 idle v2 clients in one room", {"clients": 5000, "senders": 0, "v2": True}),
+})
+# The servers that speak v2.
+V2_SERVERS = {"ours", "ours-redis"}
 RATIO_KEYS = ["delivered_per_s", "p99_ms", "server_cpu_pct", "server_peak_rss_mb", "rss_per_conn_kb"]
 COLUMNS = [  # (header, key, format)
     ("scen", "scenario", "{}"), ("server", "server", "{}"), ("deliv/s", "delivered_per_s", "{:.0f}"),
@@ -78,7 +99,7 @@ COLUMNS = [  # (header, key, format)
 class Server:
     """A server under test, pinned to CPU 0, with its worker processes sampled every 0.1 s."""
 
-    def __init__(self, name, port):
+    def __init__(self, name, port, repo=REPO):
         cmd = [arg.format(port=port) for arg in SERVERS[name]]
         env = dict(os.environ, PORT=str(port), **SERVER_ENV)
         LOGS.mkdir(parents=True, exist_ok=True)
@@ -90,7 +111,7 @@ class Server:
                 ["taskset", "-c", "0", "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no"], stdout=self.log, stderr=subprocess.STDOUT)
             env.update(REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", WEB_CONCURRENCY="2")
-        self.proc = subprocess.Popen(["taskset", "-c", "0", *cmd], cwd=REPO, env=env,
+        self.proc = subprocess.Popen(["taskset", "-c", "0", *cmd], cwd=repo, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.port, self.peak_rss, self.workers = port, 0, []
         self._stop = threading.Event()
@@ -163,18 +184,31 @@ def busy_pct(before, after):
     return round(100 * (1 - idle / total), 1) if total else 0.0
 
 
-def run_one(server_name, scenario, duration):
-    """Runs one scenario against a fresh server; returns its result record."""
+def commit_of(repo):
+    """The short commit a checkout has out, with + when its work tree differs from it."""
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or "?"
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+" if dirty else "")
+
+
+def loadgen_flags(flags):
+    return [f"-{key}" if value is True else f"-{key}={value}" for key, value in flags.items()]
+
+
+def run_one(server_name, scenario, duration, repo=REPO):
+    """Runs one scenario against a fresh server (ours from the checkout repo); returns its result record."""
     desc, flags = SCENARIOS[scenario]
     background = max(psutil.cpu_percent(interval=0.5, percpu=True)[:2])
     if background > 10:
         print(f"# warning: {background:.0f}% of a core busy before starting: other load skews results",
               file=sys.stderr, flush=True)
-    server = Server(server_name, free_port())
+    server = Server(server_name, free_port(), repo)
     try:
         cmd = ["taskset", "-c", "1", str(LOADGEN), "-json", f"-duration={duration}s",
                f"-url=ws://127.0.0.1:{server.port}/ws", f"-origin=http://127.0.0.1:{server.port}"]
-        cmd += [f"-{key}={value}" for key, value in flags.items()]
+        cmd += loadgen_flags(flags)
         gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         timer = threading.Timer(duration + 180, gen.kill)
         timer.start()
@@ -217,17 +251,66 @@ def ratios(results):
     return out
 
 
-def print_table(results, ratio_rows):
-    rows = [[h for h, _, _ in COLUMNS]]
-    rows += [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+def print_rows(rows):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+
+
+def print_table(results, ratio_rows):
+    print_rows([[h for h, _, _ in COLUMNS]] + [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in results])
+    for r in results:
+        if r.get("v2"):
+            print(f"{r['scenario']} v2: rooms={r['rooms']} acks={r.get('acks', 0)} "
+                  f"errors={r.get('errors', 0)} unexpected={r.get('unexpected', 0)}")
     if ratio_rows:
         print("\nours / peer   " + "  ".join(RATIO_KEYS))
         for r in ratio_rows:
             print(f"{r['scenario']} / {r['ours_over']:<16}" + "  ".join(
                 f"{r[k] if r[k] is not None else '-':>{len(k)}}" for k in RATIO_KEYS))
+
+
+COMPARED = [  # (header, key, format): the columns of --compare, for each checkout
+    ("deliv/s", "delivered_per_s", "{:.0f}"), ("p50ms", "p50_ms", "{:.1f}"), ("p99ms", "p99_ms", "{:.1f}"),
+    ("srvcpu%", "server_cpu_pct", "{:.0f}"), ("KB/conn", "rss_per_conn_kb", "{:.1f}"),
+    ("gaps", "gaps", "{}"), ("disc", "disconnects", "{}"), ("bg%", "background_busy_pct", "{:.0f}"),
+]
+
+
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def print_comparison(results, labels):
+    """Per scenario and server: each round's figures from both checkouts side by side, then the
+    medians, and the second checkout's median over the first's."""
+    header = ["scen", "server", "round"] + [f"{label} {h}" for label in labels for h, _, _ in COMPARED]
+    rows = [header]
+    for scenario, server in dict.fromkeys((r["scenario"], r["server"]) for r in results):
+        runs = {(r["round"], r["commit"]): r for r in results if (r["scenario"], r["server"]) == (scenario, server)}
+        rounds = sorted({n for n, _ in runs})
+        for n in rounds:
+            row = [scenario, server, str(n)]
+            for label in labels:
+                r = runs.get((n, label))
+                row += [fmt.format(r[key]) if r else "-" for _, key, fmt in COMPARED]
+            rows.append(row)
+        row, medians = [scenario, server, "median"], {}
+        for label in labels:
+            done = [r for (_, lab), r in runs.items() if lab == label]
+            medians[label] = {key: median([r[key] for r in done]) for _, key, _ in COMPARED} if done else None
+            row += [fmt.format(medians[label][key]) if done else "-" for _, key, fmt in COMPARED]
+        rows.append(row)
+        first, second = (medians[label] for label in labels)
+        if first and second:
+            row = [scenario, server, f"{labels[1]}/{labels[0]}"]
+            for label in labels:
+                row += [f"{second[key] / first[key]:.3f}" if label == labels[1] and first[key] else ""
+                        for _, key, _ in COMPARED]
+            rows.append(row)
+    print_rows(rows)
 
 
 def main():
@@ -237,16 +320,29 @@ def main():
     parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help="comma list of " + ", ".join(SCENARIOS))
     parser.add_argument("--quick", action="store_true", help="3 s per scenario instead of 10 s")
     parser.add_argument("--duration", type=float, help="seconds per scenario (overrides --quick)")
-    parser.add_argument("--out", type=Path, default=BENCH / "results.jsonl", help="JSON lines output (overwritten)")
+    parser.add_argument("--out", type=Path, help="JSON lines output, overwritten (default bench/results.jsonl;"
+                        " with --compare bench/.build/compare.jsonl)")
+    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose server is ours (default: this one)")
+    parser.add_argument("--compare", type=Path, metavar="OTHER",
+                        help="another checkout: each round runs every scenario on OTHER's ours, then --repo's")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare (default 3)")
     args = parser.parse_args()
     duration = args.duration or (3 if args.quick else 10)
     servers, scenarios = args.servers.split(","), args.scenarios.split(",")
     unknown = set(servers) - set(SERVERS) | set(scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown server or scenario: {', '.join(sorted(unknown))}")
-    if "ours" in servers and not (REPO / "gunicorn.conf.py").exists():
-        print("skipping ours: no gunicorn.conf.py in the repo root yet", file=sys.stderr)
-        servers.remove("ours")
+    repos = [args.repo.resolve()] if args.compare is None else [args.compare.resolve(), args.repo.resolve()]
+    for repo in repos:
+        if "ours" in servers and not (repo / "gunicorn.conf.py").exists():
+            print(f"skipping ours: no gunicorn.conf.py in {repo} yet", file=sys.stderr)
+            servers.remove("ours")
+    if args.compare is not None:
+        peers = [server for server in servers if server not in V2_SERVERS]
+        if peers:
+            print(f"--compare: skipping {', '.join(peers)} (the same in both checkouts)", file=sys.stderr)
+        servers = [server for server in servers if server in V2_SERVERS]
+    out = args.out or (BENCH / ".build" / "compare.jsonl" if args.compare else BENCH / "results.jsonl")
     subprocess.run(["make", "-s", "-C", str(BENCH), ".build/loadgen"], check=True)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     try:  # servers inherit this; root may raise the hard limit
@@ -254,19 +350,36 @@ def main():
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
+    labels = [commit_of(repo) for repo in repos]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label}({repo.name})" for label, repo in zip(labels, repos)]
     results = []
-    for scenario in scenarios:
-        for server in servers:
-            print(f"# {scenario} ({SCENARIOS[scenario][0]}) on {server}", file=sys.stderr, flush=True)
-            try:
-                results.append(run_one(server, scenario, duration))
-            except (RuntimeError, psutil.Error) as err:
-                print(f"# {scenario} on {server} FAILED: {err}", file=sys.stderr, flush=True)
-    ratio_rows = ratios(results)
-    with open(args.out, "w") as f:
+    for n in range(1, (args.rounds if args.compare else 1) + 1):
+        for scenario in scenarios:
+            for server in servers:
+                if SCENARIOS[scenario][1].get("v2") and server not in V2_SERVERS:
+                    continue  # The peers speak v1 only.
+                for repo, label in zip(repos, labels):
+                    print(f"# {scenario} ({SCENARIOS[scenario][0]}) on {server}" + (
+                        f" from {repo} ({label}), round {n}" if args.compare or repo != REPO else ""),
+                        file=sys.stderr, flush=True)
+                    try:
+                        result = run_one(server, scenario, duration, repo)
+                    except (RuntimeError, psutil.Error) as err:
+                        print(f"# {scenario} on {server} FAILED: {err}", file=sys.stderr, flush=True)
+                        continue
+                    if args.compare:
+                        result.update(round=n, commit=label, repo=str(repo))
+                    results.append(result)
+    ratio_rows = [] if args.compare else ratios(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
         for record in results + ratio_rows:
             f.write(json.dumps(record) + "\n")
-    print_table(results, ratio_rows)
+    if args.compare:
+        print_comparison(results, labels)
+    else:
+        print_table(results, ratio_rows)
 
 
 if __name__ == "__main__":
