@@ -191,8 +191,8 @@ class Chat:
     @staticmethod
     def _stock_chose_v2(stock: WebSocket) -> bool:
         """Whether the stock handler's 101 named chat.v2 (it asks app_protocol(), see create_app)."""
-        headers = getattr(stock.handler, "response_headers", None) or []
-        return any(name.lower() == "sec-websocket-protocol" and value == SUBPROTOCOL_V2 for name, value in headers)
+        headers = getattr(stock.handler, "response_headers", None) or []  # as gevent keeps them: bytes
+        return (b"Sec-WebSocket-Protocol", SUBPROTOCOL_V2.encode()) in headers
 
     def _adopt_stock(self, stock: WebSocket, codec: Codec) -> ChatWebSocket:
         """Serve a connection gevent-websocket's stock handler has already answered with 101."""

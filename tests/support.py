@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import socket
@@ -392,3 +393,62 @@ class RedisProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class V2Client:
+    """A chat.v2 client for tests: sends commands, and waits for events by type.
+
+    Events the test did not ask for yet stay in `pending`, in order, for later waits and
+    for assertions that nothing else came.
+    """
+
+    def __init__(self, server: ServerProcess, nick: str | None = None, session: str | None = None, **options) -> None:  # type: ignore[no-untyped-def]
+        self.ws = connect(server, subprotocols=["chat.v2"], **options)
+        assert self.ws.getsubprotocol() == "chat.v2"
+        self.pending: list[dict] = []  # type: ignore[type-arg]
+        self.welcome: dict | None = None  # type: ignore[type-arg]
+        if nick is not None:
+            self.send(type="hello", nick=nick, session=session or f"session-of-{nick}")
+            self.welcome = self.wait("welcome")
+
+    def send(self, **command) -> None:  # type: ignore[no-untyped-def]
+        self.ws.send(json.dumps(command))
+
+    def recv(self) -> dict:  # type: ignore[type-arg]
+        """The next event off the wire (not from pending)."""
+        return json.loads(self.ws.recv())
+
+    def wait(self, kind: str, **fields) -> dict:  # type: ignore[no-untyped-def,type-arg]
+        """The first event of this type (and these field values), pending ones first."""
+        def matches(event: dict) -> bool:  # type: ignore[type-arg]
+            return event["type"] == kind and all(event.get(k) == v for k, v in fields.items())
+
+        for index, event in enumerate(self.pending):
+            if matches(event):
+                return self.pending.pop(index)
+        while not matches(event := self.recv()):
+            self.pending.append(event)
+        return event
+
+    def join(self, room: str, since: dict | None = None) -> dict:  # type: ignore[type-arg]
+        self.send(type="join", room=room, **({"since": since} if since is not None else {}))
+        return self.wait("joined", room=room)
+
+    def say(self, room: str, text: str, ref: str | None = None) -> dict:  # type: ignore[type-arg]
+        """Say a line and return its ack."""
+        self.send(type="say", room=room, text=text, **({"ref": ref} if ref is not None else {}))
+        return self.wait("ack", room=room)
+
+    def messages(self, room: str, count: int) -> list[dict]:  # type: ignore[type-arg]
+        return [self.wait("message", room=room) for _ in range(count)]
+
+    def settle(self) -> list[dict]:  # type: ignore[type-arg]
+        """Everything not yet waited for, up to the answer to a `rooms` asked now (the hub
+        answers it after everything caused before it): proves what did not come."""
+        self.send(type="rooms")
+        self.wait("rooms")
+        rest, self.pending = self.pending, []
+        return rest
+
+    def close(self) -> None:
+        self.ws.close()
