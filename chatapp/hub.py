@@ -132,33 +132,40 @@ class Hub:
         inbox = self._inbox
         while True:
             kind, conn, item = inbox.get()
-            if kind == _SAY:
-                # Take the says queued right behind this one along: each member then gets the
-                # whole burst in one send, however many clients spoke.
-                burst = self._stamp(conn, item)
-                burst += self._take_says(MAX_BURST - len(burst))
-                if burst:
-                    self._fan_out(burst)
-                # A hub that never blocks starves the pumps: let them run, and let the next
-                # burst gather meanwhile.
-                gevent.sleep(0)
-            elif kind == _COMMAND:
-                self._command(conn, item)
-            elif kind == _REPLY:
-                self._send(conn, item)
-            elif kind == _REGISTER:
-                self._register(conn)
-            elif kind == _UNREGISTER:
-                self.conns.discard(conn)
-                self._leave_all(conn)
-                conn.close(conn.close_code, conn.close_reason)
-            elif kind == _TICK:
-                self._ping_all()
-            else:
-                self._closed_with = code, reason = item
-                for open_conn in self.conns:
-                    open_conn.close(code, reason)
-                self.conns.clear()
+            try:
+                self._handle(kind, conn, item)
+            except Exception:
+                # Every connection needs this one greenlet: a bug in one request must not end it.
+                log.exception("hub: request %d for %r failed", kind, conn)
+
+    def _handle(self, kind: int, conn: Conn | None, item: object) -> None:
+        if kind == _SAY:
+            # Take the says queued right behind this one along: each member then gets the
+            # whole burst in one send, however many clients spoke.
+            burst = self._stamp(conn, item)
+            burst += self._take_says(MAX_BURST - len(burst))
+            if burst:
+                self._fan_out(burst)
+            # A hub that never blocks starves the pumps: let them run, and let the next
+            # burst gather meanwhile.
+            gevent.sleep(0)
+        elif kind == _COMMAND:
+            self._command(conn, item)
+        elif kind == _REPLY:
+            self._send(conn, item)
+        elif kind == _REGISTER:
+            self._register(conn)
+        elif kind == _UNREGISTER:
+            self.conns.discard(conn)
+            self._leave_all(conn)
+            conn.close(conn.close_code, conn.close_reason)
+        elif kind == _TICK:
+            self._ping_all()
+        else:
+            self._closed_with = code, reason = item
+            for open_conn in self.conns:
+                open_conn.close(code, reason)
+            self.conns.clear()
 
     def _register(self, conn: Conn) -> None:
         if self._closed_with is not None:
@@ -283,6 +290,9 @@ class Hub:
                         conn.deliver(room_burst.data(conn.peer.codec, start), end - start)
                     except (Full, ShutDown):
                         failed.append(conn)
+                    except Exception:
+                        log.exception("%r: delivery failed", conn)
+                        failed.append(conn)
                     sends += 1
                     if sends % LOOK_UP_EVERY == 0 and taken < MAX_BURST:
                         gevent.sleep(0)
@@ -359,20 +369,23 @@ class Hub:
             if other.peer.v2 and other.peer.nick_key != nick_key:
                 try:
                     other.deliver(frame)
-                except Full:
-                    failed.append(other)
                 except ShutDown:
                     pass
+                except Exception:  # Full, or a failure
+                    failed.append(other)
         self._drop(failed)
 
     def _send(self, conn: Conn, frame: bytes) -> None:
-        """Deliver one frame to one connection; a full queue drops it."""
+        """Deliver one frame to one connection; a full queue (or a failure) drops it."""
         try:
             conn.deliver(frame)
-        except Full:
-            self._drop([conn])
         except ShutDown:
             pass  # Closing already; its unregister is on the way.
+        except Full:
+            self._drop([conn])
+        except Exception:
+            log.exception("%r: delivery failed", conn)
+            self._drop([conn])
 
     def _drop(self, conns: list[Conn]) -> None:
         """Remove connections a delivery could not reach; run() calls it."""

@@ -299,3 +299,31 @@ def test_v1_and_v2_share_the_lobby(hub: Hub) -> None:
     assert old.texts() == ["alice: hi from v2", "hi from v1"]
     messages = [(e["nick"], e["text"]) for e in new.events() if e["type"] == "message"]
     assert messages == [("alice", "hi from v2"), (None, "hi from v1")]
+
+
+def test_a_failing_connection_is_dropped(hub: Hub) -> None:
+    """A connection whose delivery fails is dropped and logged; the hub goes on serving everyone."""
+
+    class Broken(FakeConn):
+        def deliver(self, data: bytes, count: int = 1) -> None:
+            raise RuntimeError("a bug")
+
+    broken, fine = Broken(), FakeConn()
+    registered(hub, fine)
+    hub.register(broken)  # type: ignore[arg-type]
+    say(hub, fine, "first")  # its fan-out meets the broken connection
+    settle(hub)
+    say(hub, fine, "second")
+    settle(hub)
+    assert fine.texts() == ["first", "second"]
+    assert broken.closed_with is not None and broken.closed_with[0] == 1013
+
+
+def test_a_failing_request_does_not_stop_the_hub(hub: Hub) -> None:
+    """A bug hit while handling one request is logged; the next requests are served."""
+    fine = FakeConn()
+    registered(hub, fine)
+    hub.command(fine, "not a command")  # type: ignore[arg-type]
+    say(hub, fine, "after")
+    settle(hub)
+    assert fine.texts() == ["after"]
