@@ -11,6 +11,7 @@ from gevent.event import Event
 from gevent.queue import Full, Queue, ShutDown
 from support import parse_server_frames
 
+from chatapp import hub as hub_module
 from chatapp.codec import Join, Leave, Position, Say, V1Codec, V2Codec
 from chatapp.hub import LOOK_UP_EVERY, Hub
 from chatapp.peer import Peer
@@ -327,3 +328,26 @@ def test_a_failing_request_does_not_stop_the_hub(hub: Hub) -> None:
     say(hub, fine, "after")
     settle(hub)
     assert fine.texts() == ["after"]
+
+
+def test_ref_memory_is_bounded_in_count_and_time(hub: Hub, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The hub remembers at most REF_MEMORY refs (the oldest go first) and none older than
+    REF_WINDOW: however many refs a client invents, that memory stays bounded."""
+    monkeypatch.setattr(hub_module, "REF_MEMORY", 5)
+    alice = FakeConn(nick="alice", session="a")
+    registered(hub, alice)
+    join(hub, alice, "tea")
+    for i in range(50):
+        say(hub, alice, f"line {i}", room="tea", ref=f"ref-{i}")
+    settle(hub)
+    assert len(hub._refs) == 5
+    say(hub, alice, "ref-0 again, forgotten: published anew", room="tea", ref="ref-0")
+    say(hub, alice, "ref-49 again, remembered", room="tea", ref="ref-49")
+    settle(hub)
+    acks = [e["seq"] for e in alice.events() if e["type"] == "ack"]
+    assert acks[-2:] == [51, 50]
+    monkeypatch.setattr(hub_module, "REF_WINDOW", 0.0)
+    say(hub, alice, "everything expired now", room="tea", ref="ref-49")
+    settle(hub)
+    assert [e["seq"] for e in alice.events() if e["type"] == "ack"][-1] == 52
+    assert len(hub._refs) == 1
