@@ -5,12 +5,14 @@ Only the hub's greenlet calls into this module, so nothing here locks or yields.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import secrets
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from .codec import LOBBY, CommandError, Position
@@ -22,8 +24,9 @@ if TYPE_CHECKING:
 # Past this many members a room sends no presence events: their fan-out grows with the
 # square of its size. Joins still count them, and `members` lists at most this many.
 PRESENCE_LIMIT = 1000
-# Rooms the `rooms` listing names at most.
+# Rooms the `rooms` listing names at most, and how old (seconds) a listing may be.
 LISTING_LIMIT = 100
+LISTING_EVERY = 1.0
 # Bytes a held message costs besides its text and encodings: the object and its slots.
 _MESSAGE_OVERHEAD = sys.getsizeof(ChatMessage("", "", 0, 0, None, ""))
 
@@ -63,8 +66,10 @@ class Room:
         self.history: deque[ChatMessage] = deque(maxlen=recovery_window)
         # Bytes the history holds (held_bytes of each message).
         self.history_bytes = 0
-        # Members by casefolded nick: v2 connections that joined.
+        # Members by casefolded nick: v2 connections that joined. Their keys, sorted, for
+        # `joined.members` (a big room's list would cost a sort per join otherwise).
         self.members: dict[str, Member] = {}
+        self._sorted_keys: list[str] = []
         # Every connection that receives the room's messages: its members' and, in the lobby,
         # the v1 clients'.
         self.conns: set[Conn] = set()
@@ -82,6 +87,7 @@ class Room:
         member = self.members.get(nick_key)
         if member is None:
             self.members[nick_key] = Member(nick, session, [conn])
+            bisect.insort(self._sorted_keys, nick_key)
         elif member.session != session:
             raise CommandError("nick_taken", f"{member.nick} is someone else's nick in {self.name}", self.name)
         else:
@@ -100,12 +106,13 @@ class Room:
         if member.conns:
             return None
         del self.members[nick_key]
+        del self._sorted_keys[bisect.bisect_left(self._sorted_keys, nick_key)]
         return member.nick
 
     def member_nicks(self) -> list[str]:
         """The nicks present, sorted by their casefolded form, at most PRESENCE_LIMIT."""
-        keys = heapq.nsmallest(PRESENCE_LIMIT, self.members)
-        return [self.members[key].nick for key in keys]
+        members = self.members
+        return [members[key].nick for key in self._sorted_keys[:PRESENCE_LIMIT]]
 
     def append(self, message: ChatMessage) -> int:
         """Keep a new message; returns the bytes this changed the history by."""
@@ -152,6 +159,9 @@ class Rooms:
         self._rooms: OrderedDict[str, Room] = OrderedDict()
         # Bytes of history held in all rooms.
         self.history_bytes = 0
+        # The last listing made, and when (monotonic seconds).
+        self._listing: list[tuple[str, int]] = []
+        self._listed_at = float("-inf")
         self.lobby = self.get(LOBBY)
 
     def __len__(self) -> int:
@@ -203,7 +213,14 @@ class Rooms:
 
     def listing(self) -> list[tuple[str, int]]:
         """(room, nicks present) for `rooms`: busiest first, ties by name; rooms with history and
-        no members too; the lobby always; at most LISTING_LIMIT."""
+        no members too; the lobby always; at most LISTING_LIMIT. Made at most once a second:
+        every client may ask, and going through thousands of rooms is not free."""
+        now = monotonic()
+        if now - self._listed_at >= LISTING_EVERY:
+            self._listing, self._listed_at = self._list(), now
+        return self._listing
+
+    def _list(self) -> list[tuple[str, int]]:
         listed = (
             (len(room.members), name)
             for name, room in self._rooms.items()
