@@ -26,8 +26,8 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 	touch $@ $(VENV)/.runtime
 
 # bench/: the frame layer against gevent-websocket's, the kernel's own cost of fan-out, ours
-# against two peers under load (scenarios a-f, about 25 minutes), bench/plot.png, then one
-# worker against two through Redis. Not part of `make test`.
+# against two peers under load (scenarios a-f, about 25 minutes), bench/plot.png, one
+# worker against two through Redis, then ours alone in v2 (c2, r100, e2). Not part of `make test`.
 bench: $(VENV)/.bench
 	$(MAKE) -C bench .build/loadgen
 	$(BIN)/python bench/protocol.py
@@ -35,6 +35,7 @@ bench: $(VENV)/.bench
 	$(BIN)/python bench/run.py --scenarios a,b,c,d,e,f,cl300,cl3000,cl10000
 	$(BIN)/python bench/plot.py
 	$(BIN)/python bench/run.py --servers ours,ours-redis --scenarios a,b,c --out bench/results-redis.jsonl
+	$(BIN)/python bench/run.py --servers ours --scenarios c2,r100,e2 --out bench/results-v2.jsonl
 
 $(VENV)/.bench: bench/requirements.txt $(VENV)/.dev
 	$(BIN)/pip install --quiet -r bench/requirements.txt

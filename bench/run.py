@@ -197,10 +197,16 @@ def loadgen_flags(flags):
     return [f"-{key}" if value is True else f"-{key}={value}" for key, value in flags.items()]
 
 
-def run_one(server_name, scenario, duration, repo=REPO):
-    """Runs one scenario against a fresh server (ours from the checkout repo); returns its result record."""
+def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
+    """Runs one scenario against a fresh server (ours from the checkout repo); returns its result record.
+
+    wait_idle: seconds to wait, at most, for both cores to be under IDLE_BELOW % busy first.
+    """
     desc, flags = SCENARIOS[scenario]
+    give_up = time.time() + wait_idle
     background = max(psutil.cpu_percent(interval=0.5, percpu=True)[:2])
+    while background >= IDLE_BELOW and time.time() < give_up:
+        background = max(psutil.cpu_percent(interval=0.5, percpu=True)[:2])
     if background > 10:
         print(f"# warning: {background:.0f}% of a core busy before starting: other load skews results",
               file=sys.stderr, flush=True)
@@ -270,11 +276,16 @@ def print_table(results, ratio_rows):
                 f"{r[k] if r[k] is not None else '-':>{len(k)}}" for k in RATIO_KEYS))
 
 
+# --wait-idle waits for both cores to be less busy than this, in percent.
+IDLE_BELOW = 10
 COMPARED = [  # (header, key, format): the columns of --compare, for each checkout
-    ("deliv/s", "delivered_per_s", "{:.0f}"), ("p50ms", "p50_ms", "{:.1f}"), ("p99ms", "p99_ms", "{:.1f}"),
+    ("deliv/s", "delivered_per_s", "{:.0f}"), ("deliv/cpu-s", "delivered_per_cpu_s", "{:.0f}"),
+    ("p50ms", "p50_ms", "{:.1f}"), ("p99ms", "p99_ms", "{:.1f}"),
     ("srvcpu%", "server_cpu_pct", "{:.0f}"), ("KB/conn", "rss_per_conn_kb", "{:.1f}"),
     ("gaps", "gaps", "{}"), ("disc", "disconnects", "{}"), ("bg%", "background_busy_pct", "{:.0f}"),
 ]
+# The columns of COMPARED whose medians --compare divides.
+COMPARED_RATIOS = {"delivered_per_s", "delivered_per_cpu_s", "p50_ms", "p99_ms", "server_cpu_pct", "rss_per_conn_kb"}
 
 
 def median(values):
@@ -307,7 +318,8 @@ def print_comparison(results, labels):
         if first and second:
             row = [scenario, server, f"{labels[1]}/{labels[0]}"]
             for label in labels:
-                row += [f"{second[key] / first[key]:.3f}" if label == labels[1] and first[key] else ""
+                row += [f"{second[key] / first[key]:.3f}"
+                        if label == labels[1] and key in COMPARED_RATIOS and first[key] else ""
                         for _, key, _ in COMPARED]
             rows.append(row)
     print_rows(rows)
@@ -326,6 +338,9 @@ def main():
     parser.add_argument("--compare", type=Path, metavar="OTHER",
                         help="another checkout: each round runs every scenario on OTHER's ours, then --repo's")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare (default 3)")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                        help=f"before each run, wait up to this long for both cores to be under {IDLE_BELOW}%% busy"
+                        " (on a shared machine)")
     args = parser.parse_args()
     duration = args.duration or (3 if args.quick else 10)
     servers, scenarios = args.servers.split(","), args.scenarios.split(",")
@@ -360,16 +375,20 @@ def main():
                 if SCENARIOS[scenario][1].get("v2") and server not in V2_SERVERS:
                     continue  # The peers speak v1 only.
                 for repo, label in zip(repos, labels):
-                    print(f"# {scenario} ({SCENARIOS[scenario][0]}) on {server}" + (
-                        f" from {repo} ({label}), round {n}" if args.compare or repo != REPO else ""),
-                        file=sys.stderr, flush=True)
+                    print(f"# {scenario} ({SCENARIOS[scenario][0]}) on {server}"
+                          + (f" from {repo} ({label})" if args.compare or repo != REPO else "")
+                          + (f", round {n}" if args.compare else ""), file=sys.stderr, flush=True)
                     try:
-                        result = run_one(server, scenario, duration, repo)
+                        result = run_one(server, scenario, duration, repo, args.wait_idle)
                     except (RuntimeError, psutil.Error) as err:
                         print(f"# {scenario} on {server} FAILED: {err}", file=sys.stderr, flush=True)
                         continue
                     if args.compare:
-                        result.update(round=n, commit=label, repo=str(repo))
+                        # Per second of the server's own CPU time: steadier than per second when
+                        # other processes share its core (then bg% and srvcpu% say so).
+                        cpu = result["server_cpu_pct"] / 100
+                        result.update(round=n, commit=label, repo=str(repo),
+                                      delivered_per_cpu_s=round(result["delivered_per_s"] / cpu) if cpu else 0)
                     results.append(result)
     ratio_rows = [] if args.compare else ratios(results)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 package main
 
-// The v2 protocol (the chat's PROTOCOL.md; shapes in chatapp/codec.py):
+// The chat's v2 protocol (its JSON shapes are in chatapp/codec.py):
 // hello and join before the probes, `say` to send, and the events clients
 // receive. A `message` is read in place when it has the server's own layout
 // (no decoding, no allocation): one comparison of its head, up to "seq":,
