@@ -7,16 +7,16 @@
 // -duration, either as fast as possible (open loop), at a fixed total -rate,
 // or in a closed loop where message q is sent only after every client has
 // received message q-window. Every client checks per-sender order and gaps
-// and records end-to-end latency.
+// and records end-to-end latency. It prints one table line, or one JSON line
+// with -json (the table line then goes to stderr). Progress lines starting
+// with "# " go to stderr; "# sending" and "# sent" bracket the send phase.
 //
 // With -v2 the clients speak the chat's v2 protocol (subprotocol chat.v2,
 // JSON; v2.go): each says hello and joins one of -rooms rooms (client i room
 // "r<i mod rooms>", or "lobby" when there is one room) before the probes,
 // which then go to every room. Senders send the same text in a `say`, and
 // every client also checks its room's seq for gaps and reorders. A sender's
-// closed-loop window counts the clients of its room only. It prints one table line, or one JSON line
-// with -json (the table line then goes to stderr). Progress lines starting
-// with "# " go to stderr; "# sending" and "# sent" bracket the send phase.
+// closed-loop window counts the clients of its room only.
 //
 // It uses the standard library only: ws.go is a minimal WebSocket client and
 // receiver.go reads every connection from one epoll loop: no goroutine,
