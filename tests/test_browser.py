@@ -2,13 +2,15 @@
 
 Needs Debian's Chromium (`apt-get install -y chromium`) and the `playwright` package (Playwright's
 own browser download is not used). Without them these tests skip; under CI=true they fail instead.
-Synchronisation is Playwright's auto-waiting (expect), never sleeps.
+Synchronisation is Playwright's auto-waiting (expect) or polls with deadlines, never sleeps.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +19,7 @@ import websocket
 from conftest import unavailable
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, BrowserContext, Page
+    from playwright.sync_api import Browser, BrowserContext, Locator, Page
     from support import ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,10 +35,8 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 TIMEOUT_MS = 10_000
-# After a server restart the page's backoff may be a few seconds into its schedule.
+# After a server restart or a cut the page's backoff may be a few seconds into its schedule.
 RECONNECT_TIMEOUT_MS = 20_000
-
-LINES = "#log .line"
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +58,39 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def open_page(browser: Browser, start_server: Any) -> Iterator[Callable[..., Page]]:
-    """open_page(server, **context_options) opens the chat in a fresh browser context, connected.
+    """open_page(server, url=None, nick=None, room="lobby", **context_options) opens the chat in
+    a fresh browser context (so a session of its own), chooses a nick as a user does, and waits
+    until the page is connected and in `room` (room=None: connected only).
 
-    Depends on start_server so that the pages close before the servers stop.
+    Depends on start_server so that the pages close before the servers stop. A script error
+    on any page fails the test.
     """
     contexts: list[BrowserContext] = []
+    errors: list[str] = []
 
-    def open_(server: ServerProcess, url: str | None = None, **options: Any) -> Page:
+    def open_(
+        server: ServerProcess,
+        url: str | None = None,
+        nick: str | None = None,
+        room: str | None = "lobby",
+        **options: Any,
+    ) -> Page:
         context = browser.new_context(**options)
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)
         page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(url or server.url)
+        choose_nick(page, nick or f"user{len(contexts)}")
         wait_open(page)
+        if room is not None:
+            wait_joined(page, room)
         return page
 
     yield open_
     for context in contexts:
         context.close()
+    assert not errors, f"script errors on the page: {errors}"
 
 
 def expect(target: Any) -> Any:
@@ -84,24 +99,81 @@ def expect(target: Any) -> Any:
     return pw_expect(target)
 
 
+def choose_nick(page: Page, nick: str) -> None:
+    """Type a nickname into the page's nick form and press Enter."""
+    page.fill("#nick", nick)
+    page.press("#nick", "Enter")
+
+
 def wait_open(page: Page, timeout: float = TIMEOUT_MS) -> None:
     expect(page.locator("body")).to_have_attribute("data-state", "open", timeout=timeout)
     expect(page.locator("#status")).to_have_text("Connected")
 
 
+def wait_joined(page: Page, room: str = "lobby", timeout: float = TIMEOUT_MS) -> None:
+    expect(page.locator(f"#room-{room}")).to_have_attribute("data-joined", "yes", timeout=timeout)
+
+
 def say(page: Page, text: str) -> None:
-    """Type a line into the page and press Enter, as a user does."""
+    """Type a line into the page and press Enter, as a user does (it goes to the room shown)."""
     page.fill("#msg", text)
     page.press("#msg", "Enter")
 
 
-def expect_last_line(page: Page, text: str) -> None:
-    expect(page.locator(LINES).last).to_have_text(text)
+def open_room(page: Page, room: str) -> None:
+    """Open (or create) a room with the page's room form, unfolding it first if folded."""
+    if not page.locator("#room-input").is_visible():
+        page.click("#rooms-box summary")
+    page.fill("#room-input", room)
+    page.press("#room-input", "Enter")
+    wait_joined(page, room)
+
+
+def show_room(page: Page, room: str) -> None:
+    page.click(f"#tab-{room}")
+    expect(page.locator(f"#room-{room}")).to_be_visible()
+
+
+def lines(page: Page, room: str = "lobby") -> Locator:
+    """The chat lines (not the quiet join and leave lines) of a room's log, oldest first."""
+    return page.locator(f"#log-{room} .line.msg")
+
+
+def texts(page: Page, room: str = "lobby") -> Locator:
+    return page.locator(f"#log-{room} .line.msg .text")
+
+
+def expect_last_line(page: Page, text: str, room: str = "lobby") -> None:
+    expect(texts(page, room).last).to_have_text(text)
+
+
+def pending(page: Page, room: str = "lobby") -> Locator:
+    """Lines the page has sent and the server has not acknowledged yet."""
+    return page.locator(f"#room-{room} .pending li")
+
+
+def expect_listed(page: Page, room: str, members: int) -> None:
+    """Refresh the page's list of rooms until it shows the room with that many members: the
+    server makes a listing at most once a second, so an answer may be a second old."""
+    count = page.locator(f"#room-list li[data-room='{room}'] .count")
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while True:
+        page.click("#refresh-rooms")
+        try:
+            expect(count).to_have_text(f"{members} member{'' if members == 1 else 's'}", timeout=500)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def members(page: Page, room: str = "lobby") -> Locator:
+    return page.locator(f"#room-{room} .members li")
 
 
 @contextmanager
 def sender(server: ServerProcess) -> Iterator[Callable[[list[str]], None]]:
-    """A plain WebSocket client that sends lines (much faster than typing them).
+    """A v1 WebSocket client that sends lines (much faster than typing them).
 
     One connection for the whole test: it stays open, so the test does not depend on how the
     server handles a client that connects, sends and leaves at once (not this file's subject).
@@ -118,9 +190,9 @@ def sender(server: ServerProcess) -> Iterator[Callable[[list[str]], None]]:
         ws.close()
 
 
-def scroll_metrics(page: Page) -> dict[str, float]:
+def scroll_metrics(page: Page, room: str = "lobby") -> dict[str, float]:
     return page.eval_on_selector(
-        "#log",
+        f"#log-{room}",
         "el => ({top: el.scrollTop, client: el.clientHeight, height: el.scrollHeight})",
     )
 
@@ -128,7 +200,7 @@ def scroll_metrics(page: Page) -> dict[str, float]:
 def test_line_typed_in_one_page_appears_in_both(start_server: Any, open_page: Any) -> None:
     """A line typed in one page (Enter) shows in both pages' logs, and the input is cleared."""
     server = start_server("gunicorn")
-    alice, bob = open_page(server), open_page(server)
+    alice, bob = open_page(server, nick="alice"), open_page(server, nick="bob")
 
     say(alice, "hello from alice")
 
@@ -163,19 +235,19 @@ def test_scrolled_up_reader_is_not_yanked_down(start_server: Any, open_page: Any
         before = scroll_metrics(reader)
         assert before["height"] > before["client"] * 3, before  # the log really overflows
 
-        reader.eval_on_selector("#log", "el => { el.scrollTop = 100; }")
+        reader.eval_on_selector("#log-lobby", "el => { el.scrollTop = 100; }")
         send([f"while scrolled up {i}" for i in range(20)])
         expect_last_line(reader, "while scrolled up 19")
         after = scroll_metrics(reader)
         assert abs(after["top"] - 100) <= 1, after
         assert after["height"] > before["height"]  # the lines did arrive, below
 
-        reader.eval_on_selector("#log", "el => { el.scrollTop = el.scrollHeight; }")
+        reader.eval_on_selector("#log-lobby", "el => { el.scrollTop = el.scrollHeight; }")
         send([f"at the bottom {i}" for i in range(20)])
         expect_last_line(reader, "at the bottom 19")
         end = scroll_metrics(reader)
         assert end["top"] + end["client"] >= end["height"] - 2, end
-        expect(reader.locator(LINES).last).to_be_in_viewport()
+        expect(lines(reader).last).to_be_in_viewport()
 
 
 def test_line_cap_keeps_the_view_still(start_server: Any, open_page: Any) -> None:
@@ -191,16 +263,16 @@ def test_line_cap_keeps_the_view_still(start_server: Any, open_page: Any) -> Non
     with sender(server) as send:
         send([f"old {i}" for i in range(1000)])
         expect_last_line(reader, "old 999")
-        expect(reader.locator(LINES)).to_have_count(1000)
+        expect(reader.locator("#log-lobby .line")).to_have_count(1000)
 
-        reader.eval_on_selector("#log", "el => { el.scrollTop = el.scrollHeight / 2; }")
-        seen = reader.eval_on_selector("#log", probe)
+        reader.eval_on_selector("#log-lobby", "el => { el.scrollTop = el.scrollHeight / 2; }")
+        seen = reader.eval_on_selector("#log-lobby", probe)
 
         send([f"new {i}" for i in range(100)])
         expect_last_line(reader, "new 99")
-    expect(reader.locator(LINES)).to_have_count(1000)
-    expect(reader.locator(LINES).first).to_have_text("old 100")
-    now = reader.eval_on_selector("#log", probe)
+    expect(reader.locator("#log-lobby .line")).to_have_count(1000)
+    expect(texts(reader).first).to_have_text("old 100")
+    now = reader.eval_on_selector("#log-lobby", probe)
     assert now["text"] == seen["text"], (seen, now)
     assert abs(now["y"] - seen["y"]) <= 1, (seen, now)
 
@@ -215,7 +287,7 @@ def test_html_is_shown_as_text(start_server: Any, open_page: Any) -> None:
 
     for page in (victim, mallory):
         expect_last_line(page, payload)
-        expect(page.locator("#log img")).to_have_count(0)
+        expect(page.locator("#panels img")).to_have_count(0)
         assert page.evaluate("typeof window.__pwned") == "undefined"
 
 
@@ -267,33 +339,41 @@ def test_too_big_message_is_not_sent(start_server: Any, open_page: Any) -> None:
     say(writer, "still here")
     for page in (writer, reader):
         expect_last_line(page, "still here")
-    expect(reader.locator(LINES).filter(has_text="é")).to_have_count(0)
+    expect(texts(reader).filter(has_text="é")).to_have_count(0)
 
 
 def test_rate_limit_close_is_final(start_server: Any, open_page: Any) -> None:
-    """When the server closes with 1008 (flooding), the page says why and does not retry."""
+    """When the server closes with 1008 (flooding), the page says why, keeps the lines, and does not retry."""
     server = start_server("gunicorn", CHAT_RATE_LIMIT="1")
     page, other = open_page(server), open_page(server)
 
-    # Submit the form 3 times in one go: at 1 message/s with a burst of 2, the third is refused
-    # and the server closes with 1008. Only 3, so that nothing is left unread on the server's
-    # socket: a server that closes with unread data sends a TCP reset, which can destroy the
-    # close frame in flight (the browser then sees 1006). That is the server's matter.
+    # Submit the form 10 times in one go. v2 counts every frame (at 1 message/s: bursts of 2,
+    # closed past 4), so one of the first five is over twice the rate and the server closes
+    # with 1008; it reads and discards the rest until the page answers its close frame.
+    flood = [f"flood {i}" for i in range(10)]
     page.evaluate(
-        """() => {
+        """lines => {
             const msg = document.getElementById('msg'), form = document.getElementById('form');
-            for (let i = 0; i < 3; i++) { msg.value = 'flood ' + i; form.requestSubmit(); }
-        }"""
+            for (const line of lines) { msg.value = line; form.requestSubmit(); }
+        }""",
+        flood,
     )
 
     # A retry would have set "reconnecting" in the same close handler: "closed" means none.
     expect(page.locator("body")).to_have_attribute("data-state", "closed")
     expect(page.locator("#status")).to_contain_text("(1008)")
     expect(page.locator("#status")).to_contain_text("rate limit")
-    # The two allowed lines reach the others, the third never does. (Not asserted on the
-    # flooder's own log: its connection may be closed before the hub echoes them back to it.)
-    expect(other.locator(LINES)).to_have_text(["flood 0", "flood 1"])
+    # What was not acknowledged stays in view, marked as not sent.
+    expect(pending(page).last).to_contain_text("flood 9")
+    expect(pending(page).last).to_contain_text("not sent")
+
+    # The other page is still in the chat. Its line comes after any flood line the server took
+    # (within the rate: two at most, among the first five), so by then all of those are in.
     expect(other.locator("body")).to_have_attribute("data-state", "open")
+    say(other, "after the flood")
+    expect_last_line(other, "after the flood")
+    heard = texts(other).all_text_contents()[:-1]
+    assert len(heard) <= 2 and set(heard) <= set(flood[:5]), heard
 
 
 def test_input_maxlength_is_the_server_limit(start_server: Any, open_page: Any) -> None:
@@ -306,17 +386,160 @@ def test_input_maxlength_is_the_server_limit(start_server: Any, open_page: Any) 
     expect(page.locator("#msg")).to_have_value("x" * 100)
 
 
-def test_screenshots_of_a_conversation(start_server: Any, open_page: Any) -> None:
-    """Two pages mid-conversation, a phone and a desktop, are captured to tests/artifacts/."""
+def test_two_nicks_chat_in_two_rooms(start_server: Any, open_page: Any) -> None:
+    """Two pages with different nicks chat in two rooms: each line in its room only, with its
+    nick and local time, one's own lines marked; the rooms list counts the members."""
     server = start_server("gunicorn")
-    phone = open_page(
-        server,
-        viewport={"width": 420, "height": 760},
-        device_scale_factor=2,
-        is_mobile=True,
-        has_touch=True,
+    alice = open_page(server, nick="alice")
+    bob = open_page(server, server.url + "/?room=dev", nick="bob", room="dev")  # a room from the URL
+    alice.evaluate("window.__sameDocument = true")
+    alice.goto(server.url + "/#dev")  # the other form, typed into the address bar of an open page
+    wait_joined(alice, "dev")
+    expect(alice.locator("#room-dev")).to_be_visible()
+    assert alice.evaluate("window.__sameDocument") is True, "the page reloaded"
+    bob.click("#refresh-rooms")  # the listing: open a room from it
+    bob.click("#room-list li[data-room='lobby'] button")
+    wait_joined(bob, "lobby")
+    expect(bob).to_have_url(server.url + "/?room=dev#lobby")  # a reload shows the room shown now
+
+    show_room(bob, "dev")
+    say(bob, "in dev only")
+    say(alice, "dev reply")  # alice has dev shown: she opened it last
+    show_room(alice, "lobby")
+    say(alice, "in the lobby")
+
+    for page in (alice, bob):
+        expect(texts(page, "dev")).to_have_text(["in dev only", "dev reply"])
+        expect(texts(page, "lobby")).to_have_text(["in the lobby"])
+        expect(lines(page, "dev").locator(".nick")).to_have_text(["bob", "alice"])
+    expect(lines(alice, "dev").first).not_to_have_class("line msg own")
+    expect(lines(alice, "dev").last).to_have_class("line msg own")
+    expect(lines(bob, "dev").first).to_have_class("line msg own")
+    expect(lines(bob, "lobby").first).not_to_have_class("line msg own")
+    # An unread line in a room not shown is counted on its tab.
+    expect(bob.locator("#tab-lobby .badge")).to_have_text("1")
+
+    # The time is the message's, shown in local time.
+    stamp = lines(bob, "dev").first.locator("time")
+    when = datetime.fromisoformat(stamp.get_attribute("datetime").replace("Z", "+00:00"))
+    assert abs((datetime.now(UTC) - when).total_seconds()) < 60, when
+    shown = bob.evaluate(
+        "iso => new Date(iso).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'})",
+        stamp.get_attribute("datetime"),
     )
-    desktop = open_page(server, viewport={"width": 1000, "height": 700})
+    expect(stamp).to_have_text(shown)
+
+    for room in ("dev", "lobby"):
+        expect_listed(alice, room, 2)
+
+
+def test_members_appear_and_disappear_live(start_server: Any, open_page: Any) -> None:
+    """A room's member list follows joins and leaves as they happen, with a quiet line for each."""
+    server = start_server("gunicorn")
+    alice = open_page(server, nick="alice")
+    expect(members(alice)).to_have_text(["alice (you)"])
+
+    bob = open_page(server, nick="Bob")
+    expect(members(alice)).to_have_text(["alice (you)", "Bob"])
+    expect(members(bob)).to_have_text(["alice", "Bob (you)"])
+    expect(alice.locator("#room-lobby .members summary")).to_have_text("Members (2)")
+    expect(alice.locator("#log-lobby .line.sys").last).to_have_text("Bob joined")
+
+    open_room(alice, "dev")
+    open_room(bob, "dev")
+    expect(members(alice, "dev")).to_have_text(["alice (you)", "Bob"])
+    bob.click("#tabs .tab[data-room='dev'] .close")  # leave dev, stay in the lobby
+    expect(bob.locator("#room-dev")).to_have_count(0)
+    expect(members(alice, "dev")).to_have_text(["alice (you)"])
+    expect(alice.locator("#log-dev .line.sys").last).to_have_text("Bob left")
+    expect(members(alice)).to_have_text(["alice (you)", "Bob"])
+
+    bob.context.close()  # Bob goes away altogether
+    expect(members(alice)).to_have_text(["alice (you)"])
+    expect(alice.locator("#room-lobby .members summary")).to_have_text("Members (1)")
+    expect(alice.locator("#log-lobby .line.sys").last).to_have_text("Bob left")
+
+
+def test_server_restart_shows_the_missed_messages_marker(start_server: Any, open_page: Any) -> None:
+    """After a restart that lost the history, each page marks in its log that it may have missed lines."""
+    fast_exit = {"CHAT_HANDSHAKE_TIMEOUT": "1"}
+    old = start_server("gunicorn", **fast_exit)
+    alice, bob = open_page(old, nick="alice"), open_page(old, nick="bob")
+    say(bob, "before the restart")
+    expect_last_line(alice, "before the restart")
+    expect(alice.locator("#log-lobby .gap")).to_have_count(0)
+
+    old.stop()
+    start_server("gunicorn", port=old.port, **fast_exit)  # a new epoch: the history is gone
+
+    for page in (alice, bob):
+        wait_open(page, timeout=RECONNECT_TIMEOUT_MS)
+        wait_joined(page)
+        expect(page.locator("#log-lobby .gap")).to_have_count(1)
+        expect(page.locator("#log-lobby .gap")).to_be_visible()
+        expect(page.locator("#log-lobby .gap")).to_contain_text("may have missed messages")
+    # The new history counts from seq 1 again, and its lines show, after the marker.
+    say(bob, "after the restart")
+    expect_last_line(alice, "after the restart")
+    order = alice.eval_on_selector_all(
+        "#log-lobby .line.gap, #log-lobby .line.msg",
+        "els => els.map(e => e.classList.contains('gap') ? 'GAP' : e.querySelector('.text').textContent)",
+    )
+    assert order == ["before the restart", "GAP", "after the restart"], order
+    for scheme in ("light", "dark"):
+        alice.emulate_media(color_scheme=scheme)
+        ratio = alice.eval_on_selector("#log-lobby .gap", CONTRAST)
+        assert ratio >= 4.5, f"the marker in {scheme} mode: contrast {ratio:.2f}:1"
+
+
+def test_nick_taken_is_shown_inline_and_a_new_nick_is_remembered(start_server: Any, open_page: Any) -> None:
+    """A nick someone else holds in the room is explained at the nick field; the new nick and
+    the session are remembered across a reload."""
+    server = start_server("gunicorn")
+    alice = open_page(server, nick="alice")
+    page = open_page(server, nick="ALICE", room=None)  # the same nick: nicks compare casefolded
+
+    expect(page.locator("#nick-form")).to_be_visible()
+    expect(page.locator("#nick-error")).to_contain_text("“ALICE” is taken in #lobby")
+    expect(page.locator("#nick")).to_be_focused()
+    expect(page.locator("#room-lobby")).to_have_attribute("data-joined", "no")
+    say(page, "kept until I am in")
+    expect(page.locator("#notice")).to_contain_text("You are not in #lobby")
+    expect(page.locator("#msg")).to_have_value("kept until I am in")
+    expect(members(alice)).to_have_text(["alice (you)"])
+
+    page.fill("#nick", "bad nick!")
+    page.press("#nick", "Enter")
+    expect(page.locator("#nick-error")).to_contain_text("A nickname is 1 to 24 letters")
+
+    choose_nick(page, "alicia")
+    expect(page.locator("#nick-form")).to_be_hidden()
+    expect(page.locator("#nick-error")).to_have_text("")
+    wait_joined(page)
+    expect(page.locator("#my-nick")).to_have_text("alicia")
+    page.press("#msg", "Enter")  # the kept line, now that it can go
+    expect_last_line(alice, "kept until I am in")
+    expect(lines(alice).last.locator(".nick")).to_have_text("alicia")
+
+    session = page.evaluate("localStorage.getItem('chat.session')")
+    page.reload()
+    expect(page.locator("#nick-form")).to_be_hidden()  # not asked again
+    wait_open(page)
+    wait_joined(page)
+    expect(page.locator("#my-nick")).to_have_text("alicia")
+    assert page.evaluate("localStorage.getItem('chat.session')") == session
+    expect(members(alice)).to_have_text(["alice (you)", "alicia"])
+
+
+def test_screenshots_of_a_conversation(start_server: Any, open_page: Any) -> None:
+    """Two pages mid-conversation, a phone and a desktop, are captured to tests/artifacts/; on
+    the phone the member list is folded and opens on demand."""
+    server = start_server("gunicorn")
+    phone_size = {"width": 390, "height": 760}
+    phone = open_page(server, nick="sam", viewport=phone_size, device_scale_factor=2, is_mobile=True, has_touch=True)
+    desktop = open_page(server, nick="robin", viewport={"width": 1000, "height": 700})
+    for page in (phone, desktop):
+        open_room(page, "deploys")
 
     conversation = [
         (phone, "hey, are you at your desk?"),
@@ -331,18 +554,29 @@ def test_screenshots_of_a_conversation(start_server: Any, open_page: Any) -> Non
     for page, text in conversation:
         say(page, text)
         for p in (phone, desktop):
-            expect_last_line(p, text)
+            expect_last_line(p, text, "deploys")
     phone.fill("#msg", "typing a reply…")
+    expect_listed(desktop, "deploys", 2)
+
+    members_list = phone.locator("#room-deploys .members ul")
+    expect(members_list).to_be_hidden()  # folded on a phone
+    expect(desktop.locator("#room-deploys .members ul")).to_be_visible()
 
     ARTIFACTS.mkdir(exist_ok=True)
-    for name, page in (("phone", phone), ("desktop", desktop)):
-        path = ARTIFACTS / f"two-pages-{name}.png"
-        page.screenshot(path=str(path))
+    shots = [("two-pages-phone", phone), ("two-pages-desktop", desktop)]
+    for name, page in shots:
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    phone.click("#room-deploys .members summary")
+    expect(members_list).to_be_visible()
+    expect(members_list.locator("li")).to_have_text(["robin", "sam (you)"])
+    phone.screenshot(path=str(ARTIFACTS / "two-pages-phone-members.png"))
+    for name in ("two-pages-phone", "two-pages-desktop", "two-pages-phone-members"):
+        path = ARTIFACTS / f"{name}.png"
         assert path.stat().st_size > 5 * 1024, f"{path} is only {path.stat().st_size} bytes"
     # The layout holds: nothing wider than the phone's screen, the form at the bottom.
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     box = phone.locator("#form").bounding_box()
-    assert box is not None and abs(box["y"] + box["height"] - 760) <= 1, box
+    assert box is not None and abs(box["y"] + box["height"] - phone_size["height"]) <= 1, box
 
 
 # WCAG 2 contrast ratio between an element's text colour and the background it is drawn on
@@ -366,14 +600,48 @@ CONTRAST = r"""el => {
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_text_is_readable_in_both_color_schemes(
-    start_server: Any, open_page: Any, scheme: str
-) -> None:
-    """Lines, input, status and Send button have WCAG AA contrast (4.5:1), light and dark."""
+def test_text_is_readable_in_both_color_schemes(start_server: Any, open_page: Any, scheme: str) -> None:
+    """Every kind of text on the page has WCAG AA contrast (4.5:1), light and dark."""
     server = start_server("gunicorn")
-    page = open_page(server, color_scheme=scheme)
+    page = open_page(server, nick="alice", color_scheme=scheme)
+    other = open_page(server, nick="bob")  # "bob joined": a quiet line
     say(page, "contrast")
-    expect_last_line(page, "contrast")
-    for selector in ("#log .line", "#msg", "#status", "#form button"):
+    say(other, "from bob")
+    expect_last_line(page, "from bob")
+    open_room(page, "dev")
+    say(other, "unread")  # counted on the lobby tab's badge
+    expect(page.locator("#tab-lobby .badge")).to_have_text("1")
+    expect_listed(page, "dev", 1)
+    page.fill("#room-input", "Not a room!")
+    page.press("#room-input", "Enter")
+    page.fill("#msg", "é" * 300)  # 600 bytes: over the 512-byte limit
+    page.press("#msg", "Enter")
+    expect(page.locator("#notice")).to_contain_text("Message too long")
+
+    selectors = [
+        "#log-lobby .line.own .text",
+        "#log-lobby .line.own time",
+        "#log-lobby .line.own .nick",
+        "#log-lobby .line:not(.own) .text",
+        "#log-lobby .line:not(.own) .nick",
+        "#log-lobby .line.sys",
+        "#msg",
+        "#status",
+        "#form button",
+        "#my-nick",
+        "#change-nick",
+        "#notice",
+        "#room-error",
+        "#tab-dev",
+        "#tab-lobby",
+        "#tab-lobby .badge",
+        "#rooms-box summary",
+        "#room-list .name",
+        "#room-list .count",
+        "#room-dev .members summary",
+        "#room-dev .members li",
+    ]
+    for selector in selectors:
+        expect(page.locator(selector).first).to_be_attached()
         ratio = page.eval_on_selector(selector, CONTRAST)
         assert ratio >= 4.5, f"{selector} in {scheme} mode: contrast {ratio:.2f}:1"
