@@ -12,13 +12,14 @@ from urllib.parse import urlsplit
 import bottle
 
 from . import frames
-from .broker import Broker, InProcessBroker, RedisBroker
+from .broker import RedisBroker
 from .codec import SUBPROTOCOL_V2, Codec, CommandError, Hello, Say, V1Codec, V2Codec
 from .config import Config
 from .conn import Conn
 from .frames import ProtocolFailure
 from .hub import Hub
 from .peer import Pace, Peer
+from .redis_hub import RedisHub
 from .room import Rooms
 from .websocket import ChatWebSocket, WebSocket
 
@@ -57,15 +58,18 @@ class Chat:
     def __init__(self, config: Config) -> None:
         self.config = config
         rooms = Rooms(config.max_rooms, config.history_bytes, config.recovery_window)
-        self.hub = Hub(
+        # One worker alone: its hub numbers the lines. With Redis, Redis does (broker.py).
+        hub_class = RedisHub if config.redis_url else Hub
+        self.hub = hub_class(
             rooms,
             inbox_size=config.hub_inbox_size,
             history=config.history,
             ping_period=config.ping_period,
             pong_wait=config.pong_wait,
         )
-        self.broker = make_broker(config, self.hub)
-        self.hub.said = self.broker.publish
+        self.broker: RedisBroker | None = None
+        if config.redis_url:
+            self.broker = self.hub.broker = RedisBroker(self.hub, config)
         # The codecs every connection shares: they hold only the limits.
         self.v1 = V1Codec(config.max_message_size)
         self.v2 = V2Codec(config.max_message_size, config.rate_limit)
@@ -84,11 +88,11 @@ class Chat:
 
     def serve_health(self) -> dict:
         """For the platform and operators: 200 "ok", or 503 "degraded" while Redis is away."""
-        healthy = self.broker.healthy()
+        healthy = self.broker is None or self.broker.healthy()
         bottle.response.status = 200 if healthy else 503
         return {
             "status": "ok" if healthy else "degraded",
-            "broker": self.broker.name,
+            "broker": "redis" if self.broker else "in-process",
             "connections": self.connections,
             "pid": os.getpid(),
         }
@@ -244,12 +248,9 @@ def create_app(config: Config | None = None) -> bottle.Bottle:
     # gevent-websocket's stock handler asks the application which subprotocol it speaks.
     app.app_protocol = lambda path: SUBPROTOCOL_V2 if path == "/ws" else None
     chat.hub.start()
-    chat.broker.start()
+    if chat.broker is not None:
+        chat.broker.start()
+        # Follow the lobby before taking connections, so that a v1 client hears every line said
+        # after it connected; if Redis does not answer in time, start degraded.
+        chat.hub.ready.wait(2 * RedisBroker.COMMAND_TIMEOUT + 1)
     return app
-
-
-def make_broker(config: Config, hub: Hub) -> Broker:
-    """Redis when REDIS_URL is set, else this process alone."""
-    if config.redis_url:
-        return RedisBroker(hub, config.redis_url, config.redis_stream, config.history)
-    return InProcessBroker()

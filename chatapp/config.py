@@ -44,10 +44,12 @@ class Config:
     # Bytes of history one worker holds in all rooms; past it the oldest lines of the least
     # recently active rooms go first.
     history_bytes: int = 64 << 20
-    # Redis for many workers and hosts; empty means the in-process broker (one worker).
+    # Redis for many workers and hosts; empty means one worker alone.
     redis_url: str = ""
-    # The Redis stream that carries the chat (and its history).
-    redis_stream: str = "chat"
+    # Whether REDIS_URL names a node of a Redis Cluster.
+    redis_cluster: bool = False
+    # What every key of this chat in Redis starts with: two prefixes on one Redis are two chats.
+    redis_prefix: str = "chat"
     # Requests (register, unregister, broadcast) the hub's inbox holds before senders wait.
     hub_inbox_size: int = 1024
 
@@ -75,7 +77,8 @@ class Config:
             max_rooms=_int(env, "CHAT_MAX_ROOMS", cls.max_rooms, minimum=1),
             history_bytes=_int(env, "CHAT_HISTORY_BYTES", cls.history_bytes, minimum=0),
             redis_url=_redis_url(env),
-            redis_stream=env.get("CHAT_REDIS_STREAM", "").strip() or cls.redis_stream,
+            redis_cluster=_flag(env, "CHAT_REDIS_CLUSTER"),
+            redis_prefix=_prefix(env),
             hub_inbox_size=_int(env, "CHAT_HUB_INBOX_SIZE", cls.hub_inbox_size, minimum=1),
         )
         if config.ping_period >= config.pong_wait:
@@ -110,6 +113,22 @@ def _redis_url(env: Mapping[str, str]) -> str:
     except ValueError:
         raise ConfigError(f"REDIS_URL has a bad port: {url!r}") from None
     return url
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+
+
+def _prefix(env: Mapping[str, str]) -> str:
+    raw = env.get("CHAT_REDIS_PREFIX", "").strip() or "chat"
+    if any(c in raw for c in "{}:") or not raw.isprintable():
+        raise ConfigError(f"CHAT_REDIS_PREFIX must be printable, without {{, }} or :, got {raw!r}")
+    return raw
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from time import monotonic
 
 import gevent
@@ -80,8 +79,6 @@ class Hub:
         self._refs: OrderedDict[tuple[str, str, str, str], tuple[int, float]] = OrderedDict()
         # The chat's clock: milliseconds since 1970, never running backwards.
         self._last_time = 0
-        # Told of every message said on this worker, for the broker to carry to the others.
-        self.said: Callable[[ChatMessage], None] = lambda message: None
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
@@ -107,16 +104,6 @@ class Hub:
         """Publish a line to a room the connection is in."""
         self._inbox.put((_SAY, conn, say))
 
-    def relay(self, room: str, nick: str | None, text: str) -> None:
-        """Publish a line said on another worker (the broker calls this)."""
-        self._inbox.put((_SAY, None, (room, nick, text)))
-
-    def seed(self, room: str, lines: list[tuple[str | None, str]]) -> None:
-        """Fill a room's history with (nick, text) lines said before this worker started. It does
-        not yield, so no request of run()'s interleaves."""
-        for nick, text in lines:
-            self._keep(self.rooms.get(room), nick, text)
-
     def command(self, conn: Conn, command: Join | Leave | ListRooms) -> None:
         self._inbox.put((_COMMAND, conn, command))
 
@@ -139,11 +126,11 @@ class Hub:
                 log.exception("hub: request %d for %r failed", kind, conn)
 
     def _handle(self, kind: int, conn: Conn | None, item: object) -> None:
-        if kind == _SAY:
-            # Take the says queued right behind this one along: each member then gets the
+        if kind in self._burstable:
+            # Take the lines queued right behind this one along: each member then gets the
             # whole burst in one send, however many clients spoke.
-            burst = self._stamp(conn, item)
-            burst += self._take_says(MAX_BURST - len(burst))
+            burst = self._line(kind, conn, item)
+            burst += self._take_lines(MAX_BURST - len(burst))
             if burst:
                 self._fan_out(burst)
             # A hub that never blocks starves the pumps: let them run, and let the next
@@ -189,18 +176,15 @@ class Hub:
                 self.conns.discard(conn)
                 self._leave_all(conn)
 
-    def _stamp(self, conn: Conn | None, say: Say | tuple[str, str | None, str]) -> list[ChatMessage]:
-        """Give a say its place in its room: seq, time, history; ack it. [] if refused or a repeat.
+    # Kinds of request whose lines a fan-out takes along (see _take_lines).
+    _burstable: tuple[int, ...] = (_SAY,)
 
-        conn None: a line relayed from another worker, (room, nick, text).
-        """
-        if conn is None:
-            room_name, nick, text = say  # type: ignore[misc]
-            try:
-                return [self._keep(self.rooms.get(room_name), nick, text)]
-            except CommandError:
-                return []  # No room for it on this worker: its members are elsewhere.
-        assert isinstance(say, Say)
+    def _line(self, kind: int, conn: Conn, item: Say) -> list[ChatMessage]:
+        """The messages a burstable request makes ready to fan out."""
+        return self._stamp(conn, item)
+
+    def _stamp(self, conn: Conn, say: Say) -> list[ChatMessage]:
+        """Give a say its place in its room: seq, time, history; ack it. [] if refused or a repeat."""
         peer = conn.peer
         room = self.rooms.find(say.room) if say.room in peer.rooms else None
         if room is None:
@@ -220,7 +204,6 @@ class Hub:
             self._remember_ref(ref_key, message.seq)
         if peer.v2:
             self._send(conn, V2Codec.ack(say.ref, room.name, message.seq))
-        self.said(message)
         return [message]
 
     def _keep(self, room: Room, nick: str | None, text: str) -> ChatMessage:
@@ -249,13 +232,15 @@ class Hub:
         if len(self._refs) > REF_MEMORY:
             self._refs.popitem(last=False)
 
-    def _take_says(self, limit: int) -> list[ChatMessage]:
-        """Stamp up to limit says from the head of the inbox (never past another request)."""
+    def _take_lines(self, limit: int) -> list[ChatMessage]:
+        """Take up to limit burstable requests from the head of the inbox (never past another
+        request): the messages they make ready."""
         inbox = self._inbox
+        burstable = self._burstable
         taken: list[ChatMessage] = []
-        while limit > 0 and inbox.qsize() and inbox.peek_nowait()[0] == _SAY:
-            _, conn, say = inbox.get_nowait()
-            taken += self._stamp(conn, say)
+        while limit > 0 and inbox.qsize() and inbox.peek_nowait()[0] in burstable:
+            kind, conn, item = inbox.get_nowait()
+            taken += self._line(kind, conn, item)
             limit -= 1
         return taken
 
@@ -296,7 +281,7 @@ class Hub:
                     sends += 1
                     if sends % LOOK_UP_EVERY == 0 and taken < MAX_BURST:
                         gevent.sleep(0)
-                        more = self._take_says(MAX_BURST - taken)
+                        more = self._take_lines(MAX_BURST - taken)
                         if more:
                             taken += len(more)
                             self._add_to(bursts, more)
@@ -323,9 +308,12 @@ class Hub:
                 self._leave(conn, room)
                 self._send(conn, codec.left(room.name))
             else:
-                self._send(conn, codec.rooms(self.rooms.listing()))
+                self._list_rooms(conn)
         except CommandError as error:
             self._send(conn, codec.error(error))
+
+    def _list_rooms(self, conn: Conn) -> None:
+        self._send(conn, conn.peer.codec.rooms(self.rooms.listing()))
 
     def _join(self, conn: Conn, join: Join) -> None:
         peer = conn.peer

@@ -73,6 +73,16 @@ class Room:
         # Every connection that receives the room's messages: its members' and, in the lobby,
         # the v1 clients'.
         self.conns: set[Conn] = set()
+        # With Redis (redis_hub.py), whether seq and history follow the room's live channel;
+        # lines that came early (a gap, or while syncing), by seq; joins waiting for the room
+        # to reach their seq; whether a gap is being filled; connections here per nick.
+        self.live = True
+        self.early: dict[int, ChatMessage] = {}
+        self.waiting: list[tuple[Conn, object, object]] = []
+        self.filling = False
+        self.here: dict[str, int] = {}
+        # Says of connections whose join Redis has not answered yet: they go out after it.
+        self.held: dict[Conn, list[object]] = {}
 
     def __repr__(self) -> str:
         return f"<Room {self.name} {self.epoch}:{self.seq} {len(self.members)} members>"
@@ -84,12 +94,11 @@ class Room:
 
     def add(self, conn: Conn, nick: str, nick_key: str, session: str) -> bool:
         """Add a v2 connection; True when its nick is new here (the others hear it joined)."""
+        self.check_nick(nick_key, session)
         member = self.members.get(nick_key)
         if member is None:
             self.members[nick_key] = Member(nick, session, [conn])
             bisect.insort(self._sorted_keys, nick_key)
-        elif member.session != session:
-            raise CommandError("nick_taken", f"{member.nick} is someone else's nick in {self.name}", self.name)
         else:
             member.conns.append(conn)
         self.conns.add(conn)
@@ -113,6 +122,12 @@ class Room:
         """The nicks present, sorted by their casefolded form, at most PRESENCE_LIMIT."""
         members = self.members
         return [members[key].nick for key in self._sorted_keys[:PRESENCE_LIMIT]]
+
+    def check_nick(self, nick_key: str, session: str) -> None:
+        """Raise nick_taken if another session holds the nick here."""
+        member = self.members.get(nick_key)
+        if member is not None and member.session != session:
+            raise CommandError("nick_taken", f"{member.nick} is someone else's nick in {self.name}", self.name)
 
     def append(self, message: ChatMessage) -> int:
         """Keep a new message; returns the bytes this changed the history by."""

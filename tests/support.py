@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import signal
 import socket
 import struct
@@ -24,9 +25,12 @@ BIN = Path(sys.executable).parent
 # Ports for the test's own servers: below Linux's ephemeral range (32768 and up), which the
 # kernel hands to every outgoing connection, so no client socket can take one between our
 # check and the server's bind. Each pytest-xdist worker has a block of its own.
+# The walk through the block starts at a random place, so that two test runs at once (a
+# developer's and an editor's, say) rarely meet.
 PORT_BLOCK = 1000
 _worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_ports = iter(range(20000 + PORT_BLOCK * _worker, 20000 + PORT_BLOCK * (_worker + 1)))
+_start = random.randrange(PORT_BLOCK)
+_ports = iter([20000 + PORT_BLOCK * _worker + (_start + i) % PORT_BLOCK for i in range(PORT_BLOCK)])
 
 
 def free_port() -> int:

@@ -1,0 +1,60 @@
+-- Set how many connections one worker has for one nick in a room, and keep the room's member
+-- list for the whole chat: a nick joins when its first connection anywhere comes and leaves
+-- when its last one goes. Absolute counts per worker, so a worker may say it again after an
+-- outage (or after Redis lost its data) without counting anyone twice.
+-- KEYS: 1 owners (hash: casefolded nick -> session TAB nick), 2 totals (hash: casefolded nick ->
+--       connections in all workers), 3 sorted (zset, score 0: "casefolded TAB nick"),
+--       4 this worker's counts (hash: casefolded nick -> connections here), 5 the room's
+--       presence version (a counter: each joined or left gets the next one)
+-- ARGV: 1 casefolded nick, 2 nick, 3 session, 4 connections here now, 5 the shard channel,
+--       6 rooms past this many members announce nothing, 7 members to list at most
+-- Returns {"taken", nick} if another session holds the nick, else {"ok", nick as the room
+--         knows it, member count, {first members...}, the presence version they are as of}.
+local key, nick, session, here = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local owner = redis.call('HGET', KEYS[1], key)
+if owner then
+  local owner_session, owner_nick = string.match(owner, '^(.-)\t(.*)$')
+  if owner_session ~= session then
+    local others = tonumber(redis.call('HGET', KEYS[2], key) or '0') - tonumber(redis.call('HGET', KEYS[4], key) or '0')
+    if others > 0 then
+      return {'taken', owner_nick}
+    end
+    owner = nil  -- only this worker held it, under another session: it is this session's now
+  else
+    nick = owner_nick
+  end
+end
+local before = tonumber(redis.call('HGET', KEYS[2], key) or '0')
+local total = before - tonumber(redis.call('HGET', KEYS[4], key) or '0') + here
+if here > 0 then
+  redis.call('HSET', KEYS[4], key, here)
+else
+  redis.call('HDEL', KEYS[4], key)
+end
+if total > 0 then
+  redis.call('HSET', KEYS[2], key, total)
+  if not owner then
+    redis.call('HSET', KEYS[1], key, session .. '\t' .. nick)
+    redis.call('ZADD', KEYS[3], 0, key .. '\t' .. nick)
+  end
+else
+  redis.call('HDEL', KEYS[2], key)
+  redis.call('HDEL', KEYS[1], key)
+  redis.call('ZREM', KEYS[3], key .. '\t' .. nick)
+end
+local count = redis.call('ZCARD', KEYS[3])
+local limit = tonumber(ARGV[6])
+local version = tonumber(redis.call('GET', KEYS[5]) or '0')
+local change = nil
+if before == 0 and total > 0 then change = 'joined' elseif before > 0 and total == 0 then change = 'left' end
+if change then
+  version = redis.call('INCR', KEYS[5])
+  if count <= limit then
+    redis.call('SPUBLISH', ARGV[5], 'p\n' .. version .. '\n' .. change .. '\n' .. key .. '\n' .. nick)
+  end
+end
+local listed = {}
+for i, entry in ipairs(redis.call('ZRANGE', KEYS[3], 0, tonumber(ARGV[7]) - 1)) do
+  listed[i] = string.match(entry, '\t(.*)$')
+end
+return {'ok', nick, count, listed, version}

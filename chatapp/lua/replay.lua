@@ -1,0 +1,36 @@
+-- What a joiner gets: the room's epoch and latest seq, and the messages to replay.
+-- KEYS: 1 the room's meta, 2 its history
+-- ARGV: 1 an epoch for a room that has none, 2 the joiner's epoch ("" without since),
+--       3 its seq, 4 how many of the last messages to give when it cannot recover, 5 "all" to
+--       give instead everything kept when the epoch is not the joiner's (a worker whose room
+--       lost its data: everything in the new epoch is new to its clients)
+-- Returns {epoch, seq, recovered (1/0), {id, fields, ...}...} with entries oldest first.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'time', 0)
+end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local since = tonumber(ARGV[3])
+if ARGV[2] == epoch and since <= seq then
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+  local first = seq + 1
+  if #oldest > 0 then
+    first = tonumber(string.match(oldest[1][1], '^(%d+)'))
+  end
+  if since + 1 >= first then
+    return {epoch, seq, 1, redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+')}
+  end
+end
+if ARGV[5] == 'all' and ARGV[2] ~= epoch then
+  return {epoch, seq, 0, redis.call('XRANGE', KEYS[2], '-', '+')}
+end
+local newest = {}
+if tonumber(ARGV[4]) > 0 then
+  newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[4])
+end
+local entries = {}
+for i = #newest, 1, -1 do
+  entries[#entries + 1] = newest[i]
+end
+return {epoch, seq, 0, entries}
