@@ -267,7 +267,24 @@ class RedisBroker:
             pending = []
 
     def _publish(self, batch: list[tuple[Any, str, Say, str | None]]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
+        """Run the publish script for each say, one round trip per Redis node; results in order."""
+        if not self.cluster:
+            return self._publish_on(self.redis, batch)
+        # redis-py runs no script in a cluster pipeline: pipeline each node's says on a client
+        # of that node (a room's keys all live on one node).
+        by_node: dict[str, list[int]] = {}
+        for index, (_, room, _, _) in enumerate(batch):
+            node = self.redis.get_node_from_key(self._room(room, "meta"))
+            by_node.setdefault(node.name, []).append(index)
+        results: list[Any] = [None] * len(batch)
+        for name, indexes in by_node.items():
+            client = self.redis.get_redis_connection(self.redis.get_node(node_name=name))
+            for index, result in zip(indexes, self._publish_on(client, [batch[i] for i in indexes])):
+                results[index] = result
+        return results
+
+    def _publish_on(self, client: Any, batch: list[tuple[Any, str, Say, str | None]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
         for conn, room, say, line in batch:
             peer = conn.peer
             if say.ref is not None and peer.session is not None:

@@ -206,6 +206,8 @@ def cap_receive_buffer(listener: socket.socket, max_frame_size: int) -> None:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(RECEIVE_BUFFER, 2 * max_frame_size))
 
 
+_TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
 # Handlers waiting for the first or next request on their connection.
 _idle: weakref.WeakSet[ChatHandler] = weakref.WeakSet()
 
@@ -220,6 +222,15 @@ class ChatHandler(WebSocketHandler):
         # Gap: a connection that sent nothing, or trickled its request, held a greenlet forever.
         self.socket.settimeout(self.handshake_timeout)
         super().handle()
+
+    def _handle_client_error(self, ex: Exception):  # type: ignore[no-untyped-def]
+        # Gap: a request the handshake deadline cut short (a trickle) printed a traceback.
+        if isinstance(ex, TimeoutError):
+            log.info("%s: no complete request within %s s: closing", self.client_address, self.handshake_timeout)
+            return "408", _TIMEOUT_RESPONSE
+        if isinstance(ex, OSError):
+            return None  # The peer went away mid-request: nobody to answer.
+        return super()._handle_client_error(ex)
 
     def read_requestline(self) -> str:
         # Between requests a keep-alive connection is idle; on shutdown it is closed at once.

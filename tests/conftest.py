@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import NGINX, RedisProcess, ServerProcess, free_port, shut_client_sockets
+from support import NGINX, RedisClusterProcess, RedisProcess, ServerProcess, free_port, shut_client_sockets
 
 # Settings every test server gets unless the test says otherwise: no flood control, which
 # would get in the way of tests that send fast (the rate limit has its own test).
@@ -44,6 +44,10 @@ def start_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:  # type: i
     for server in started:
         server.stop()
         server.stop_proxy()
+    # Whatever a test did to it, a server never crashes: no traceback in any log.
+    for server in started:
+        log = server.log()
+        assert "Traceback" not in log, log[max(0, log.find("Traceback") - 500) :][:4000]
 
 
 @pytest.fixture(params=["gunicorn", "stock", "wsgi", "nginx"])
@@ -73,3 +77,13 @@ def redis_server(tmp_path) -> Iterator[RedisProcess]:  # type: ignore[no-untyped
     server = RedisProcess(port=free_port(), workdir=tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path) -> Iterator[RedisClusterProcess]:  # type: ignore[no-untyped-def]
+    """A Redis Cluster of three masters of this test's own."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        unavailable("redis-server or redis-cli not found: apt-get install -y redis-server")
+    cluster = RedisClusterProcess(workdir=tmp_path / "cluster").start()
+    yield cluster
+    cluster.stop()

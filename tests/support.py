@@ -369,16 +369,21 @@ class RedisProcess:
 
     port: int
     workdir: Path
+    extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def ports(self) -> set[int]:
+        return {self.port}
+
     def start(self) -> RedisProcess:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -446,6 +451,23 @@ class V2Client:
     def messages(self, room: str, count: int) -> list[dict]:  # type: ignore[type-arg]
         return [self.wait("message", room=room) for _ in range(count)]
 
+    def wait_any(self, kinds: tuple[str, ...]) -> dict:  # type: ignore[type-arg]
+        """The first event of any of these types, pending ones first."""
+        for index, event in enumerate(self.pending):
+            if event["type"] in kinds:
+                return self.pending.pop(index)
+        while (event := self.recv())["type"] not in kinds:
+            self.pending.append(event)
+        return event
+
+    def events_until(self, kind: str, text: str) -> list[dict]:  # type: ignore[type-arg]
+        """Every event of this type up to and including the one with this text."""
+        events = []
+        while True:
+            events.append(event := self.wait(kind))
+            if event.get("text") == text:
+                return events
+
     def settle(self) -> list[dict]:  # type: ignore[type-arg]
         """Everything not yet waited for, up to the answer to a `rooms` asked now (the hub
         answers it after everything caused before it): proves what did not come."""
@@ -456,3 +478,46 @@ class V2Client:
 
     def close(self) -> None:
         self.ws.close()
+
+
+@dataclass
+class RedisClusterProcess:
+    """A Redis Cluster of three masters on loopback, from Debian's redis-server and redis-cli."""
+
+    workdir: Path
+    nodes: list[RedisProcess] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    @property
+    def ports(self) -> set[int]:
+        return {node.port for node in self.nodes}
+
+    def start(self) -> RedisClusterProcess:
+        for i in range(3):
+            workdir = self.workdir / f"node{i}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            # The cluster bus on a port of our choosing too (Redis 7), not port + 10000.
+            extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf"),
+                     "--cluster-port", str(free_port())]
+            self.nodes.append(RedisProcess(port=free_port(), workdir=workdir, extra=extra).start())
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )
+        wait_until(self._ok, 20, 0.1, "the cluster to be ok on every node")
+        return self
+
+    def _ok(self) -> bool:
+        for node in self.nodes:
+            info = subprocess.run(["redis-cli", "-p", str(node.port), "cluster", "info"], capture_output=True, text=True)
+            if "cluster_state:ok" not in info.stdout:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

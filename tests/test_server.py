@@ -39,7 +39,7 @@ def test_page_is_served(server) -> None:  # type: ignore[no-untyped-def]
     status, content_type, body = http_get(server, "/")
     assert status == 200
     assert content_type.lower() == "text/html; charset=utf-8"
-    assert b'id="log"' in body and b"/ws" in body
+    assert b"/ws" in body and b"chat.v2" in body  # the page speaks v2
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,238 @@
+"""v2 across workers and hosts: a real redis-server (and Redis Cluster), two servers, one chat.
+
+Two server processes on one Redis stand for two hosts (each test knows which client is on
+which); one test runs gunicorn with two workers, as a dyno does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from support import V2Client, connect, wait_until
+
+
+def health(server) -> tuple[int, dict]:  # type: ignore[no-untyped-def,type-arg]
+    try:
+        with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis(request):  # type: ignore[no-untyped-def]
+    """A Redis of the test's own: one redis-server, or a 3-master Redis Cluster."""
+    return request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
+
+
+@pytest.fixture
+def hosts(redis, start_server):  # type: ignore[no-untyped-def]
+    """hosts(**env) starts two servers (two hosts: the Procfile's command and wsgi.py) on the
+    test's Redis and returns both."""
+    cluster = "1" if hasattr(redis, "nodes") else "0"
+
+    def start(**env: str):  # type: ignore[no-untyped-def]
+        env = {"REDIS_URL": redis.url, "CHAT_REDIS_CLUSTER": cluster, **env}
+        servers = start_server("gunicorn", **env), start_server("wsgi", **env)
+        for server in servers:
+            server.redis_ports = redis.ports
+        return servers
+
+    return start
+
+
+def test_one_seq_and_one_member_list_across_hosts(hosts) -> None:  # type: ignore[no-untyped-def]
+    """Clients on two hosts share one seq sequence per room and one member list."""
+    a, b = hosts()
+    alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
+    assert alice.join("tea")["members"] == ["alice"]
+    joined = bob.join("tea")
+    assert joined["members"] == ["alice", "bob"] and joined["member_count"] == 2
+    assert alice.wait("presence") == {"type": "presence", "room": "tea", "joined": "bob"}
+    for i in range(6):
+        (alice if i % 2 else bob).send(type="say", room="tea", text=f"line {i}")
+    seen = [[(m["epoch"], m["seq"], m["text"]) for m in client.messages("tea", 6)] for client in (alice, bob)]
+    assert seen[0] == seen[1]  # one sequence: the same seqs for the same lines everywhere
+    assert [seq for _, seq, _ in seen[0]] == [1, 2, 3, 4, 5, 6]
+    assert {epoch for epoch, _, _ in seen[0]} == {joined["epoch"]}
+    assert sorted(text for _, _, text in seen[0]) == [f"line {i}" for i in range(6)]
+    carol = V2Client(a, "carol")
+    later = carol.join("tea", since={"epoch": joined["epoch"], "seq": 2})
+    assert later["recovered"] is True and [m["seq"] for m in later["messages"]] == [3, 4, 5, 6]
+    assert later["members"] == ["alice", "bob", "carol"]
+
+
+def test_a_client_moving_to_the_other_host_recovers_what_it_missed(hosts) -> None:  # type: ignore[no-untyped-def]
+    """A client whose connection to one host drops comes back on the other with since and gets
+    exactly what was said meanwhile; its nick does not flicker for the others."""
+    a, b = hosts()
+    alice, bob = V2Client(a, "alice", session="a"), V2Client(b, "bob", session="b")
+    epoch = alice.join("tea")["epoch"]
+    bob.join("tea")
+    bob.say("tea", "seen")
+    alice.wait("message", room="tea")
+    moved = V2Client(b, "alice", session="a")  # the new tab first, then the old one drops
+    moved.join("tea", since={"epoch": epoch, "seq": 1})
+    alice.ws.sock.shutdown(2)
+    for i in range(4):
+        bob.say("tea", f"missed {i}")
+    back = V2Client(b, "alice", session="a")
+    joined = back.join("tea", since={"epoch": epoch, "seq": 1})
+    assert joined["recovered"] is True
+    assert [(m["seq"], m["text"]) for m in joined["messages"]] == [(i + 2, f"missed {i}") for i in range(4)]
+    assert [e for e in bob.settle() if e["type"] == "presence"] == []  # no left, no joined
+
+
+def test_a_ref_publishes_once_across_hosts(hosts) -> None:  # type: ignore[no-untyped-def]
+    """A page resending a line with its ref on another host publishes nothing new."""
+    a, b = hosts()
+    first, again = V2Client(a, "alice", session="a"), V2Client(b, "alice", session="a")
+    first.join("tea")
+    again.join("tea")
+    assert first.say("tea", "once", ref="r1")["seq"] == 1
+    assert again.say("tea", "once", ref="r1")["seq"] == 1
+    assert again.say("tea", "next")["seq"] == 2
+
+
+def test_nick_taken_across_hosts(hosts) -> None:  # type: ignore[no-untyped-def]
+    """A nick held in a room on one host is taken for another session on the other."""
+    a, b = hosts()
+    V2Client(a, "alice", session="a").join("tea")
+    impostor = V2Client(b, "Alice", session="x")
+    impostor.send(type="join", room="tea")
+    assert impostor.wait("error")["code"] == "nick_taken"
+
+
+def test_rooms_lists_the_whole_chat(hosts) -> None:  # type: ignore[no-untyped-def]
+    """rooms counts the members of every host."""
+    a, b = hosts()
+    for host, nick in ((a, "alice"), (b, "bob"), (b, "carol")):
+        V2Client(host, nick).join("busy")
+    V2Client(a, "dave").join("quiet")
+    asker = V2Client(a, "eve")
+    asker.send(type="rooms")
+    listed = asker.wait("rooms")["rooms"]
+    assert listed[:2] == [{"room": "busy", "members": 3}, {"room": "quiet", "members": 1}]
+    assert {"room": "lobby", "members": 0} in listed
+
+
+def test_a_killed_host_leaves_no_ghosts(hosts) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of one host: the others hear its members leave within 30 s."""
+    a, b = hosts()
+    watcher = V2Client(a, "watcher")
+    watcher.join("tea")
+    V2Client(b, "ghost").join("tea")
+    watcher.wait("presence", joined="ghost")
+    os.kill(b.proc.pid, signal.SIGKILL)
+    started = time.monotonic()
+    watcher.ws.settimeout(35)
+    assert watcher.wait("presence", left="ghost")["room"] == "tea"
+    assert time.monotonic() - started < 30
+    assert V2Client(a, "ghost", session="another").join("tea")["members"] == ["ghost", "watcher"]
+
+
+def test_lost_redis_data_means_a_new_epoch(hosts, redis) -> None:  # type: ignore[no-untyped-def]
+    """FLUSHALL: members still connected get a fresh joined (recovered false, the new epoch),
+    presence is rebuilt, and a join with the old epoch is not recovered."""
+    a, b = hosts()
+    alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
+    old = alice.join("tea")["epoch"]
+    bob.join("tea")
+    alice.say("tea", "before the flush")
+    bob.wait("message", room="tea")
+    flush(redis)
+    alice.say("tea", "after the flush")  # a new epoch for the room, made by this publish
+    for client, other in ((alice, "bob"), (bob, "alice")):
+        fresh = client.wait("joined", room="tea")
+        assert fresh["recovered"] is False and fresh["epoch"] != old
+        assert [m["text"] for m in fresh["messages"]] == ["after the flush"]
+        # Each host says again who it has: the list is whole once the other's joined arrives.
+        members = set(fresh["members"])
+        if other not in members:
+            assert client.wait("presence", room="tea")["joined"] == other
+            members.add(other)
+        assert members == {"alice", "bob"}
+    carol = V2Client(a, "carol")
+    assert carol.join("tea", since={"epoch": old, "seq": 1})["recovered"] is False
+
+
+def flush(redis) -> None:  # type: ignore[no-untyped-def]
+    """FLUSHALL on every master of the Redis (one server, or each cluster node)."""
+    for port in redis.ports:
+        subprocess.run(["redis-cli", "-p", str(port), "flushall"], check=True, capture_output=True)
+
+
+def test_redis_away_and_back(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Redis stops mid-chat: v2 says get unavailable (nothing published), joins are answered from
+    what the host has, /healthz says degraded; v1 clients keep chatting on their host. Redis
+    comes back empty: resending every unavailable line with its ref, every acknowledged line
+    reaches every client exactly once."""
+    a = start_server("gunicorn", REDIS_URL=redis_server.url)
+    b = start_server("wsgi", REDIS_URL=redis_server.url)
+    alice, bob = V2Client(a, "alice", session="a"), V2Client(b, "bob", session="b")
+    alice.join("tea")
+    bob.join("tea")
+    acked = [alice.say("tea", "before", ref="0")]
+    redis_server.stop()
+    refused = []
+    for i in range(1, 6):  # what the page does: send, and keep what was refused
+        alice.send(type="say", room="tea", text=f"during {i}", ref=str(i))
+        answer = alice.wait_any(("ack", "error"))
+        (acked if answer["type"] == "ack" else refused).append(answer)
+    assert refused and all(e["code"] == "unavailable" for e in refused)
+    wait_until(lambda: health(a)[0] == 503 and health(b)[0] == 503, 15, what="both to say degraded")
+    local = V2Client(a, "carol").join("tea")  # answered from what host a has
+    assert "carol" in local["members"]
+    v1_a, v1_a2 = connect(a), connect(a)
+    v1_a.send("v1 during the outage")
+    assert v1_a2.recv() == "v1 during the outage"
+    redis_server.start()
+    wait_until(lambda: health(a)[0] == 200 and health(b)[0] == 200, 30, what="both to recover")
+    for error in refused:  # the page resends them, same ref
+        alice.say("tea", f"during {error['ref']}", ref=error["ref"])
+    alice.say("tea", "after", ref="after")
+    texts = [m["text"] for m in bob.events_until("message", "after")]
+    assert texts.count("after") == 1 and len(texts) == len(set(texts))
+    for i in range(1, 6):
+        assert texts.count(f"during {i}") == 1, texts
+
+
+def test_a_worker_receives_no_line_of_a_room_it_has_no_member_in(hosts) -> None:  # type: ignore[no-untyped-def]
+    """Bytes Redis sends each host: the host without members in a busy room receives none of its
+    lines (measured on each process's connections to Redis)."""
+    a, b = hosts()
+    talkers = [V2Client(a, f"t{i}") for i in range(2)]
+    for talker in talkers:
+        talker.join("only-on-a")
+    visitor = V2Client(b, "visitor")
+    visitor.join("only-on-a")  # b follows the room while it has a member there...
+    visitor.send(type="leave", room="only-on-a")
+    visitor.wait("left")  # ...and no longer
+    visitor.join("only-on-b")
+    before = [redis_bytes_received(host) for host in (a, b)]
+    for i in range(300):
+        talkers[i % 2].send(type="say", room="only-on-a", text="x" * 400)
+    talkers[0].messages("only-on-a", 300)
+    grown_a, grown_b = (redis_bytes_received(host) - start for host, start in zip((a, b), before))
+    assert grown_a > 300 * 400  # every line came to a
+    assert grown_b < 20_000, grown_b  # b: heartbeats only
+
+
+def redis_bytes_received(server) -> int:  # type: ignore[no-untyped-def]
+    """Bytes the server's processes have received on their TCP connections to Redis."""
+    pids = set(server.worker_pids())
+    out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True, text=True).stdout
+    total, lines = 0, out.splitlines()
+    for head, info in zip(lines[::2], lines[1::2]):
+        if any(f"pid={pid}," in head for pid in pids) and "bytes_received:" in info:
+            peer_port = int(head.split()[3].rsplit(":", 1)[1])
+            if peer_port in server.redis_ports:
+                total += int(info.split("bytes_received:")[1].split()[0])
+    return total
