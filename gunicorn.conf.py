@@ -2,9 +2,18 @@
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
-from chatapp.config import Config, ConfigError
+# Metrics across workers (CHAT_METRICS_TOKEN): prometheus_client's multiprocess mode keeps each
+# worker's values in files of a directory it must know before anything imports it. One fresh
+# directory per start of the server, removed when it stops.
+_metrics_dir = ""
+if os.environ.get("CHAT_METRICS_TOKEN", "").strip():
+    _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-metrics-")
+
+from chatapp.config import Config, ConfigError  # noqa: E402 (after the directory is known)
 
 try:
     _config = Config.from_env()
@@ -43,3 +52,16 @@ errorlog = "-"
 
 # The worker's heartbeat timeout; long-lived WebSockets do not count against it.
 timeout = 30
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    """A worker is gone: its live gauges (connections, rooms...) leave the metrics."""
+    if _metrics_dir:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    if _metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -18,6 +18,7 @@ from .config import Config
 from .conn import Conn
 from .frames import ProtocolFailure
 from .hub import Hub
+from .metrics import Metrics, NoMetrics
 from .peer import Pace, Peer
 from .redis_hub import RedisHub
 from .room import Rooms
@@ -57,6 +58,7 @@ class Chat:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.metrics = Metrics(config.metrics_token) if config.metrics_token else NoMetrics()
         rooms = Rooms(config.max_rooms, config.history_bytes, config.recovery_window)
         # One worker alone: its hub numbers the lines. With Redis, Redis does (broker.py).
         hub_class = RedisHub if config.redis_url else Hub
@@ -66,10 +68,13 @@ class Chat:
             history=config.history,
             ping_period=config.ping_period,
             pong_wait=config.pong_wait,
+            metrics=self.metrics,
         )
         self.broker: RedisBroker | None = None
         if config.redis_url:
             self.broker = self.hub.broker = RedisBroker(self.hub, config)
+        else:
+            self.metrics.broker_up.set(1)  # (this worker alone: nothing to be away)
         # The codecs every connection shares: they hold only the limits.
         self.v1 = V1Codec(config.max_message_size)
         self.v2 = V2Codec(config.max_message_size, config.rate_limit)
@@ -97,6 +102,16 @@ class Chat:
             "pid": os.getpid(),
         }
 
+    def serve_metrics(self) -> bytes:
+        """Prometheus' text format, for a scraper that has the token (off: 404, wrong: 401)."""
+        metrics = self.metrics
+        if not isinstance(metrics, Metrics):
+            raise bottle.HTTPError(404, "metrics are off (set CHAT_METRICS_TOKEN)")
+        if not metrics.authorized(bottle.request.get_header("Authorization", "")):
+            raise bottle.HTTPError(401, "metrics need Authorization: Bearer <CHAT_METRICS_TOKEN>")
+        body, bottle.response.content_type = metrics.exposition()
+        return body
+
     def serve_ws(self) -> str:
         """Upgrade to a WebSocket, then run the connection until it ends (Gorilla's serveWs)."""
         environ = bottle.request.environ
@@ -123,7 +138,12 @@ class Chat:
             send_queue_bytes=config.send_queue_bytes,
             write_wait=config.write_wait,
             address=peer_of(environ),
+            metrics=self.metrics,
         )
+        protocol = f"v{codec.version}"
+        metrics = self.metrics
+        metrics.accepted.labels(protocol).inc()
+        metrics.connections.labels(protocol).inc()
         self.connections += 1
         self.hub.register(conn)
         try:
@@ -132,6 +152,8 @@ class Chat:
             self.hub.unregister(conn)
             conn.wait_closed(timeout=2 * config.write_wait + 5)
             self.connections -= 1
+            metrics.connections.labels(protocol).dec()
+            metrics.closed.labels(str(conn.close_code)).inc()
         return ""
 
     def _reader(self, conn: Conn) -> Callable[[Conn, str | bytes], None]:
@@ -140,12 +162,16 @@ class Chat:
         codec = peer.codec
         hub = self.hub
         limit = self.config.rate_limit
+        received = self.metrics.received.labels(f"v{codec.version}")
+        rate_closes = self.metrics.rate_closes
 
         def on_message(_: Conn, data: str | bytes) -> None:
+            received.inc()
             if isinstance(data, bytes):
                 raise ProtocolFailure(frames.CLOSE_UNSUPPORTED_DATA, "text messages only")
             pace = peer.spend()
             if pace is Pace.FLOODING or (pace is Pace.OVER and codec is self.v1):
+                rate_closes.inc()
                 raise ProtocolFailure(frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s")
             if codec is self.v1:
                 say = codec.decode(data)
@@ -184,11 +210,14 @@ class Chat:
                 "else list the origin in CHAT_ALLOWED_ORIGINS",
                 origin, host, peer_of(environ),
             )
+            self.metrics.refused.labels("origin").inc()
             return Refusal(403, frames.CLOSE_POLICY_VIOLATION, "cross-origin WebSocket refused")
         if self.shutting_down:
+            self.metrics.refused.labels("shutdown").inc()
             return Refusal(503, frames.CLOSE_GOING_AWAY, "server shutting down")
         if self.connections >= self.config.max_connections:
             log.warning("refused WebSocket: %d connections open (CHAT_MAX_CONNECTIONS)", self.connections)
+            self.metrics.refused.labels("capacity").inc()
             return Refusal(503, frames.CLOSE_TRY_AGAIN_LATER, "server full, try again later")
         return None
 
@@ -243,6 +272,7 @@ def create_app(config: Config | None = None) -> bottle.Bottle:
     app.route("/", "GET", chat.serve_home)
     app.route("/ws", "GET", chat.serve_ws)
     app.route("/healthz", "GET", chat.serve_health)
+    app.route("/metrics", "GET", chat.serve_metrics)
     app.default_error_handler = plain_error
     app.chat = chat
     # gevent-websocket's stock handler asks the application which subprotocol it speaks.

@@ -118,6 +118,7 @@ class RedisBroker:
             raise ConfigError(f"REDIS_URL: {error}") from None
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, redis.cluster.ClusterError)
         self.hub = hub
+        self.metrics = hub.metrics
         self.url = config.redis_url
         self.prefix = config.redis_prefix
         self.history = config.history
@@ -139,7 +140,6 @@ class RedisBroker:
         # The `rooms` listing and when it was read (monotonic seconds).
         self._listing: list[tuple[str, int]] | None = None
         self._listed_at = float("-inf")
-        self.lost = 0  # v1 lines given up while Redis was away too long
 
     # Keys.
 
@@ -158,6 +158,8 @@ class RedisBroker:
         gevent.spawn(self._publish_forever)
         gevent.spawn(self._control_forever)
         gevent.spawn(self._heartbeat_forever)
+        self.metrics.greenlets.inc(3)
+        self.metrics.broker_up.set(1)
 
     def healthy(self) -> bool:
         return self._up
@@ -168,6 +170,7 @@ class RedisBroker:
         try:
             self._outbox.put_nowait((conn, room, say, line))
         except Full:
+            self.metrics.outbox_lost.inc()
             return False
         return True
 
@@ -219,11 +222,13 @@ class RedisBroker:
         if self._up:
             log.warning("Redis unavailable (%s): serving this worker's clients alone", error)
             self._up = False
+            self.metrics.broker_up.set(0)
 
     def _came_back(self) -> None:
         if not self._up:
             log.warning("Redis is back: saying again who is here")
             self._up = True
+            self.metrics.broker_up.set(1)
             self.hub.redis_back()
 
     # The publisher: says, pipelined, in order.
@@ -240,8 +245,10 @@ class RedisBroker:
                     pending.append(self._outbox.get_nowait())
                 except Empty:
                     break
+            started = monotonic()
             try:
                 results = self._call(lambda batch=pending: self._publish(batch))
+                self.metrics.redis_seconds.observe(monotonic() - started)
             except self._errors as error:
                 self._went_down(error)
                 # v2 lines are refused (the client resends them); v1 lines wait for Redis,
@@ -256,7 +263,7 @@ class RedisBroker:
                         self.hub.published(conn, say, None, line)
                     kept.append((conn, room, say, line))
                 pending = kept[-self._outbox.maxsize :]
-                self.lost += len(kept) - len(pending)
+                self.metrics.outbox_lost.inc(len(kept) - len(pending))
                 gevent.sleep(backoff.next())
                 continue
             backoff.reset()
@@ -512,6 +519,7 @@ class _Subscriber:
     def _start(self, name: str, pubsub: Any) -> None:
         self._pubsubs[name] = pubsub
         gevent.spawn(self._read_forever, pubsub)
+        self.broker.metrics.greenlets.inc()
 
     def subscribe(self, channel: str) -> None:
         """Subscribe and wait (at most a second) until Redis confirms: a join's replay must

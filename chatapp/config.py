@@ -52,6 +52,8 @@ class Config:
     redis_prefix: str = "chat"
     # Requests (register, unregister, broadcast) the hub's inbox holds before senders wait.
     hub_inbox_size: int = 1024
+    # The bearer token GET /metrics asks for; empty turns metrics off (404).
+    metrics_token: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -80,6 +82,7 @@ class Config:
             redis_cluster=_flag(env, "CHAT_REDIS_CLUSTER"),
             redis_prefix=_prefix(env),
             hub_inbox_size=_int(env, "CHAT_HUB_INBOX_SIZE", cls.hub_inbox_size, minimum=1),
+            metrics_token=env.get("CHAT_METRICS_TOKEN", "").strip(),
         )
         if config.ping_period >= config.pong_wait:
             raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from time import monotonic
+from typing import Any
 
 import gevent
 from gevent.event import Event
@@ -12,6 +13,7 @@ from gevent.queue import Empty, Full, Queue, ShutDown
 
 from . import frames
 from .frames import Close, Message, Ping, ProtocolFailure
+from .metrics import NoMetrics
 from .peer import Peer
 from .websocket import ChatWebSocket, ConnectionLost
 
@@ -42,6 +44,7 @@ class Conn:
         send_queue_bytes: int,
         write_wait: float,
         address: str = "",
+        metrics: Any = None,
     ) -> None:
         self.ws = ws
         # Who is at the other end, as the chat sees it (nick, rooms, protocol, pace).
@@ -60,6 +63,8 @@ class Conn:
         self.write_wait = write_wait
         # The client's address, for the logs.
         self.address = address
+        # Counts the write pumps among the worker's greenlets (metrics.py).
+        self._greenlets = (metrics or NoMetrics()).greenlets
         # Control frames the read pump asks the write pump to send.
         self._pongs: list[bytes] = []
         # True while the queue starts with the rest of a frame deliver() sent only in part.
@@ -154,6 +159,7 @@ class Conn:
 
     def _start_writer(self) -> None:
         if self._writer is None:
+            self._greenlets.inc()
             self._writer = gevent.spawn(self.write_pump)
 
     def read_pump(self, on_message: Callable[[Conn, str | bytes], None]) -> None:
@@ -217,6 +223,8 @@ class Conn:
             log.info("%s: a write took over %s s: dropping the connection", self.address, self.write_wait)
         except OSError:
             pass
+        finally:
+            self._greenlets.dec()
         self.ws.shutdown()
 
     def _write_queued(self) -> bool:

@@ -6,6 +6,7 @@ import logging
 import time
 from collections import OrderedDict
 from time import monotonic
+from typing import Any
 
 import gevent
 from gevent.queue import Full, Queue, ShutDown
@@ -14,6 +15,7 @@ from . import frames
 from .codec import LOBBY, MAX_ROOMS_PER_CONN, CommandError, Join, Leave, ListRooms, Say, V1Codec, V2Codec
 from .conn import Conn
 from .message import ChatMessage
+from .metrics import NoMetrics
 from .room import Room, Rooms
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class Hub:
         history: int = 0,
         ping_period: float = 25.0,
         pong_wait: float = 60.0,
+        metrics: Any = None,
     ) -> None:
         # Registered connections. Only run() reads or writes this set, and the rooms.
         self.conns: set[Conn] = set()
@@ -79,10 +82,15 @@ class Hub:
         self._refs: OrderedDict[tuple[str, str, str, str], tuple[int, float]] = OrderedDict()
         # The chat's clock: milliseconds since 1970, never running backwards.
         self._last_time = 0
+        self.metrics = metrics or NoMetrics()
+        # When each line of the fan-out under way arrived in the inbox (for the metrics).
+        self._arrivals: list[float] = []
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
         self._greenlets = [gevent.spawn(self.run), gevent.spawn(self._tick_forever)]
+        self.metrics.greenlets.inc(len(self._greenlets))
+        self.metrics.rooms.set(len(self.rooms))
 
     def stop(self) -> None:
         gevent.killall(self._greenlets)
@@ -102,7 +110,7 @@ class Hub:
 
     def say(self, conn: Conn, say: Say) -> None:
         """Publish a line to a room the connection is in."""
-        self._inbox.put((_SAY, conn, say))
+        self._inbox.put((_SAY, conn, (say, monotonic())))
 
     def command(self, conn: Conn, command: Join | Leave | ListRooms) -> None:
         self._inbox.put((_COMMAND, conn, command))
@@ -129,6 +137,7 @@ class Hub:
         if kind in self._burstable:
             # Take the lines queued right behind this one along: each member then gets the
             # whole burst in one send, however many clients spoke.
+            self.metrics.inbox.set(self._inbox.qsize())
             burst = self._line(kind, conn, item)
             burst += self._take_lines(MAX_BURST - len(burst))
             if burst:
@@ -148,11 +157,15 @@ class Hub:
             conn.close(conn.close_code, conn.close_reason)
         elif kind == _TICK:
             self._ping_all()
+            self.metrics.inbox.set(self._inbox.qsize())
         else:
             self._closed_with = code, reason = item
             for open_conn in self.conns:
                 open_conn.close(code, reason)
             self.conns.clear()
+        if kind in (_COMMAND, _UNREGISTER):
+            self.metrics.rooms.set(len(self.rooms))
+            self.metrics.members.set(self.rooms.census.members)
 
     def _register(self, conn: Conn) -> None:
         if self._closed_with is not None:
@@ -179,9 +192,12 @@ class Hub:
     # Kinds of request whose lines a fan-out takes along (see _take_lines).
     _burstable: tuple[int, ...] = (_SAY,)
 
-    def _line(self, kind: int, conn: Conn, item: Say) -> list[ChatMessage]:
+    def _line(self, kind: int, conn: Conn, item: tuple[Say, float]) -> list[ChatMessage]:
         """The messages a burstable request makes ready to fan out."""
-        return self._stamp(conn, item)
+        say, arrived = item
+        messages = self._stamp(conn, say)
+        self._arrivals += [arrived] * len(messages)
+        return messages
 
     def _stamp(self, conn: Conn, say: Say) -> list[ChatMessage]:
         """Give a say its place in its room: seq, time, history; ack it. [] if refused or a repeat."""
@@ -260,7 +276,7 @@ class Hub:
         self._add_to(bursts, burst)
         taken = len(burst)
         failed: list[Conn] = []
-        sends = 0
+        sends = delivered = 0
         behind = True
         while behind:
             behind = False
@@ -271,6 +287,7 @@ class Hub:
                     if start == end:
                         continue
                     given[index] = end
+                    delivered += end - start
                     try:
                         conn.deliver(room_burst.data(conn.peer.codec, start), end - start)
                     except (Full, ShutDown):
@@ -287,6 +304,13 @@ class Hub:
                             self._add_to(bursts, more)
                             behind = True  # Those already handed the burst need the rest.
         self._drop(failed)
+        # Counted per burst, never per send.
+        metrics = self.metrics
+        metrics.deliveries.inc(delivered)
+        done = monotonic()
+        for arrived in self._arrivals:
+            metrics.fanout.observe(done - arrived)
+        self._arrivals.clear()
 
     def _add_to(self, bursts: dict[str, _RoomBurst], messages: list[ChatMessage]) -> None:
         for message in messages:
@@ -382,6 +406,7 @@ class Hub:
                 continue  # Already closing (or dropped just now); its unregister is on the way.
             # Dead or stuck: its queue filled up. Drop it; everyone else goes on.
             self.dropped += 1
+            self.metrics.dropped.inc()
             log.warning("dropping %r: send queue full (client too slow)", conn)
             conn.close(frames.CLOSE_TRY_AGAIN_LATER, "too slow: send queue full")
             self.conns.discard(conn)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict, deque
+from time import monotonic
 from typing import Any
 
 from gevent.event import Event
@@ -76,7 +77,7 @@ class RedisHub(Hub):
     def arrived(self, message: ChatMessage, line: str) -> None:
         """A line on a room's channel (or read back to fill a gap); `line`: this worker's id
         for it when it was a v1 line said here, else ""."""
-        self._inbox.put((_ARRIVED, None, (message, line)))
+        self._inbox.put((_ARRIVED, None, (message, line, monotonic())))
 
     def presence_heard(self, room: str, version: int, change: str, nick_key: str, nick: str) -> None:
         self._inbox.put((_PRESENCE, None, (room, version, change, nick_key, nick)))
@@ -126,10 +127,12 @@ class RedisHub(Hub):
 
     def _line(self, kind: int, conn: Conn, item: Any) -> list[ChatMessage]:
         if kind == _SAY:
-            self._forward(conn, item)
+            self._forward(conn, item[0])
             return []
-        message, line = item
-        return self._arrive(message, line)
+        message, line, arrived = item
+        messages = self._arrive(message, line)
+        self._arrivals += [arrived] * len(messages)
+        return messages
 
     def _forward(self, conn: Conn, say: Say) -> None:
         peer = conn.peer

@@ -54,11 +54,22 @@ class Member:
     conns: list[Conn] = field(default_factory=list)
 
 
+class Census:
+    """How many members all of a worker's rooms hold (a nick in two rooms counts twice)."""
+
+    __slots__ = ("members",)
+
+    def __init__(self) -> None:
+        self.members = 0
+
+
 class Room:
     """One room: its members and its connections, its seq and epoch, and its history."""
 
-    def __init__(self, name: str, recovery_window: int) -> None:
+    def __init__(self, name: str, recovery_window: int, census: Census | None = None) -> None:
         self.name = name
+        # Counts the members of every room of the worker, for the metrics.
+        self.census = census or Census()
         self.epoch = new_epoch()
         # The seq of the room's latest message; 0 before its first.
         self.seq = 0
@@ -99,6 +110,7 @@ class Room:
         if member is None:
             self.members[nick_key] = Member(nick, session, [conn])
             bisect.insort(self._sorted_keys, nick_key)
+            self.census.members += 1
         else:
             member.conns.append(conn)
         self.conns.add(conn)
@@ -116,6 +128,7 @@ class Room:
             return None
         del self.members[nick_key]
         del self._sorted_keys[bisect.bisect_left(self._sorted_keys, nick_key)]
+        self.census.members -= 1
         return member.nick
 
     def member_nicks(self) -> list[str]:
@@ -174,6 +187,7 @@ class Rooms:
         self._rooms: OrderedDict[str, Room] = OrderedDict()
         # Bytes of history held in all rooms.
         self.history_bytes = 0
+        self.census = Census()
         # The last listing made, and when (monotonic seconds).
         self._listing: list[tuple[str, int]] = []
         self._listed_at = float("-inf")
@@ -197,7 +211,7 @@ class Rooms:
             raise CommandError(
                 "too_many_rooms", f"this server holds its limit of {self.max_rooms} rooms, all in use", name
             )
-        room = self._rooms[name] = Room(name, self.recovery_window)
+        room = self._rooms[name] = Room(name, self.recovery_window, self.census)
         return room
 
     def touch(self, room: Room) -> None:

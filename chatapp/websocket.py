@@ -21,6 +21,7 @@ from geventwebsocket.websocket import Stream, WebSocket
 from gunicorn.workers.ggevent import PyWSGIHandler
 
 from .frames import Close, Event, FrameParser, ProtocolFailure, encode_close
+from .metrics import NoMetrics
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,16 @@ class ChatHandler(WebSocketHandler):
     def handle(self) -> None:
         # Gap: a connection that sent nothing, or trickled its request, held a greenlet forever.
         self.socket.settimeout(self.handshake_timeout)
-        super().handle()
+        greenlets = self._metrics().greenlets
+        greenlets.inc()
+        try:
+            super().handle()
+        finally:
+            greenlets.dec()
+
+    def _metrics(self):  # type: ignore[no-untyped-def]
+        """The chat's metrics (NoMetrics for another application, as in the conformance tests)."""
+        return getattr(getattr(self.server.application, "chat", None), "metrics", NoMetrics())
 
     def _handle_client_error(self, ex: Exception):  # type: ignore[no-untyped-def]
         # Gap: a request the handshake deadline cut short (a trickle) printed a traceback.
@@ -257,6 +267,7 @@ class ChatHandler(WebSocketHandler):
         if refusal is not None:
             status, reason = refusal
             log.info("refused WebSocket handshake from %s: %s", self.client_address, reason)
+            self._metrics().refused.labels("bad_request").inc()
             self.close_connection = True
             extra = [("Sec-WebSocket-Version", "13")] if status.startswith("426") else []
             self._respond(status, reason, extra)
