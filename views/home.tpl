@@ -73,8 +73,8 @@
   /* overflow-anchor:none: we do our own scroll management, the browser must not also do it. */
   .log { grid-area: 1 / 1 / 2 / 2; min-height: 0; overflow-y: auto; overflow-anchor: none; padding: .5em 1em; }
   .line { white-space: pre-wrap; overflow-wrap: anywhere; padding: .1em .3em; border-left: 3px solid transparent; }
-  .line time { color: var(--muted); font-size: .8em; margin-right: .5em; font-variant-numeric: tabular-nums; }
-  .line .nick { color: var(--nick); font-weight: 600; margin-right: .4em; }
+  .line time { color: var(--muted); font-size: .8em; font-variant-numeric: tabular-nums; }
+  .line .nick { color: var(--nick); font-weight: 600; }
   .line.own { background: var(--own); border-left-color: var(--accent); }
   .line.sys { color: var(--muted); font-size: .85em; font-style: italic; }
   .line.gap { color: var(--warn); font-weight: 600; font-style: normal; margin: .3em 0;
@@ -395,12 +395,12 @@
     time.dateTime = when.toISOString();
     time.title = when.toLocaleString();
     time.textContent = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-    div.append(time);
+    div.append(time, " ");                // spaces, not margins: screen readers read them
     if (m.nick !== null) {                // null: said by a v1 client, who has no nick
       var who = document.createElement("span");
       who.className = "nick";
       who.textContent = m.nick;
-      div.append(who);
+      div.append(who, " ");
     }
     var text = document.createElement("span");
     text.className = "text";
@@ -738,7 +738,9 @@
 
   // A room from the URL: /#room or /?room=room; lobby by default.
   function roomFromUrl() {
-    var wanted = decodeURIComponent(location.hash.slice(1)) || new URLSearchParams(location.search).get("room") || "lobby";
+    var hash = location.hash.slice(1);
+    try { hash = decodeURIComponent(hash); } catch (e) { /* a stray %: taken as typed */ }
+    var wanted = hash || new URLSearchParams(location.search).get("room") || "lobby";
     return wanted.trim().toLowerCase();
   }
 
@@ -770,6 +772,7 @@
   window.addEventListener("hashchange", function () {
     var name = roomFromUrl();
     if (ROOM.test(name)) openRoom(name, true);
+    else roomFailed("“" + name + "” is not a room name.");
   });
 
   // ---- Saying something
