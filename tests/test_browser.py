@@ -7,6 +7,10 @@ Synchronisation is Playwright's auto-waiting (expect) or polls with deadlines, n
 
 from __future__ import annotations
 
+import json
+import re
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import websocket
 from conftest import unavailable
+from support import connect, wait_until
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, BrowserContext, Locator, Page
+    from playwright.sync_api import Browser, BrowserContext, Locator, Page, WebSocketRoute
     from support import ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -58,9 +63,10 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def open_page(browser: Browser, start_server: Any) -> Iterator[Callable[..., Page]]:
-    """open_page(server, url=None, nick=None, room="lobby", **context_options) opens the chat in
-    a fresh browser context (so a session of its own), chooses a nick as a user does, and waits
-    until the page is connected and in `room` (room=None: connected only).
+    """open_page(server, url=None, nick=None, room="lobby", route=None, **context_options) opens
+    the chat in a fresh browser context (so a session of its own), chooses a nick as a user
+    does, and waits until the page is connected and in `room` (room=None: connected only).
+    route: a handler for Playwright's route_web_socket, to play a misbehaving server.
 
     Depends on start_server so that the pages close before the servers stop. A script error
     on any page fails the test.
@@ -73,6 +79,7 @@ def open_page(browser: Browser, start_server: Any) -> Iterator[Callable[..., Pag
         url: str | None = None,
         nick: str | None = None,
         room: str | None = "lobby",
+        route: Callable[[WebSocketRoute], None] | None = None,
         **options: Any,
     ) -> Page:
         context = browser.new_context(**options)
@@ -80,6 +87,9 @@ def open_page(browser: Browser, start_server: Any) -> Iterator[Callable[..., Pag
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
+        record_frames(page)
+        if route is not None:  # the test stands between the page and the server
+            page.route_web_socket("**/ws", route)
         page.goto(url or server.url)
         choose_nick(page, nick or f"user{len(contexts)}")
         wait_open(page)
@@ -90,7 +100,37 @@ def open_page(browser: Browser, start_server: Any) -> Iterator[Callable[..., Pag
     yield open_
     for context in contexts:
         context.close()
+    FRAMES.clear()
     assert not errors, f"script errors on the page: {errors}"
+
+
+# Every WebSocket frame each page sent (>) and received (<), with the time, for explained().
+FRAMES: dict[Page, list[str]] = {}
+
+
+def record_frames(page: Page) -> None:
+    frames = FRAMES[page] = []
+
+    def note(text: str) -> None:
+        frames.append(f"{time.monotonic():.3f} {text}")
+
+    def on_socket(ws: Any) -> None:
+        note(f"open {ws.url}")
+        ws.on("framesent", lambda frame: note(f"> {frame}"))
+        ws.on("framereceived", lambda frame: note(f"< {frame}"))
+        ws.on("close", lambda _: note("closed"))
+
+    page.on("websocket", on_socket)
+
+
+@contextmanager
+def explained(page: Page) -> Iterator[None]:
+    """A failing assertion inside says which frames the page sent and received last."""
+    try:
+        yield
+    except AssertionError as error:
+        frames = "\n".join(FRAMES.get(page, [])[-80:])
+        raise AssertionError(f"{error}\nthe page's last frames (> sent, < received):\n{frames}") from None
 
 
 def expect(target: Any) -> Any:
@@ -188,6 +228,182 @@ def sender(server: ServerProcess) -> Iterator[Callable[[list[str]], None]]:
         yield send
     finally:
         ws.close()
+
+
+class Talker:
+    """Someone else in the chat: a v2 client outside the browser, with a nick, in one room.
+
+    A thread reads everything the server sends it into `events` (the server drops a client
+    that does not read).
+    """
+
+    def __init__(self, server: ServerProcess, nick: str, room: str = "lobby") -> None:
+        self.ws = connect(server, subprotocols=["chat.v2"])
+        self.ws.settimeout(None)  # the reader waits as long as the test runs; teardown shuts it
+        self.room = room
+        self.events: list[dict[str, Any]] = []
+        # Lines said so far (they are numbered by it in some tests).
+        self.said = 0
+        self._send({"type": "hello", "nick": nick, "session": f"talker-{nick}"})
+        threading.Thread(target=self._read, daemon=True).start()
+        self._send({"type": "join", "room": room})
+        self.wait_for(lambda e: e["type"] == "joined" and e["room"] == room, f"{nick} to join {room}")
+
+    def _send(self, command: dict[str, Any]) -> None:
+        self.ws.send(json.dumps(command))
+
+    def _read(self) -> None:
+        try:
+            while data := self.ws.recv():
+                self.events.append(json.loads(data))
+        except Exception:  # noqa: BLE001 - the connection ended (teardown shuts the socket)
+            return
+
+    def say(self, text: str) -> None:
+        self._send({"type": "say", "room": self.room, "text": text, "ref": f"talker-{self.said}"})
+        self.said += 1
+
+    def texts(self) -> list[str]:
+        """The lines this client received in its room, in order."""
+        return [e["text"] for e in list(self.events) if e["type"] == "message" and e["room"] == self.room]
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], what: str) -> None:
+        wait_until(lambda: any(predicate(e) for e in list(self.events)), 10, what=what)
+
+    def wait_heard(self, text: str) -> None:
+        wait_until(lambda: text in self.texts(), 10, what=f"{text!r} to reach the talker")
+
+
+class CuttableProxy:
+    """A TCP proxy between a page and the server that can fail like a network does.
+
+    cut() ends every connection at once (no close frame: the page sees 1006) and keeps
+    accepting; down() cuts and then refuses new connections until up(); hold(way) stops
+    forwarding one way ("to_server" or "to_client") until the next cut, which drops what
+    was held.
+    """
+
+    WAYS = ("to_server", "to_client")
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._cond = threading.Condition()
+        # Open connections: (client socket, server socket).
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._refusing = False
+        self._held = dict.fromkeys(self.WAYS, False)
+        # Forwarding writes under way, per way: hold() waits for them to finish.
+        self._in_flight = dict.fromkeys(self.WAYS, 0)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # stop()
+            with self._cond:
+                refusing = self._refusing
+            try:
+                if refusing:
+                    raise OSError("down")
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            pair = (client, upstream)
+            with self._cond:
+                self._pairs.append(pair)
+            threading.Thread(target=self._pump, args=(client, upstream, "to_server", pair), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, "to_client", pair), daemon=True).start()
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, way: str, pair: tuple[socket.socket, socket.socket]
+    ) -> None:
+        try:
+            while data := src.recv(65536):
+                with self._cond:
+                    while self._held[way] and pair in self._pairs:
+                        self._cond.wait()
+                    if pair not in self._pairs:
+                        return  # cut: what was held is dropped
+                    self._in_flight[way] += 1
+                try:
+                    dst.sendall(data)
+                finally:
+                    with self._cond:
+                        self._in_flight[way] -= 1
+                        self._cond.notify_all()
+        except OSError:
+            pass
+        finally:
+            self._close([pair])
+
+    def _close(self, pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+        with self._cond:
+            for pair in pairs:
+                if pair in self._pairs:
+                    self._pairs.remove(pair)
+            self._cond.notify_all()
+        for pair in pairs:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def hold(self, way: str) -> None:
+        """From now until the next cut, forward nothing in this direction."""
+        with self._cond:
+            self._held[way] = True
+            while self._in_flight[way]:
+                self._cond.wait()
+
+    def cut(self) -> None:
+        """End every open connection, dropping held bytes; forward normally again after."""
+        with self._cond:
+            pairs = list(self._pairs)
+            self._held = dict.fromkeys(self.WAYS, False)
+        self._close(pairs)
+
+    def down(self) -> None:
+        with self._cond:
+            self._refusing = True
+        self.cut()
+
+    def up(self) -> None:
+        with self._cond:
+            self._refusing = False
+
+    def stop(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self.listener.close()
+        self.cut()
+
+
+@pytest.fixture
+def make_proxy(start_server: Any) -> Iterator[Callable[[ServerProcess], CuttableProxy]]:
+    """make_proxy(server) starts a CuttableProxy in front of the server; stopped before the server."""
+    proxies: list[CuttableProxy] = []
+
+    def make(server: ServerProcess) -> CuttableProxy:
+        proxy = CuttableProxy(server.port)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
 
 
 def scroll_metrics(page: Page, room: str = "lobby") -> dict[str, float]:
@@ -404,6 +620,7 @@ def test_two_nicks_chat_in_two_rooms(start_server: Any, open_page: Any) -> None:
 
     show_room(bob, "dev")
     say(bob, "in dev only")
+    expect_last_line(alice, "in dev only", "dev")  # (two pages' lines may otherwise cross)
     say(alice, "dev reply")  # alice has dev shown: she opened it last
     show_room(alice, "lobby")
     say(alice, "in the lobby")
@@ -490,6 +707,166 @@ def test_server_restart_shows_the_missed_messages_marker(start_server: Any, open
         alice.emulate_media(color_scheme=scheme)
         ratio = alice.eval_on_selector("#log-lobby .gap", CONTRAST)
         assert ratio >= 4.5, f"the marker in {scheme} mode: contrast {ratio:.2f}:1"
+
+
+def test_cut_connection_loses_nothing(start_server: Any, open_page: Any, make_proxy: Any) -> None:
+    """Lines said while the page is cut off, and while it rejoins, appear once each, in order."""
+    server = start_server("gunicorn")
+    proxy = make_proxy(server)
+    page = open_page(server, proxy.url, nick="alice")
+    bob = Talker(server, "bob")
+    for _ in range(5):
+        bob.say(f"line {bob.said}")
+    expect(texts(page)).to_have_text([f"line {i}" for i in range(5)])
+
+    proxy.down()  # every connection cut, new ones refused
+    expect(page.locator("body")).to_have_attribute("data-state", "reconnecting")
+    for _ in range(20):
+        bob.say(f"line {bob.said}")
+    bob.wait_heard("line 24")  # said, while the page was away
+
+    # Bob keeps talking while the page comes back: some lines reach it in its join's
+    # replay, the next ones live; the seam between them must neither drop nor repeat one.
+    stop = threading.Event()
+
+    def keep_talking() -> None:
+        while not stop.is_set():
+            bob.say(f"line {bob.said}")
+            time.sleep(0.005)  # pacing, so that lines arrive during the rejoin
+
+    talking = threading.Thread(target=keep_talking)
+    talking.start()
+    with explained(page):
+        try:
+            proxy.up()
+            wait_open(page, timeout=RECONNECT_TIMEOUT_MS)
+            wait_joined(page)
+            at_join = bob.said
+            wait_until(lambda: bob.said >= at_join + 20, 10, what="lines said after the rejoin")
+        finally:
+            stop.set()
+            talking.join()
+        bob.wait_heard(f"line {bob.said - 1}")
+
+        expect(texts(page)).to_have_text([f"line {i}" for i in range(bob.said)])
+        expect(page.locator("#log-lobby .gap")).to_have_count(0)  # nothing was missed
+
+
+@pytest.mark.parametrize("lost", ["the ack", "the line"])
+def test_unacknowledged_line_is_resent_once(start_server: Any, open_page: Any, make_proxy: Any, lost: str) -> None:
+    """A line whose ack never came (or that never arrived) is sent again after the reconnect and
+    appears exactly once, for the sender and for others."""
+    server = start_server("gunicorn")
+    proxy = make_proxy(server)
+    page = open_page(server, proxy.url, nick="alice")
+    bob = Talker(server, "bob")
+
+    proxy.hold("to_client" if lost == "the ack" else "to_server")
+    say(page, "did this arrive?")
+    expect(pending(page)).to_have_text([re.compile(r"^did this arrive\?")])
+    if lost == "the ack":
+        bob.wait_heard("did this arrive?")  # published; only the answer to the page is held
+    proxy.cut()  # what was held is gone
+
+    with explained(page):
+        # After the reconnect the page sends it again with the same ref and is acknowledged.
+        expect(pending(page)).to_have_count(0, timeout=RECONNECT_TIMEOUT_MS)
+        bob.say("after it")  # anything published by the resend comes before this line
+        expect_last_line(page, "after it")
+        bob.wait_heard("after it")
+        assert bob.texts() == ["did this arrive?", "after it"], bob.texts()
+        expect(texts(page)).to_have_text(["did this arrive?", "after it"])
+
+
+def test_each_line_shows_once_and_in_order_whatever_arrives(start_server: Any, open_page: Any) -> None:
+    """Lines delivered twice, late, or not at all (a gap in seqs) show once each and in order:
+    a gap makes the page rejoin from its last seq, and a replay overlapping the log adds nothing."""
+    server = start_server("gunicorn")
+    sent: dict[int, str] = {}  # the lobby's messages as the server sent them, by seq
+    faults = {"dropped": 0, "overlapped": 0}
+    trace: list[str] = []  # what the page was sent, for the assertion messages
+
+    def route(ws: WebSocketRoute) -> None:
+        real = ws.connect_to_server()
+
+        def from_server(frame: str | bytes) -> None:
+            event = json.loads(frame)
+            trace.append(f"{event['type']} {event.get('text') or event.get('seq') or ''}")
+            if event["type"] == "message":
+                sent[event["seq"]] = str(frame)
+                if event["text"] == "four" and not faults["dropped"]:
+                    faults["dropped"] += 1  # lost: the page gets five right after three
+                    return
+                ws.send(frame)
+                if event["text"] == "two":
+                    ws.send(frame)  # twice
+                if event["text"] == "three":
+                    ws.send(sent[min(sent)])  # an old line, late
+                return
+            if event["type"] == "joined" and event["messages"] and sent:
+                # A replay that reaches further back than `since` asked: it overlaps the log.
+                first = event["messages"][0]["seq"]
+                event["messages"][:0] = [json.loads(sent[seq]) for seq in sorted(sent) if seq < first]
+                faults["overlapped"] += 1
+                frame = json.dumps(event)
+            ws.send(frame)
+
+        real.on_message(from_server)
+
+    page = open_page(server, nick="alice", route=route)
+    bob = Talker(server, "bob")
+    words = ["one", "two", "three", "four", "five", "six"]
+    for word in words:
+        bob.say(word)
+    try:
+        expect(texts(page)).to_have_text(words)
+        bob.say("seven")  # and live lines go on after the rejoin
+        expect(texts(page)).to_have_text([*words, "seven"])
+    except AssertionError as error:
+        raise AssertionError(f"{error}\nthe page was sent: {trace}") from None
+    assert faults["dropped"] == 1 and faults["overlapped"] >= 1, (faults, trace)
+
+
+def test_unavailable_line_is_kept_and_resent_with_the_same_ref(start_server: Any, open_page: Any) -> None:
+    """A line answered `unavailable` stays pending and is sent again with the same ref, after a
+    growing backoff, until the server takes it; then it shows once."""
+    server = start_server("gunicorn")
+    says: list[tuple[float, dict[str, Any]]] = []  # when the page sent each say, and what
+    broker_away = True
+
+    def route(ws: WebSocketRoute) -> None:
+        real = ws.connect_to_server()
+
+        def from_page(frame: str | bytes) -> None:
+            command = json.loads(frame)
+            if command["type"] == "say":
+                says.append((time.monotonic(), command))
+                if broker_away:  # as a server whose Redis is away answers: nothing published
+                    error = {"code": "unavailable", "message": "the broker is away", "ref": command["ref"]}
+                    ws.send(json.dumps({"type": "error", **error, "room": command["room"]}))
+                    return
+            real.send(frame)
+
+        ws.on_message(from_page)
+
+    page = open_page(server, nick="alice", route=route)
+    other = open_page(server, nick="bob")
+    say(page, "while the broker is away")
+    expect(pending(page)).to_contain_text("retrying")
+    deadline = time.monotonic() + 10
+    while len(says) < 3:  # a poll with a deadline; waiting lets Playwright run the route
+        assert time.monotonic() < deadline, says
+        page.wait_for_timeout(50)
+    broker_away = False
+
+    expect(pending(page)).to_have_count(0)
+    say(other, "after it")
+    for p in (page, other):
+        expect(texts(p)).to_have_text(["while the broker is away", "after it"])
+    assert {command["ref"] for _, command in says} == {says[0][1]["ref"]}, says
+    assert {command["text"] for _, command in says} == {"while the broker is away"}, says
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(says, says[1:])]
+    assert 0.3 < gaps[0] < gaps[1], gaps  # backoff, growing
 
 
 def test_nick_taken_is_shown_inline_and_a_new_nick_is_remembered(start_server: Any, open_page: Any) -> None:
