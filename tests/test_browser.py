@@ -123,6 +123,12 @@ def record_frames(page: Page) -> None:
     page.on("websocket", on_socket)
 
 
+def sent_commands(page: Page, kind: str) -> list[dict[str, Any]]:
+    """The commands of this type the page has sent, oldest first."""
+    sent = (json.loads(line.split(" > ", 1)[1]) for line in FRAMES.get(page, []) if " > " in line)
+    return [command for command in sent if command.get("type") == kind]
+
+
 @contextmanager
 def explained(page: Page) -> Iterator[None]:
     """A failing assertion inside says which frames the page sent and received last."""
@@ -867,6 +873,30 @@ def test_unavailable_line_is_kept_and_resent_with_the_same_ref(start_server: Any
     assert {command["text"] for _, command in says} == {"while the broker is away"}, says
     gaps = [later - earlier for (earlier, _), (later, _) in zip(says, says[1:])]
     assert 0.3 < gaps[0] < gaps[1], gaps  # backoff, growing
+
+
+def test_line_said_while_redis_is_away_is_resent_until_published_once(
+    start_server: Any, open_page: Any, redis_server: Any
+) -> None:
+    """With Redis away the server answers a line `unavailable`: the page keeps it and sends it
+    again, same ref, after a backoff; once Redis is back it is published, exactly once."""
+    server = start_server("gunicorn", REDIS_URL=redis_server.url)
+    alice, bob = open_page(server, nick="alice"), open_page(server, nick="bob")
+    say(alice, "before")
+    expect_last_line(bob, "before")
+
+    redis_server.stop()
+    say(alice, "while Redis is away")
+    with explained(alice):
+        expect(pending(alice)).to_contain_text("retrying")
+        redis_server.start()
+        expect(pending(alice)).to_have_count(0, timeout=30_000)
+        say(bob, "after it")
+        for page in (alice, bob):
+            expect_last_line(page, "after it")
+            expect(texts(page).filter(has_text="while Redis is away")).to_have_count(1)
+    says = [command for command in sent_commands(alice, "say") if command["text"] == "while Redis is away"]
+    assert len(says) >= 2 and len({command["ref"] for command in says}) == 1, says
 
 
 def test_nick_taken_is_shown_inline_and_a_new_nick_is_remembered(start_server: Any, open_page: Any) -> None:
