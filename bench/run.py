@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import psutil
+import redis
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -104,12 +105,14 @@ class Server:
         env = dict(os.environ, PORT=str(port), **SERVER_ENV)
         LOGS.mkdir(parents=True, exist_ok=True)
         self.log = open(LOGS / f"{name}.log", "a")
-        self.redis = None
+        self.redis = self.redis_client = None
         if name == "ours-redis":
             redis_port = free_port()
             self.redis = subprocess.Popen(
                 ["taskset", "-c", "0", "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no"], stdout=self.log, stderr=subprocess.STDOUT)
+            # run.py's own connection, for INFO stats (its few hundred bytes per call count too).
+            self.redis_client = redis.Redis(port=redis_port)
             env.update(REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", WEB_CONCURRENCY="2")
         self.proc = subprocess.Popen(["taskset", "-c", "0", *cmd], cwd=repo, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -147,6 +150,14 @@ class Server:
     def cpu(self):
         return sum(sum(p.cpu_times()[:2]) for p in self.workers)
 
+    def redis_counters(self):
+        """The redis-server's CPU seconds and bytes in and out so far, or None without one."""
+        if self.redis is None:
+            return None
+        stats = self.redis_client.info("stats")
+        return (sum(psutil.Process(self.redis.pid).cpu_times()[:2]),
+                stats["total_net_input_bytes"], stats["total_net_output_bytes"])
+
     def _sample(self):
         while not self._stop.wait(0.1):
             try:
@@ -166,6 +177,7 @@ class Server:
             if worker.pid != self.proc.pid and worker.is_running():
                 worker.kill()
         if self.redis is not None:
+            self.redis_client.close()
             self.redis.kill()
             self.redis.wait()
         self.log.close()
@@ -221,7 +233,8 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
         marks, tail = {}, []
         for line in gen.stderr:  # "# sending" / "# sent" bracket the send phase
             if line.strip() in ("# sending", "# sent"):
-                marks[line.strip()] = (time.time(), server.cpu(), server.rss(), psutil.cpu_times(percpu=True))
+                marks[line.strip()] = (time.time(), server.cpu(), server.rss(), psutil.cpu_times(percpu=True),
+                                       server.redis_counters())
             else:
                 tail = (tail + [line.rstrip()])[-5:]
         out = gen.stdout.read()
@@ -230,7 +243,7 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
         if gen.returncode != 0 or len(marks) != 2:
             raise RuntimeError(f"loadgen failed ({gen.returncode}): " + " | ".join(tail))
         result = json.loads(out)
-        (t0, cpu0, _, cores0), (t1, cpu1, rss1, cores1) = marks["# sending"], marks["# sent"]
+        (t0, cpu0, _, cores0, redis0), (t1, cpu1, rss1, cores1, redis1) = marks["# sending"], marks["# sent"]
         result.update(
             server=server_name, scenario=scenario, desc=desc, background_busy_pct=background,
             server_cpu_pct=round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
@@ -240,9 +253,27 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
             core0_busy_pct=busy_pct(cores0[0], cores1[0]),
             core1_busy_pct=busy_pct(cores0[1], cores1[1]),
         )
+        if redis0 is not None:
+            result.update(redis_figures(redis0, redis1, t1 - t0, result))
         return result
     finally:
         server.stop()
+
+
+def redis_figures(before, after, seconds, result):
+    """The redis-server's share of a core over the send phase, its CPU per line said, and the
+    bytes it received and sent per delivery and per line (INFO stats: every client, subscriber
+    connections included; the workers' replies to the load generator are not Redis traffic)."""
+    cpu, bytes_in, bytes_out = (b - a for a, b in zip(before, after))
+    deliveries, lines = result["delivered_per_s"] * seconds, result["sent"]
+    return {
+        "redis_cpu_pct": round(100 * cpu / seconds, 1),
+        "redis_cpu_us_per_line": round(1e6 * cpu / lines, 1) if lines else None,
+        "redis_in_bytes_per_delivery": round(bytes_in / deliveries, 2) if deliveries else None,
+        "redis_out_bytes_per_delivery": round(bytes_out / deliveries, 2) if deliveries else None,
+        "redis_in_bytes_per_line": round(bytes_in / lines) if lines else None,
+        "redis_out_bytes_per_line": round(bytes_out / lines) if lines else None,
+    }
 
 
 def ratios(results):
@@ -269,6 +300,12 @@ def print_table(results, ratio_rows):
         if r.get("v2"):
             print(f"{r['scenario']} v2: rooms={r['rooms']} acks={r.get('acks', 0)} "
                   f"errors={r.get('errors', 0)} unexpected={r.get('unexpected', 0)}")
+    for r in results:
+        if "redis_cpu_pct" in r:
+            print(f"{r['scenario']} {r['server']}: redis-server CPU {r['redis_cpu_pct']}% "
+                  f"({r['redis_cpu_us_per_line']} us/line); bytes per delivery in {r['redis_in_bytes_per_delivery']}"
+                  f" out {r['redis_out_bytes_per_delivery']}; per line in {r['redis_in_bytes_per_line']}"
+                  f" out {r['redis_out_bytes_per_line']}")
     if ratio_rows:
         print("\nours / peer   " + "  ".join(RATIO_KEYS))
         for r in ratio_rows:
