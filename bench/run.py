@@ -10,8 +10,11 @@ just before the server started (the machine may be shared). Prints a table
 plus ratios of ours to each peer, and writes JSON lines to
 bench/results.jsonl; server logs go to bench/.build/logs/.
 
-Scenarios c2, r100 and e2 speak the chat's v2 protocol (loadgen -v2) and run
-on ours only: the peers speak v1. Ours runs from the checkout --repo names (by
+Scenarios c2, r100, b2 and e2 are rooms and nicks: ours speaks its v2
+protocol there (loadgen -v2), and the socketio peer (peers/socketio_peer.py,
+python-socketio under gunicorn) Socket.IO with the same join and say (loadgen
+-sio); the v1 peers sit them out, and the socketio peer sits out the v1
+scenarios. Ours runs from the checkout --repo names (by
 default the one this file is in), so two commits can be measured back to back:
 with --compare OTHER, each round runs every scenario on OTHER's server, then on
 --repo's, for --rounds rounds, and prints the two side by side.
@@ -21,6 +24,7 @@ with --compare OTHER, each round runs every scenario on OTHER's server, then on
     .venv/bin/python bench/run.py --servers straightforward,websockets --scenarios a,e
     .venv/bin/python bench/run.py --scenarios a,cl300,c,cl3000,cl10000   # closed-loop sweep for plot.py
     .venv/bin/python bench/run.py --servers ours --scenarios c,c2,r100,e,e2
+    .venv/bin/python bench/run.py --servers ours,socketio --scenarios c2,r100,b2,e2 --wait-idle 60
     git worktree add /tmp/before d72b693             # then: that commit against this checkout
     .venv/bin/python bench/run.py --servers ours --scenarios a,c --compare /tmp/before --rounds 3
 
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -51,9 +56,16 @@ SERVERS = {  # name -> command (run from the root of --repo with env PORT)
     "ours": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
     # Ours across two workers through a redis-server of run.py's own, on the same core.
     "ours-redis": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+    # Ours with Prometheus metrics on (CHAT_METRICS_TOKEN); plain "ours" always runs with them off.
+    "ours-metrics": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
     "straightforward": [sys.executable, str(BENCH / "peers" / "straightforward.py"), "--port", "{port}"],
     "websockets": [sys.executable, str(BENCH / "peers" / "websockets_peer.py"), "--port", "{port}"],
+    # python-socketio as its docs deploy it on gevent: gunicorn, gevent-websocket's worker, one worker.
+    "socketio": [sys.executable, "-m", "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
+                 "-w", "1", "--bind", "127.0.0.1:{port}", "--chdir", str(BENCH / "peers"), "socketio_peer:app"],
 }
+# Where each server's WebSocket is, if not at /ws: Engine.IO's endpoint, WebSocket transport only.
+PATHS = {"socketio": "/socket.io/?EIO=4&transport=websocket"}
 # For ours (the peers ignore it): room for scenario f, and no per-connection rate limit
 # (10 msg/s by default, past which a sender is closed), since the peers have none.
 # CHAT_* variables in run.py's own environment override these.
@@ -75,21 +87,29 @@ for _n in (300, 3000, 10000):  # extra closed-loop points for plot.py's curves; 
     SCENARIOS[f"cl{_n}"] = (f"{_n} clients, 10 senders, closed loop W=8", {"clients": _n, "senders": 10, "window": 8})
 # v2 (not run by default): c's twin in one room; 100 rooms of 10 clients, one sender per room
 # (client i is in room i mod 100 and the first 100 clients send), each sender's window counting
-# its own room; e's twin, every client after hello and join.
+# its own room; b's twin; e's twin, every client after hello and join. "v2" in the flags means
+# rooms and nicks: the socketio peer gets -sio instead.
 SCENARIOS.update({
     "c2": ("1000 v2 clients in one room, 10 senders, closed loop W=8",
            {"clients": 1000, "senders": 10, "window": 8, "v2": True}),
     "r100": ("100 rooms of 10 v2 clients, 1 sender each, closed loop W=8",
              {"clients": 1000, "senders": 100, "window": 8, "v2": True, "rooms": 100}),
+    "b2": ("1000 v2 clients in one room, 10 senders, 100 msg/s",
+           {"clients": 1000, "senders": 10, "rate": 100, "v2": True}),
     "e2": ("5000 idle v2 clients in one room", {"clients": 5000, "senders": 0, "v2": True}),
 })
 # The servers that speak v2.
-V2_SERVERS = {"ours", "ours-redis"}
+V2_SERVERS = {"ours", "ours-redis", "ours-metrics"}
+# The servers that speak rooms only (Socket.IO), not v1.
+ROOMS_ONLY = {"socketio"}
+# The bearer token of ours-metrics' GET /metrics.
+METRICS_TOKEN = "bench"
 RATIO_KEYS = ["delivered_per_s", "p99_ms", "server_cpu_pct", "server_peak_rss_mb", "rss_per_conn_kb"]
 COLUMNS = [  # (header, key, format)
     ("scen", "scenario", "{}"), ("server", "server", "{}"), ("deliv/s", "delivered_per_s", "{:.0f}"),
     ("loss%", "loss_pct", "{:.2f}"), ("gaps", "gaps", "{}"), ("reord", "reorders", "{}"), ("p50ms", "p50_ms", "{:.1f}"),
     ("p99ms", "p99_ms", "{:.1f}"), ("maxms", "max_ms", "{:.0f}"), ("srvcpu%", "server_cpu_pct", "{:.0f}"),
+    ("deliv/cpu-s", "delivered_per_cpu_s", "{:.0f}"),
     ("peakMB", "server_peak_rss_mb", "{:.0f}"), ("KB/conn", "rss_per_conn_kb", "{:.1f}"),
     ("connfail", "connect_failures", "{}"), ("disc", "disconnects", "{}"), ("lgcpu%", "loadgen_cpu_pct", "{:.0f}"),
     ("core0%", "core0_busy_pct", "{:.0f}"), ("core1%", "core1_busy_pct", "{:.0f}"),
@@ -103,6 +123,10 @@ class Server:
     def __init__(self, name, port, repo=REPO):
         cmd = [arg.format(port=port) for arg in SERVERS[name]]
         env = dict(os.environ, PORT=str(port), **SERVER_ENV)
+        env.pop("CHAT_METRICS_TOKEN", None)
+        if name == "ours-metrics":
+            env["CHAT_METRICS_TOKEN"] = METRICS_TOKEN
+        self.metrics = name == "ours-metrics"
         LOGS.mkdir(parents=True, exist_ok=True)
         self.log = open(LOGS / f"{name}.log", "a")
         self.redis = self.redis_client = None
@@ -183,6 +207,19 @@ class Server:
         self.log.close()
 
 
+def scrape(port):
+    """GET /metrics as Prometheus would: the time it took (ms) and chat_deliveries_total."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                     headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    took = 1000 * (time.perf_counter() - start)
+    deliveries = sum(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("chat_deliveries_total"))
+    return round(took, 1), int(deliveries)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,7 +242,9 @@ def commit_of(repo):
     return head + ("+" if dirty else "")
 
 
-def loadgen_flags(flags):
+def loadgen_flags(flags, server_name):
+    if server_name in ROOMS_ONLY and flags.pop("v2", False):
+        flags["sio"] = True  # the same rooms and nicks, in Socket.IO
     return [f"-{key}" if value is True else f"-{key}={value}" for key, value in flags.items()]
 
 
@@ -225,8 +264,9 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
     server = Server(server_name, free_port(), repo)
     try:
         cmd = ["taskset", "-c", "1", str(LOADGEN), "-json", f"-duration={duration}s",
-               f"-url=ws://127.0.0.1:{server.port}/ws", f"-origin=http://127.0.0.1:{server.port}"]
-        cmd += loadgen_flags(flags)
+               f"-url=ws://127.0.0.1:{server.port}{PATHS.get(server_name, '/ws')}",
+               f"-origin=http://127.0.0.1:{server.port}"]
+        cmd += loadgen_flags(dict(flags), server_name)
         gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         timer = threading.Timer(duration + 180, gen.kill)
         timer.start()
@@ -244,9 +284,13 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
             raise RuntimeError(f"loadgen failed ({gen.returncode}): " + " | ".join(tail))
         result = json.loads(out)
         (t0, cpu0, _, cores0, redis0), (t1, cpu1, rss1, cores1, redis1) = marks["# sending"], marks["# sent"]
+        # Per second of the server's own CPU time: steadier than per second when other
+        # processes share its core (then bg% and srvcpu% say so).
+        cpu_s = cpu1 - cpu0
         result.update(
             server=server_name, scenario=scenario, desc=desc, background_busy_pct=background,
-            server_cpu_pct=round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
+            server_cpu_pct=round(100 * cpu_s / (t1 - t0), 1),
+            delivered_per_cpu_s=round(result["delivered_per_s"] * (t1 - t0) / cpu_s) if cpu_s > 0.01 else 0,
             server_baseline_rss_mb=round(server.baseline_rss / 2**20, 1),
             server_peak_rss_mb=round(max(server.peak_rss, rss1) / 2**20, 1),
             rss_per_conn_kb=round((rss1 - server.baseline_rss) / result["connected"] / 1024, 2),
@@ -255,6 +299,8 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
         )
         if redis0 is not None:
             result.update(redis_figures(redis0, redis1, t1 - t0, result))
+        if server.metrics:  # metrics on and counting: a scrape after the drain (its cost not in the figures)
+            result["metrics_scrape_ms"], result["metrics_deliveries"] = scrape(server.port)
         return result
     finally:
         server.stop()
@@ -300,7 +346,14 @@ def print_table(results, ratio_rows):
         if r.get("v2"):
             print(f"{r['scenario']} v2: rooms={r['rooms']} acks={r.get('acks', 0)} "
                   f"errors={r.get('errors', 0)} unexpected={r.get('unexpected', 0)}")
+        elif r.get("socketio"):
+            print(f"{r['scenario']} {r['server']} (Socket.IO): rooms={r['rooms']} pings={r.get('pings', 0)} "
+                  f"errors={r.get('errors', 0)} unexpected={r.get('unexpected', 0)}")
     for r in results:
+        if "metrics_scrape_ms" in r:
+            print(f"{r['scenario']} {r['server']}: GET /metrics took {r['metrics_scrape_ms']} ms; "
+                  f"chat_deliveries_total {r['metrics_deliveries']} (the load generator got {r['delivered']}"
+                  " plus the probes)")
         if "redis_cpu_pct" in r:
             print(f"{r['scenario']} {r['server']}: redis-server CPU {r['redis_cpu_pct']}% "
                   f"({r['redis_cpu_us_per_line']} us/line); bytes per delivery in {r['redis_in_bytes_per_delivery']}"
@@ -409,8 +462,10 @@ def main():
     for n in range(1, (args.rounds if args.compare else 1) + 1):
         for scenario in scenarios:
             for server in servers:
-                if SCENARIOS[scenario][1].get("v2") and server not in V2_SERVERS:
-                    continue  # The peers speak v1 only.
+                if SCENARIOS[scenario][1].get("v2") and server not in V2_SERVERS | ROOMS_ONLY:
+                    continue  # The v1 peers have no rooms.
+                if not SCENARIOS[scenario][1].get("v2") and server in ROOMS_ONLY:
+                    continue  # Socket.IO does not speak v1.
                 for repo, label in zip(repos, labels):
                     print(f"# {scenario} ({SCENARIOS[scenario][0]}) on {server}"
                           + (f" from {repo} ({label})" if args.compare or repo != REPO else "")
@@ -421,11 +476,7 @@ def main():
                         print(f"# {scenario} on {server} FAILED: {err}", file=sys.stderr, flush=True)
                         continue
                     if args.compare:
-                        # Per second of the server's own CPU time: steadier than per second when
-                        # other processes share its core (then bg% and srvcpu% say so).
-                        cpu = result["server_cpu_pct"] / 100
-                        result.update(round=n, commit=label, repo=str(repo),
-                                      delivered_per_cpu_s=round(result["delivered_per_s"] / cpu) if cpu else 0)
+                        result.update(round=n, commit=label, repo=str(repo))
                     results.append(result)
     ratio_rows = [] if args.compare else ratios(results)
     out.parent.mkdir(parents=True, exist_ok=True)
