@@ -104,7 +104,8 @@ V2_SERVERS = {"ours", "ours-redis", "ours-metrics"}
 ROOMS_ONLY = {"socketio"}
 # The bearer token of ours-metrics' GET /metrics.
 METRICS_TOKEN = "bench"
-RATIO_KEYS = ["delivered_per_s", "p99_ms", "server_cpu_pct", "server_peak_rss_mb", "rss_per_conn_kb"]
+RATIO_KEYS = ["delivered_per_s", "delivered_per_cpu_s", "p99_ms", "server_cpu_pct", "server_peak_rss_mb",
+              "rss_per_conn_kb"]
 COLUMNS = [  # (header, key, format)
     ("scen", "scenario", "{}"), ("server", "server", "{}"), ("deliv/s", "delivered_per_s", "{:.0f}"),
     ("loss%", "loss_pct", "{:.2f}"), ("gaps", "gaps", "{}"), ("reord", "reorders", "{}"), ("p50ms", "p50_ms", "{:.1f}"),
@@ -323,15 +324,37 @@ def redis_figures(before, after, seconds, result):
 
 
 def ratios(results):
-    """Ours divided by each peer, per scenario, for RATIO_KEYS."""
+    """Per scenario, for RATIO_KEYS: ours divided by each peer ("ours_over"), and each variant of
+    ours (ours-redis, ours-metrics) divided by ours ("over_ours")."""
     by = {(r["server"], r["scenario"]): r for r in results}
     out = []
-    for (peer, scenario), other in by.items():
+    for (other_name, scenario), other in by.items():
         ours = by.get(("ours", scenario))
-        if peer != "ours" and ours:
-            out.append({"kind": "ratio", "scenario": scenario, "ours_over": peer, **{
-                k: round(ours[k] / other[k], 3) if other[k] else None for k in RATIO_KEYS}})
+        if other_name == "ours" or not ours:
+            continue
+        variant = other_name.startswith("ours-")
+        top, bottom = (other, ours) if variant else (ours, other)
+        out.append({"kind": "ratio", "scenario": scenario, ("over_ours" if variant else "ours_over"): other_name, **{
+            k: round(top[k] / bottom[k], 3) if bottom[k] else None for k in RATIO_KEYS}})
     return out
+
+
+def medians(results):
+    """One record per scenario and server: the median of each figure of RATIO_KEYS and COMPARED
+    over its rounds."""
+    keys = dict.fromkeys(RATIO_KEYS + [key for _, key, _ in COMPARED])
+    out = []
+    for scenario, server in dict.fromkeys((r["scenario"], r["server"]) for r in results):
+        runs = [r for r in results if (r["scenario"], r["server"]) == (scenario, server)]
+        out.append({"kind": "median", "scenario": scenario, "server": server, "runs": len(runs),
+                    **{key: median([r[key] for r in runs]) for key in keys}})
+    return out
+
+
+def print_medians(summary):
+    print_rows([["scen", "server", "runs"] + [h for h, _, _ in COMPARED]] + [
+        [r["scenario"], r["server"], str(r["runs"])] + [fmt.format(r[key]) for _, key, fmt in COMPARED]
+        for r in summary])
 
 
 def print_rows(rows):
@@ -360,9 +383,10 @@ def print_table(results, ratio_rows):
                   f" out {r['redis_out_bytes_per_delivery']}; per line in {r['redis_in_bytes_per_line']}"
                   f" out {r['redis_out_bytes_per_line']}")
     if ratio_rows:
-        print("\nours / peer   " + "  ".join(RATIO_KEYS))
+        print("\n" + " " * 30 + "  ".join(RATIO_KEYS))
         for r in ratio_rows:
-            print(f"{r['scenario']} / {r['ours_over']:<16}" + "  ".join(
+            what = f"ours / {r['ours_over']}" if "ours_over" in r else f"{r['over_ours']} / ours"
+            print(f"{r['scenario']:>6} {what:<23}" + "  ".join(
                 f"{r[k] if r[k] is not None else '-':>{len(k)}}" for k in RATIO_KEYS))
 
 
@@ -427,7 +451,8 @@ def main():
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose server is ours (default: this one)")
     parser.add_argument("--compare", type=Path, metavar="OTHER",
                         help="another checkout: each round runs every scenario on OTHER's ours, then --repo's")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare (default 3)")
+    parser.add_argument("--rounds", type=int, help="run everything this many times, servers alternating;"
+                        " prints the medians too, and ratios of medians (default 1; with --compare 3)")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help=f"before each run, wait up to this long for both cores to be under {IDLE_BELOW}%% busy"
                         " (on a shared machine)")
@@ -459,7 +484,8 @@ def main():
     if len(set(labels)) < len(labels):
         labels = [f"{label}({repo.name})" for label, repo in zip(labels, repos)]
     results = []
-    for n in range(1, (args.rounds if args.compare else 1) + 1):
+    rounds = args.rounds or (3 if args.compare else 1)
+    for n in range(1, rounds + 1):
         for scenario in scenarios:
             for server in servers:
                 if SCENARIOS[scenario][1].get("v2") and server not in V2_SERVERS | ROOMS_ONLY:
@@ -469,16 +495,18 @@ def main():
                 for repo, label in zip(repos, labels):
                     print(f"# {scenario} ({SCENARIOS[scenario][0]}) on {server}"
                           + (f" from {repo} ({label})" if args.compare or repo != REPO else "")
-                          + (f", round {n}" if args.compare else ""), file=sys.stderr, flush=True)
+                          + (f", round {n}" if rounds > 1 else ""), file=sys.stderr, flush=True)
                     try:
                         result = run_one(server, scenario, duration, repo, args.wait_idle)
                     except (RuntimeError, psutil.Error) as err:
                         print(f"# {scenario} on {server} FAILED: {err}", file=sys.stderr, flush=True)
                         continue
+                    result["round"] = n
                     if args.compare:
-                        result.update(round=n, commit=label, repo=str(repo))
+                        result.update(commit=label, repo=str(repo))
                     results.append(result)
-    ratio_rows = [] if args.compare else ratios(results)
+    summary = medians(results) if rounds > 1 and not args.compare else []
+    ratio_rows = [] if args.compare else ratios(summary or results)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for record in results + ratio_rows:
@@ -487,6 +515,9 @@ def main():
         print_comparison(results, labels)
     else:
         print_table(results, ratio_rows)
+    if summary:
+        print(f"\nmedians of {rounds} rounds (the ratios above are of these)")
+        print_medians(summary)
 
 
 if __name__ == "__main__":
