@@ -18,6 +18,13 @@
 // every client also checks its room's seq for gaps and reorders. A sender's
 // closed-loop window counts the clients of its room only.
 //
+// With -sio the clients speak Socket.IO 5 over Engine.IO 4's WebSocket
+// transport (sio.go) to a server with the same two events, join and say:
+// each joins its room the same way, senders send the same text, and every
+// client checks each sender's order and gaps as in v1 (Socket.IO numbers no
+// room). -url then names the Engine.IO endpoint,
+// ws://HOST/socket.io/?EIO=4&transport=websocket.
+//
 // It uses the standard library only: ws.go is a minimal WebSocket client and
 // receiver.go reads every connection from one epoll loop: no goroutine,
 // allocation or clock read per message.
@@ -54,7 +61,7 @@ type config struct {
 	duration, settle, drain time.Duration
 	rate                    float64
 	window                  int64
-	v2                      bool
+	v2, sio                 bool
 	rooms                   int
 	jsonOut                 bool
 	cpuProfile              string
@@ -98,12 +105,14 @@ type result struct {
 	P99Ms           float64 `json:"p99_ms"`
 	MaxMs           float64 `json:"max_ms"`
 	LoadgenCPUPct   float64 `json:"loadgen_cpu_pct"` // this process, during the send phase
-	// v2 only.
+	// v2 and Socket.IO only.
 	V2         bool  `json:"v2,omitempty"`
+	SocketIO   bool  `json:"socketio,omitempty"`
 	Rooms      int   `json:"rooms,omitempty"`
-	Acks       int64 `json:"acks,omitempty"`       // `ack` events the senders (and the prober) got
-	Errors     int64 `json:"errors,omitempty"`     // `error` events
+	Acks       int64 `json:"acks,omitempty"`       // v2: `ack` events the senders (and the prober) got
+	Errors     int64 `json:"errors,omitempty"`     // v2: `error` events; Socket.IO: CONNECT_ERROR packets
 	Unexpected int64 `json:"unexpected,omitempty"` // a message of another room or epoch, a second `joined`, a frame that is no event
+	Pings      int64 `json:"pings,omitempty"`      // Socket.IO: the server's Engine.IO pings, each answered with a pong
 }
 
 type bench struct {
@@ -111,6 +120,7 @@ type bench struct {
 	conns                   []*client
 	senders                 []*sender
 	registered, joined      atomic.Int64
+	nsConnected, pings      atomic.Int64 // Socket.IO: clients connected to the namespace; pings answered
 	acks, errors            atomic.Int64
 	unexpected              atomic.Int64
 	delivered, inWindow     atomic.Int64
@@ -133,7 +143,8 @@ func main() {
 	flag.Float64Var(&cfg.rate, "rate", 0, "total messages/s over all senders (0 = as fast as possible)")
 	flag.Int64Var(&cfg.window, "window", 0, "closed loop: send q only after every client got q-window (0 = off)")
 	flag.BoolVar(&cfg.v2, "v2", false, "speak the v2 protocol (subprotocol chat.v2): hello, join, say")
-	flag.IntVar(&cfg.rooms, "rooms", 1, "v2: rooms; client i joins r<i mod rooms> (one room: lobby)")
+	flag.BoolVar(&cfg.sio, "sio", false, "speak Socket.IO 5 over Engine.IO 4 (WebSocket transport): join, say")
+	flag.IntVar(&cfg.rooms, "rooms", 1, "v2, Socket.IO: rooms; client i joins r<i mod rooms> (one room: lobby)")
 	flag.IntVar(&cfg.ramp, "ramp", 200, "concurrent connection attempts")
 	flag.DurationVar(&cfg.settle, "settle", 60*time.Second, "max wait for all clients to be registered")
 	flag.DurationVar(&cfg.drain, "drain", 10*time.Second, "max wait for in-flight messages after sending")
@@ -150,8 +161,11 @@ func main() {
 	if cfg.senders > cfg.clients || cfg.window >= ring || cfg.clients < 1 {
 		fatal("need 1 <= clients, senders <= clients, window < %d", ring)
 	}
-	if cfg.rooms < 1 || cfg.rooms > cfg.clients || (cfg.rooms > 1 && !cfg.v2) {
-		fatal("need 1 <= rooms <= clients, and -v2 for more than one room")
+	if cfg.v2 && cfg.sio {
+		fatal("-v2 or -sio, not both")
+	}
+	if cfg.rooms < 1 || cfg.rooms > cfg.clients || (cfg.rooms > 1 && !cfg.roomed()) {
+		fatal("need 1 <= rooms <= clients, and -v2 or -sio for more than one room")
 	}
 	raiseFileLimit(uint64(cfg.clients) + 100)
 	b := &bench{cfg: cfg}
@@ -178,7 +192,7 @@ func (b *bench) run() result {
 	if failures > 0 {
 		progress("%d connect failures, first: %v", failures, firstErr)
 	}
-	if cfg.v2 {
+	if cfg.roomed() {
 		b.assignRooms()
 	}
 	for i := 0; i < cfg.senders && i < len(b.conns); i++ {
@@ -186,13 +200,16 @@ func (b *bench) run() result {
 		// queue short (Linux grows it to megabytes), so what is measured is the server's.
 		b.conns[i].conn.SetWriteBuffer(senderWriteBuffer)
 		s := &sender{conn: b.conns[i], members: n, notify: make(chan struct{}, 1)}
-		if cfg.v2 {
+		if cfg.roomed() {
 			s.members = b.roomSize(i)
 		}
 		b.senders = append(b.senders, s)
 	}
 	go b.receiveAll()
-	if cfg.v2 {
+	if cfg.sio {
+		b.connectNamespace(n)
+	}
+	if cfg.roomed() {
 		b.joinAll(n)
 	}
 	b.register(n)
@@ -239,9 +256,10 @@ func (b *bench) run() result {
 		P50Ms: b.percentile(0.50), P90Ms: b.percentile(0.90), P99Ms: b.percentile(0.99),
 		MaxMs: round(float64(b.maxLatency.Load()) / 1e6),
 	}
-	if cfg.v2 {
-		r.V2, r.Rooms = true, cfg.rooms
+	if cfg.roomed() {
+		r.V2, r.SocketIO, r.Rooms = cfg.v2, cfg.sio, cfg.rooms
 		r.Acks, r.Errors, r.Unexpected = b.acks.Load(), b.errors.Load(), b.unexpected.Load()
+		r.Pings = b.pings.Load()
 	}
 	wall := end.Sub(start).Seconds()
 	r.DeliveredPerS = round(float64(b.inWindow.Load()) / wall)
@@ -294,7 +312,7 @@ func (b *bench) register(n int64) {
 		if time.Now().After(deadline) {
 			fatal("only %d of %d clients registered after %v", b.registered.Load(), n, b.cfg.settle)
 		}
-		if b.cfg.v2 {
+		if b.cfg.roomed() {
 			b.probeRooms(probe)
 		} else if err := b.conns[0].write(opText, []byte("hello "+strconv.Itoa(probe))); err != nil {
 			fatal("probe: %v", err)
@@ -335,6 +353,10 @@ func (b *bench) send(id int, s *sender, start time.Time) {
 			buf = append(buf, `{"type":"say","room":"`...)
 			buf = append(buf, s.conn.room...)
 			buf = append(buf, `","text":"`...)
+		} else if b.cfg.sio {
+			buf = append(buf, sioSay...)
+			buf = append(buf, s.conn.room...)
+			buf = append(buf, `","text":"`...)
 		}
 		buf = append(buf, "b "...)
 		buf = strconv.AppendInt(buf, int64(id), 10)
@@ -346,6 +368,8 @@ func (b *bench) send(id int, s *sender, start time.Time) {
 			buf = append(buf, `","ref":"`...)
 			buf = strconv.AppendInt(buf, q, 10)
 			buf = append(buf, `"}`...)
+		} else if b.cfg.sio {
+			buf = append(buf, `"}]`...)
 		}
 		if err := s.conn.write(opText, buf); err != nil {
 			b.sendErrors.Add(1)
@@ -381,6 +405,10 @@ func (b *bench) waitWindow(s *sender, q int64, end time.Time) {
 func (b *bench) message(c *client, data []byte, now int64) {
 	if b.cfg.v2 {
 		b.event(c, data, now)
+		return
+	}
+	if b.cfg.sio {
+		b.packet(c, data, now)
 		return
 	}
 	for len(data) > 0 { // a server may batch messages into one frame, newline-separated
@@ -519,8 +547,14 @@ func tableRow(r result) string {
 	if r.V2 {
 		row += fmt.Sprintf(" | v2 rooms=%d acks=%d errors=%d unexpected=%d", r.Rooms, r.Acks, r.Errors, r.Unexpected)
 	}
+	if r.SocketIO {
+		row += fmt.Sprintf(" | socketio rooms=%d pings=%d errors=%d unexpected=%d", r.Rooms, r.Pings, r.Errors, r.Unexpected)
+	}
 	return row
 }
+
+// roomed: the clients join rooms (v2 or Socket.IO).
+func (cfg config) roomed() bool { return cfg.v2 || cfg.sio }
 
 func cpuTime() time.Duration {
 	var ru syscall.Rusage

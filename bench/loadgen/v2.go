@@ -33,6 +33,9 @@ const (
 func (b *bench) assignRooms() {
 	for _, c := range b.conns {
 		c.room = []byte(roomName(c.id%b.cfg.rooms, b.cfg.rooms))
+		if b.cfg.sio {
+			c.head = append(append([]byte(sioMessagePrefix), c.room...), `","nick":"`...)
+		}
 	}
 }
 
@@ -53,22 +56,18 @@ func (b *bench) roomSize(i int) int64 {
 	return int64(size)
 }
 
-// joinAll has every client say hello (nick c<i>, session s<i>) and join its
-// room, joinRound clients at a time, each round once the last has its `joined`s.
+// joinAll has every client join its room (v2: after hello with nick c<i>,
+// session s<i>; Socket.IO: with nick c<i>), joinRound clients at a time, each
+// round once the last has its `joined`s (Socket.IO: the join's acks).
 func (b *bench) joinAll(n int64) {
 	deadline := time.Now().Add(b.cfg.settle)
 	buf := make([]byte, 0, 128)
 	next := time.Now().Add(time.Second)
 	for i, c := range b.conns {
-		id := strconv.Itoa(c.id)
-		buf = append(append(append(append(buf[:0], `{"type":"hello","nick":"c`...), id...), `","session":"s`...), id...)
-		buf = append(buf, `"}`...)
-		if err := c.write(opText, buf); err != nil {
-			fatal("hello: %v", err)
-		}
-		buf = append(append(append(buf[:0], `{"type":"join","room":"`...), c.room...), `"}`...)
-		if err := c.write(opText, buf); err != nil {
-			fatal("join: %v", err)
+		if b.cfg.sio {
+			buf = b.joinSio(c, buf)
+		} else {
+			buf = b.joinV2(c, buf)
 		}
 		if (i+1)%joinRound != 0 && i+1 < len(b.conns) {
 			continue
@@ -87,6 +86,21 @@ func (b *bench) joinAll(n int64) {
 	progress("joined %d/%d", b.joined.Load(), n)
 }
 
+// joinV2 writes client c's hello and join.
+func (b *bench) joinV2(c *client, buf []byte) []byte {
+	id := strconv.Itoa(c.id)
+	buf = append(append(append(append(buf[:0], `{"type":"hello","nick":"c`...), id...), `","session":"s`...), id...)
+	buf = append(buf, `"}`...)
+	if err := c.write(opText, buf); err != nil {
+		fatal("hello: %v", err)
+	}
+	buf = append(append(append(buf[:0], `{"type":"join","room":"`...), c.room...), `"}`...)
+	if err := c.write(opText, buf); err != nil {
+		fatal("join: %v", err)
+	}
+	return buf
+}
+
 // probeRooms says "hello <probe>" in every room, from the room's first client
 // (client k is the first of room k).
 func (b *bench) probeRooms(probe int) {
@@ -94,9 +108,14 @@ func (b *bench) probeRooms(probe int) {
 	text := strconv.Itoa(probe)
 	for k := 0; k < b.cfg.rooms; k++ {
 		c := b.conns[k]
-		buf = append(append(append(buf[:0], `{"type":"say","room":"`...), c.room...), `","text":"hello `...)
-		buf = append(append(append(buf, text...), `","ref":"p`...), text...)
-		buf = append(buf, `"}`...)
+		if b.cfg.sio {
+			buf = append(append(append(buf[:0], sioSay...), c.room...), `","text":"hello `...)
+			buf = append(append(buf, text...), `"}]`...)
+		} else {
+			buf = append(append(append(buf[:0], `{"type":"say","room":"`...), c.room...), `","text":"hello `...)
+			buf = append(append(append(buf, text...), `","ref":"p`...), text...)
+			buf = append(buf, `"}`...)
+		}
 		if err := c.write(opText, buf); err != nil {
 			fatal("probe: %v", err)
 		}

@@ -46,7 +46,8 @@ type client struct {
 
 	// v2: the one room this client is in (set before the receiver starts) and, from its
 	// `joined` on, that room's epoch, the next seq expected (0 until joined) and how its
-	// messages start, up to "seq":.
+	// messages start, up to "seq":. Socket.IO: the room, and how its messages start, up to
+	// the nick (both set before the receiver starts).
 	room     []byte
 	epoch    []byte
 	roomNext int64
