@@ -172,6 +172,11 @@ class Server:
     def rss(self):
         return sum(p.memory_info().rss for p in self.workers)
 
+    def spread(self):
+        """Connections to the server's port held by each worker, as the kernel handed them out."""
+        return [sum(1 for c in p.net_connections("tcp") if c.laddr and c.laddr.port == self.port
+                    and c.status == psutil.CONN_ESTABLISHED) for p in self.workers]
+
     def cpu(self):
         return sum(sum(p.cpu_times()[:2]) for p in self.workers)
 
@@ -271,8 +276,10 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
         gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         timer = threading.Timer(duration + 180, gen.kill)
         timer.start()
-        marks, tail = {}, []
+        marks, tail, spread = {}, [], None
         for line in gen.stderr:  # "# sending" / "# sent" bracket the send phase
+            if line.strip() == "# sending" and len(server.workers) > 1:
+                spread = server.spread()
             if line.strip() in ("# sending", "# sent"):
                 marks[line.strip()] = (time.time(), server.cpu(), server.rss(), psutil.cpu_times(percpu=True),
                                        server.redis_counters())
@@ -300,6 +307,8 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
         )
         if redis0 is not None:
             result.update(redis_figures(redis0, redis1, t1 - t0, result))
+        if spread:
+            result["conns_per_worker"] = spread
         if server.metrics:  # metrics on and counting: a scrape after the drain (its cost not in the figures)
             result["metrics_scrape_ms"], result["metrics_deliveries"] = scrape(server.port)
         return result
@@ -381,7 +390,7 @@ def print_table(results, ratio_rows):
             print(f"{r['scenario']} {r['server']}: redis-server CPU {r['redis_cpu_pct']}% "
                   f"({r['redis_cpu_us_per_line']} us/line); bytes per delivery in {r['redis_in_bytes_per_delivery']}"
                   f" out {r['redis_out_bytes_per_delivery']}; per line in {r['redis_in_bytes_per_line']}"
-                  f" out {r['redis_out_bytes_per_line']}")
+                  f" out {r['redis_out_bytes_per_line']}; connections per worker {r.get('conns_per_worker')}")
     if ratio_rows:
         print("\n" + " " * 30 + "  ".join(RATIO_KEYS))
         for r in ratio_rows:
