@@ -62,7 +62,7 @@ class Join:
     since: Position | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Say:
     room: str
     text: str

@@ -83,8 +83,11 @@ class Hub:
         # The chat's clock: milliseconds since 1970, never running backwards.
         self._last_time = 0
         self.metrics = metrics or NoMetrics()
-        # When each line of the fan-out under way arrived in the inbox (for the metrics).
+        # When each line of the fan-out under way arrived in the inbox, if the metrics want it.
+        self._timed = not isinstance(self.metrics, NoMetrics)
         self._arrivals: list[float] = []
+        # Presence changes to tell, by room: (casefolded nick, frame), sent together by run().
+        self._presence: dict[Room, list[tuple[str, bytes]]] = {}
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
@@ -110,7 +113,7 @@ class Hub:
 
     def say(self, conn: Conn, say: Say) -> None:
         """Publish a line to a room the connection is in."""
-        self._inbox.put((_SAY, conn, (say, monotonic())))
+        self._inbox.put((_SAY, conn, (say, monotonic() if self._timed else 0.0)))
 
     def command(self, conn: Conn, command: Join | Leave | ListRooms) -> None:
         self._inbox.put((_COMMAND, conn, command))
@@ -129,9 +132,20 @@ class Hub:
             kind, conn, item = inbox.get()
             try:
                 self._handle(kind, conn, item)
+                if self._presence:
+                    # A storm of joins (a thousand pages back after a restart) would cost a send
+                    # per member per join: take the joins and leaves waiting behind this one
+                    # along, and tell each member of them all in one send.
+                    for _ in range(MAX_BURST):
+                        if not inbox.qsize() or inbox.peek_nowait()[0] not in self._presence_kinds:
+                            break
+                        self._handle(*inbox.get_nowait())
+                    self._flush_presence()
+                    gevent.sleep(0)  # (let the pumps, and gunicorn's heartbeat, run)
             except Exception:
                 # Every connection needs this one greenlet: a bug in one request must not end it.
                 log.exception("hub: request %d for %r failed", kind, conn)
+                self._presence.clear()
 
     def _handle(self, kind: int, conn: Conn | None, item: object) -> None:
         if kind in self._burstable:
@@ -189,14 +203,17 @@ class Hub:
                 self.conns.discard(conn)
                 self._leave_all(conn)
 
-    # Kinds of request whose lines a fan-out takes along (see _take_lines).
+    # Kinds of request whose lines a fan-out takes along (see _take_lines), and those whose
+    # presence changes are told together (see run()).
     _burstable: tuple[int, ...] = (_SAY,)
+    _presence_kinds: tuple[int, ...] = (_COMMAND, _UNREGISTER)
 
     def _line(self, kind: int, conn: Conn, item: tuple[Say, float]) -> list[ChatMessage]:
         """The messages a burstable request makes ready to fan out."""
         say, arrived = item
         messages = self._stamp(conn, say)
-        self._arrivals += [arrived] * len(messages)
+        if arrived and messages:
+            self._arrivals.append(arrived)
         return messages
 
     def _stamp(self, conn: Conn, say: Say) -> list[ChatMessage]:
@@ -227,10 +244,6 @@ class Hub:
         room.seq += 1
         self._last_time = max(self._last_time, int(time.time() * 1000))
         message = ChatMessage(room.name, room.epoch, room.seq, self._last_time, nick, text)
-        # Both encodings now, once: the history counts what it really holds.
-        V2Codec.message_json(message)
-        if room is self.rooms.lobby:
-            V1Codec.message_frame(message)
         self.rooms.append(room, message)
         return message
 
@@ -282,14 +295,19 @@ class Hub:
             behind = False
             for room_burst in list(bursts.values()):
                 conns, given, messages = room_burst.conns, room_burst.given, room_burst.messages
+                # The bytes for the last (protocol, start, end) asked: most members in a row need the same.
+                last, data = None, b""
                 for index, conn in enumerate(conns):
                     start, end = given[index], len(messages)
                     if start == end:
                         continue
                     given[index] = end
                     delivered += end - start
+                    codec = conn.peer.codec
+                    if last != (codec, start, end):
+                        last, data = (codec, start, end), room_burst.data(codec, start)
                     try:
-                        conn.deliver(room_burst.data(conn.peer.codec, start), end - start)
+                        conn.deliver(data, end - start)
                     except (Full, ShutDown):
                         failed.append(conn)
                     except Exception:
@@ -374,18 +392,36 @@ class Hub:
         conn.peer.rooms.clear()
 
     def _announce(self, room: Room, change: str, nick: str, nick_key: str) -> None:
-        """Tell the room's v2 members but the nick's own connections that it joined or left."""
-        frame = V2Codec.presence(room.name, change, nick)
-        failed = []
-        for other in room.conns:
-            if other.peer.v2 and other.peer.nick_key != nick_key:
-                try:
-                    other.deliver(frame)
-                except ShutDown:
-                    pass
-                except Exception:  # Full, or a failure
-                    failed.append(other)
-        self._drop(failed)
+        """Tell the room's v2 members but the nick's own connections that it joined or left
+        (queued: run() sends what a batch of requests changed together)."""
+        self._presence.setdefault(room, []).append((nick_key, V2Codec.presence(room.name, change, nick)))
+
+    def _flush_presence(self) -> None:
+        """Send the queued presence changes: each member gets its rooms' in one send."""
+        while self._presence:
+            pending, self._presence = self._presence, {}
+            failed = []
+            for room, changes in pending.items():
+                everyone = b"".join(frame for _, frame in changes)
+                about = {nick_key for nick_key, _ in changes}
+                for other in room.conns:
+                    peer = other.peer
+                    if not peer.v2:
+                        continue
+                    if peer.nick_key in about:  # nobody hears about their own nick
+                        mine = [frame for nick_key, frame in changes if nick_key != peer.nick_key]
+                        data, count = b"".join(mine), len(mine)
+                    else:
+                        data, count = everyone, len(changes)
+                    if not count:
+                        continue
+                    try:
+                        other.deliver(data, count)
+                    except ShutDown:
+                        pass
+                    except Exception:  # Full, or a failure
+                        failed.append(other)
+            self._drop(failed)  # (whose leaving is told in the next round)
 
     def _send(self, conn: Conn, frame: bytes) -> None:
         """Deliver one frame to one connection; a full queue (or a failure) drops it."""

@@ -21,7 +21,7 @@ from gevent.event import Event
 from .codec import LOBBY, MAX_ROOMS_PER_CONN, CommandError, Join, Say, V1Codec, V2Codec
 from .conn import Conn
 from .frames import encode_text
-from .hub import _SAY, Hub
+from .hub import _COMMAND, _SAY, _UNREGISTER, Hub
 from .message import ChatMessage
 from .room import Room, new_epoch
 
@@ -46,6 +46,7 @@ class RedisHub(Hub):
     """The hub of one worker among many; the broker is its way to Redis (set by the app)."""
 
     _burstable = (_SAY, _ARRIVED)
+    _presence_kinds = (_COMMAND, _UNREGISTER, _PRESENCE, _JOINED)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -77,7 +78,7 @@ class RedisHub(Hub):
     def arrived(self, message: ChatMessage, line: str) -> None:
         """A line on a room's channel (or read back to fill a gap); `line`: this worker's id
         for it when it was a v1 line said here, else ""."""
-        self._inbox.put((_ARRIVED, None, (message, line, monotonic())))
+        self._inbox.put((_ARRIVED, None, (message, line, monotonic() if self._timed else 0.0)))
 
     def presence_heard(self, room: str, version: int, change: str, nick_key: str, nick: str) -> None:
         self._inbox.put((_PRESENCE, None, (room, version, change, nick_key, nick)))
@@ -131,7 +132,8 @@ class RedisHub(Hub):
             return []
         message, line, arrived = item
         messages = self._arrive(message, line)
-        self._arrivals += [arrived] * len(messages)
+        if arrived and messages:
+            self._arrivals.append(arrived)
         return messages
 
     def _forward(self, conn: Conn, say: Say) -> None:
@@ -222,9 +224,6 @@ class RedisHub(Hub):
         return ready
 
     def _keep_here(self, room: Room, message: ChatMessage) -> None:
-        V2Codec.message_json(message)
-        if room is self.rooms.lobby and message.v1_frame is None:
-            V1Codec.message_frame(message)
         self.rooms.append(room, message)
 
     def _fan_out(self, burst: list[ChatMessage]) -> None:

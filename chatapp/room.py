@@ -27,8 +27,9 @@ PRESENCE_LIMIT = 1000
 # Rooms the `rooms` listing names at most, and how old (seconds) a listing may be.
 LISTING_LIMIT = 100
 LISTING_EVERY = 1.0
-# Bytes a held message costs besides its text and encodings: the object and its slots.
-_MESSAGE_OVERHEAD = sys.getsizeof(ChatMessage("", "", 0, 0, None, ""))
+# Bytes a kept message costs besides its text: the object, and its two encodings (the v1
+# frame and the v2 JSON: a bytes object each, holding about the text and ~100 bytes more).
+_FIXED = sys.getsizeof(ChatMessage("", "", 0, 0, None, "")) + 2 * (sys.getsizeof(b"") + 100)
 
 
 def new_epoch() -> str:
@@ -37,12 +38,11 @@ def new_epoch() -> str:
 
 
 def held_bytes(message: ChatMessage) -> int:
-    """What a message in a room's history costs in memory (its nick is shared with its sender)."""
-    size = _MESSAGE_OVERHEAD + sys.getsizeof(message.text)
-    for encoded in (message.v1_frame, message.v2_json):
-        if encoded is not None:
-            size += sys.getsizeof(encoded)
-    return size
+    """What a message in a room's history costs in memory, its nick aside (shared with its
+    sender). Both encodings are counted from the start, although each is made only when a
+    client of its version first needs it: the budget holds whichever come."""
+    text = message.text
+    return _FIXED + sys.getsizeof(text) + 2 * len(text)
 
 
 @dataclass(slots=True)
@@ -144,12 +144,13 @@ class Room:
 
     def append(self, message: ChatMessage) -> int:
         """Keep a new message; returns the bytes this changed the history by."""
-        before = self.history_bytes
-        if len(self.history) == self.history.maxlen:
-            self.history_bytes -= held_bytes(self.history[0])
-        self.history.append(message)
-        self.history_bytes += held_bytes(message)
-        return self.history_bytes - before
+        history = self.history
+        change = held_bytes(message)
+        if len(history) == history.maxlen:
+            change -= held_bytes(history[0])
+        history.append(message)
+        self.history_bytes += change
+        return change
 
     def drop_oldest(self) -> int:
         """Forget the oldest kept message; returns the bytes freed."""
@@ -221,7 +222,7 @@ class Rooms:
     def append(self, room: Room, message: ChatMessage) -> None:
         """Keep a message in its room's history, then trim the oldest history past the budget."""
         self.history_bytes += room.append(message)
-        self.touch(room)
+        self._rooms.move_to_end(room.name)  # the most recently active now
         if self.history_bytes > self.history_budget:
             self._trim()
 

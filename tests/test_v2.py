@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import resource
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
 import pytest
+import websocket
 from support import (
     ServerProcess,
     V2Client,
@@ -647,3 +649,34 @@ def test_binary_frames_close_with_1003(server) -> None:  # type: ignore[no-untyp
     sock, head = raw_handshake(server.port, {"Sec-WebSocket-Protocol": "chat.v2"})
     sock.sendall(client_frame(0x2, b"\x00\x01"))
     assert read_close(sock)[0] == 1003
+
+
+def test_a_join_storm_does_not_freeze_the_worker(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A thousand clients joining one room at once (pages back after a restart): the worker
+    keeps answering meanwhile, and every member hears of the others' joins, batched."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    server = start_server("gunicorn")
+    watcher = V2Client(server, "watcher")
+    watcher.join("storm")
+    socks = []
+    for _ in range(999):
+        sock, head = raw_handshake(server.port, {"Sec-WebSocket-Protocol": "chat.v2"})
+        socks.append(sock)
+    join = client_frame(0x1, json.dumps({"type": "join", "room": "storm"}).encode())
+    for i, sock in enumerate(socks):  # all at once: hello and join in one write each
+        hello = client_frame(0x1, json.dumps({"type": "hello", "nick": f"s{i:04d}", "session": f"s{i}"}).encode())
+        sock.sendall(hello + join)
+    started = time.monotonic()
+    while True:  # the worker answers throughout (one send per member per join froze it for 20 s)
+        with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
+            assert response.status == 200
+        joined = [e for e in watcher.pending if e["type"] == "presence"]
+        watcher.ws.settimeout(0.2)
+        try:
+            watcher.pending.append(watcher.recv())
+        except websocket.WebSocketTimeoutException:
+            pass
+        if len([e for e in watcher.pending if e["type"] == "presence"]) == 999:
+            break
+        assert time.monotonic() - started < 60, f"{len(joined)} of 999 joins heard"
