@@ -61,8 +61,11 @@ SERVERS = {  # name -> command (run from the root of --repo with env PORT)
     "straightforward": [sys.executable, str(BENCH / "peers" / "straightforward.py"), "--port", "{port}"],
     "websockets": [sys.executable, str(BENCH / "peers" / "websockets_peer.py"), "--port", "{port}"],
     # python-socketio as its docs deploy it on gevent: gunicorn, gevent-websocket's worker, one worker.
+    # --worker-connections: gunicorn serves 1000 connections at most by default and leaves the
+    # next ones unanswered (e2 has 5000); ours sets the same from CHAT_MAX_CONNECTIONS.
     "socketio": [sys.executable, "-m", "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker",
-                 "-w", "1", "--bind", "127.0.0.1:{port}", "--chdir", str(BENCH / "peers"), "socketio_peer:app"],
+                 "-w", "1", "--worker-connections", "20000", "--bind", "127.0.0.1:{port}",
+                 "--chdir", str(BENCH / "peers"), "socketio_peer:app"],
 }
 # Where each server's WebSocket is, if not at /ws: Engine.IO's endpoint, WebSocket transport only.
 PATHS = {"socketio": "/socket.io/?EIO=4&transport=websocket"}
