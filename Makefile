@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test conformance bench clean
+.PHONY: run test conformance bench soak clean
 
 run: $(VENV)/.runtime
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
@@ -27,7 +27,8 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 
 # bench/: the frame layer against gevent-websocket's, the kernel's own cost of fan-out, ours
 # against two peers under load (scenarios a-f, about 25 minutes), bench/plot.png, one
-# worker against two through Redis, then ours alone in v2 (c2, r100, e2). Not part of `make test`.
+# worker against two through Redis, then v2 against python-socketio (c2, r100, b2, e2) and
+# bench/plot-v2.png. Not part of `make test`.
 bench: $(VENV)/.bench
 	$(MAKE) -C bench .build/loadgen
 	$(BIN)/python bench/protocol.py
@@ -35,7 +36,8 @@ bench: $(VENV)/.bench
 	$(BIN)/python bench/run.py --scenarios a,b,c,d,e,f,cl300,cl3000,cl10000
 	$(BIN)/python bench/plot.py
 	$(BIN)/python bench/run.py --servers ours,ours-redis --scenarios a,b,c --out bench/results-redis.jsonl
-	$(BIN)/python bench/run.py --servers ours --scenarios c2,r100,e2 --out bench/results-v2.jsonl
+	$(BIN)/python bench/run.py --servers ours,socketio --scenarios c2,r100,b2,e2 --out bench/results-v2.jsonl
+	$(BIN)/python bench/plot_v2.py
 
 $(VENV)/.bench: bench/requirements.txt $(VENV)/.dev
 	$(BIN)/pip install --quiet -r bench/requirements.txt
@@ -47,3 +49,10 @@ clean:
 # Autobahn|Testsuite against our WebSocket layer (needs a Python 2.7; skips without one).
 conformance: $(VENV)/.dev
 	$(BIN)/python tests/conformance/run.py
+
+# A server under a churning crowd for SOAK_MINUTES (10): fails if memory, file descriptors,
+# greenlets or Redis's memory grow after the warm-up, or a steady client misses a line.
+SOAK_MINUTES ?= 10
+soak: $(VENV)/.bench
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
+	$(BIN)/python bench/plot_soak.py

@@ -36,7 +36,8 @@ _RESYNCED = 14
 _FILLED = 15
 _LISTED = 16
 _REDIS_BACK = 17
-# Presence changes a room remembers, to bring a joiner's member list up to date.
+# Presence changes a room remembers while joins are in flight, to bring a joiner's member
+# list up to date.
 PRESENCE_LOG = 256
 # v1 lines heard here during an outage that the hub remembers, not to show them twice.
 SHOWN_HERE_LIMIT = 100000
@@ -106,6 +107,7 @@ class RedisHub(Hub):
             self._published(conn, *item)
         elif kind == _JOINED:
             self._answer_join(conn, *item)
+            self._answered(item[0].room)
         elif kind == _PRESENCE:
             self._presence_heard(*item)
         elif kind == _RESYNCED:
@@ -290,8 +292,6 @@ class RedisHub(Hub):
     def _answer_join(self, conn: Conn, join: Join, answer: Any) -> None:
         name = join.room
         self._pending[name] -= 1
-        if not self._pending[name]:
-            del self._pending[name]
         room = self.rooms.find(name)
         if room is None or conn not in self.conns or name not in conn.peer.rooms:
             # It left, or went, while Redis answered: its leave has told Redis already.
@@ -325,6 +325,14 @@ class RedisHub(Hub):
         """Send on what the connection said while its join was being answered."""
         for say in room.held.pop(conn, ()):
             self._forward(conn, say)
+
+    def _answered(self, name: str) -> None:
+        """A join's answer is handled: with none left in flight or waiting, the presence log goes."""
+        if not self._pending.get(name):
+            self._pending.pop(name, None)
+            room = self.rooms.find(name)
+            if room is None or not room.waiting:
+                self._presence_log.pop(name, None)
 
     def _answer_waiting(self, room: Room) -> None:
         waiting, room.waiting = room.waiting, []
@@ -477,8 +485,9 @@ class RedisHub(Hub):
         room = self.rooms.find(name)
         if room is None:
             return
-        log_ = self._presence_log.setdefault(name, deque(maxlen=PRESENCE_LOG))
-        log_.append((version, change, nick_key, nick))
+        if self._pending.get(name) or room.waiting:  # (only joins in flight need it; see _members_now)
+            log_ = self._presence_log.setdefault(name, deque(maxlen=PRESENCE_LOG))
+            log_.append((version, change, nick_key, nick))
         self._announce(room, change, nick, nick_key)
 
     # Leaving: this worker's count for the nick goes down; Redis says whether it left.
