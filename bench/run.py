@@ -56,6 +56,8 @@ SERVERS = {  # name -> command (run from the root of --repo with env PORT)
     "ours": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
     # Ours across two workers through a redis-server of run.py's own, on the same core.
     "ours-redis": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+    # The same with one worker: the cost of the way through Redis without the split in two.
+    "ours-redis1": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
     # Ours with Prometheus metrics on (CHAT_METRICS_TOKEN); plain "ours" always runs with them off.
     "ours-metrics": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
     "straightforward": [sys.executable, str(BENCH / "peers" / "straightforward.py"), "--port", "{port}"],
@@ -102,7 +104,7 @@ SCENARIOS.update({
     "e2": ("5000 idle v2 clients in one room", {"clients": 5000, "senders": 0, "v2": True}),
 })
 # The servers that speak v2.
-V2_SERVERS = {"ours", "ours-redis", "ours-metrics"}
+V2_SERVERS = {"ours", "ours-redis", "ours-redis1", "ours-metrics"}
 # The servers that speak rooms only (Socket.IO), not v1.
 ROOMS_ONLY = {"socketio"}
 # The bearer token of ours-metrics' GET /metrics.
@@ -134,14 +136,15 @@ class Server:
         LOGS.mkdir(parents=True, exist_ok=True)
         self.log = open(LOGS / f"{name}.log", "a")
         self.redis = self.redis_client = None
-        if name == "ours-redis":
+        if name in ("ours-redis", "ours-redis1"):
             redis_port = free_port()
             self.redis = subprocess.Popen(
                 ["taskset", "-c", "0", "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no"], stdout=self.log, stderr=subprocess.STDOUT)
             # run.py's own connection, for INFO stats (its few hundred bytes per call count too).
             self.redis_client = redis.Redis(port=redis_port)
-            env.update(REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", WEB_CONCURRENCY="2")
+            env.update(REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                       WEB_CONCURRENCY="1" if name == "ours-redis1" else "2")
         self.proc = subprocess.Popen(["taskset", "-c", "0", *cmd], cwd=repo, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.port, self.peak_rss, self.workers = port, 0, []
