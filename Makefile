@@ -27,15 +27,16 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 
 # bench/: the frame layer against gevent-websocket's, the kernel's own cost of fan-out, ours
 # against two peers under load (scenarios a-f, about 25 minutes), bench/plot.png, one
-# worker against two through Redis, then v2 against python-socketio (c2, r100, b2, e2) and
-# bench/plot-v2.png. Not part of `make test`.
+# worker against two through Redis (v1 and v2), metrics on against off (three rounds), then v2
+# against python-socketio (c2, r100, b2, e2) and bench/plot-v2.png. Not part of `make test`.
 bench: $(VENV)/.bench
 	$(MAKE) -C bench .build/loadgen
 	$(BIN)/python bench/protocol.py
 	$(BIN)/python bench/floor.py
 	$(BIN)/python bench/run.py --scenarios a,b,c,d,e,f,cl300,cl3000,cl10000
 	$(BIN)/python bench/plot.py
-	$(BIN)/python bench/run.py --servers ours,ours-redis --scenarios a,b,c --out bench/results-redis.jsonl
+	$(BIN)/python bench/run.py --servers ours,ours-redis --scenarios a,b,c,c2,r100 --out bench/results-redis.jsonl
+	$(BIN)/python bench/run.py --servers ours,ours-metrics --scenarios c --rounds 3 --out bench/results-metrics.jsonl
 	$(BIN)/python bench/run.py --servers ours,socketio --scenarios c2,r100,b2,e2 --out bench/results-v2.jsonl
 	$(BIN)/python bench/plot_v2.py
 
