@@ -19,12 +19,23 @@ default the one this file is in), so two commits can be measured back to back:
 with --compare OTHER, each round runs every scenario on OTHER's server, then on
 --repo's, for --rounds rounds, and prints the two side by side.
 
+Variants of ours, each compared with ours ("ours-redis / ours"): ours-redis,
+two workers through a redis-server of run.py's own (also pinned to CPU 0),
+reported with that redis-server's CPU, the Redis bytes in and out per
+delivery and per line (INFO stats), and how the kernel spread the clients
+over the workers; ours-redis1, the same with one worker; ours-metrics, with
+CHAT_METRICS_TOKEN set, scraped once after the drain. --rounds N without
+--compare runs everything N times, the servers alternating, and prints the
+medians (ratios are then of the medians).
+
     make bench                                       # everything: build, all scenarios, plot
     .venv/bin/python bench/run.py --quick            # ~3 s per scenario
     .venv/bin/python bench/run.py --servers straightforward,websockets --scenarios a,e
     .venv/bin/python bench/run.py --scenarios a,cl300,c,cl3000,cl10000   # closed-loop sweep for plot.py
     .venv/bin/python bench/run.py --servers ours --scenarios c,c2,r100,e,e2
     .venv/bin/python bench/run.py --servers ours,socketio --scenarios c2,r100,b2,e2 --wait-idle 60
+    .venv/bin/python bench/run.py --servers ours,ours-redis1,ours-redis --scenarios c2,r100 --wait-idle 60
+    .venv/bin/python bench/run.py --servers ours,ours-metrics --scenarios c --rounds 3 --wait-idle 60
     git worktree add /tmp/before d72b693             # then: that commit against this checkout
     .venv/bin/python bench/run.py --servers ours --scenarios a,c --compare /tmp/before --rounds 3
 
