@@ -293,10 +293,12 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
         gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         timer = threading.Timer(duration + 180, gen.kill)
         timer.start()
-        marks, tail, spread = {}, [], None
+        marks, tail, spread, scraped = {}, [], None, []
         for line in gen.stderr:  # "# sending" / "# sent" bracket the send phase
             if line.strip() == "# sending" and len(server.workers) > 1:
                 spread = server.spread()
+            if line.strip() == "# sending" and server.metrics:  # a scrape halfway, its cost in the figures
+                threading.Timer(duration / 2, lambda: scraped.append(scrape(server.port))).start()
             if line.strip() in ("# sending", "# sent"):
                 marks[line.strip()] = (time.time(), server.cpu(), server.rss(), psutil.cpu_times(percpu=True),
                                        server.redis_counters())
@@ -326,8 +328,9 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
             result.update(redis_figures(redis0, redis1, t1 - t0, result))
         if spread:
             result["conns_per_worker"] = spread
-        if server.metrics:  # metrics on and counting: a scrape after the drain (its cost not in the figures)
-            result["metrics_scrape_ms"], result["metrics_deliveries"] = scrape(server.port)
+        if server.metrics:  # and counting: after the drain they count what the load generator got
+            result["metrics_scrape_ms"] = scraped[0][0] if scraped else None
+            result["metrics_deliveries"] = scrape(server.port)[1]
         return result
     finally:
         server.stop()
@@ -400,9 +403,9 @@ def print_table(results, ratio_rows):
                   f"errors={r.get('errors', 0)} unexpected={r.get('unexpected', 0)}")
     for r in results:
         if "metrics_scrape_ms" in r:
-            print(f"{r['scenario']} {r['server']}: GET /metrics took {r['metrics_scrape_ms']} ms; "
-                  f"chat_deliveries_total {r['metrics_deliveries']} (the load generator got {r['delivered']}"
-                  " plus the probes)")
+            print(f"{r['scenario']} {r['server']}: GET /metrics took {r['metrics_scrape_ms']} ms under load; "
+                  f"after the drain chat_deliveries_total {r['metrics_deliveries']} (the load generator got"
+                  f" {r['delivered']} plus the probes)")
         if "redis_cpu_pct" in r:
             print(f"{r['scenario']} {r['server']}: redis-server CPU {r['redis_cpu_pct']}% "
                   f"({r['redis_cpu_us_per_line']} us/line); bytes per delivery in {r['redis_in_bytes_per_delivery']}"
