@@ -140,6 +140,7 @@ class Chat:
             address=peer_of(environ),
             metrics=self.metrics,
         )
+        ws.forget_request()
         protocol = f"v{codec.version}"
         metrics = self.metrics
         metrics.accepted.labels(protocol).inc()
