@@ -112,17 +112,20 @@ class Chat:
         body, bottle.response.content_type = metrics.exposition()
         return body
 
-    def serve_ws(self) -> str:
+    def serve_plain_ws(self) -> str:
+        """/ws without an upgrade (upgrades never reach Bottle, see ChatApp)."""
+        raise bottle.HTTPError(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
+
+    def serve_ws(self, environ: dict, start_response: Callable) -> list[bytes]:
         """Upgrade to a WebSocket, then run the connection until it ends (Gorilla's serveWs)."""
-        environ = bottle.request.environ
-        ws = environ.get("wsgi.websocket")
-        if ws is None:
-            raise bottle.HTTPError(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
+        ws = environ["wsgi.websocket"]
         config = self.config
         refusal = self._refusal(environ)
         if isinstance(ws, ChatWebSocket):
             if refusal is not None:
-                raise bottle.HTTPError(refusal.status, refusal.reason)
+                error = bottle.HTTPError(refusal.status, refusal.reason)
+                start_response(error.status_line, [("Content-Type", "text/plain; charset=utf-8")])
+                return [plain_text(error).encode()]
             codec = self.v2 if offers_v2(environ) else self.v1
             ws.accept(codec.frame_limit, SUBPROTOCOL_V2 if codec is self.v2 else None)
         else:
@@ -130,7 +133,7 @@ class Chat:
             ws = self._adopt_stock(ws, codec)
             if refusal is not None:
                 ws.refuse(refusal.close_code, refusal.reason, CLOSE_WAIT)
-                return ""
+                return []
         conn = Conn(
             ws,
             Peer(codec, config.rate_limit),
@@ -155,7 +158,7 @@ class Chat:
             self.connections -= 1
             metrics.connections.labels(protocol).dec()
             metrics.closed.labels(str(conn.close_code)).inc()
-        return ""
+        return []
 
     def _reader(self, conn: Conn) -> Callable[[Conn, str | bytes], None]:
         """What the read pump does with each message: decode it, pace it, hand it to the hub."""
@@ -257,21 +260,40 @@ class Chat:
         self.hub.shutdown(frames.CLOSE_GOING_AWAY, "server going away")
 
 
-def plain_error(res: bottle.HTTPError) -> str:
-    """Errors as one short line of text: "404 Not Found: <reason>"."""
+def plain_text(error: bottle.HTTPError) -> str:
+    """An error as one short line of text: "404 Not Found: <reason>"."""
+    return f"{error.status_line}: {error.body}\n"
+
+
+def plain_error(error: bottle.HTTPError) -> str:
+    """Bottle's errors, as plain_text."""
     bottle.response.content_type = "text/plain; charset=utf-8"
-    return f"{res.status_line}: {res.body}\n"
+    return plain_text(error)
 
 
-def create_app(config: Config | None = None) -> bottle.Bottle:
+class ChatApp(bottle.Bottle):
+    """Bottle routes the page and plain requests; a WebSocket upgrade to /ws goes straight to
+    the chat. (Bottle keeps its request and response in six greenlet-locals: for a
+    WebSocket, whose greenlet lives as long as the connection, 2.5 KB an idle connection
+    would hold and never use.)"""
+
+    chat: Chat
+
+    def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
+        if environ.get("wsgi.websocket") is not None and environ.get("PATH_INFO") == "/ws":
+            return self.chat.serve_ws(environ, start_response)
+        return super().__call__(environ, start_response)
+
+
+def create_app(config: Config | None = None) -> ChatApp:
     """Build the app and start its hub; call it in the serving process, after gevent patches.
 
     The returned app carries the Chat as `app.chat`, for the server to shut it down.
     """
     chat = Chat(config or Config.from_env())
-    app = bottle.Bottle()
+    app = ChatApp()
     app.route("/", "GET", chat.serve_home)
-    app.route("/ws", "GET", chat.serve_ws)
+    app.route("/ws", "GET", chat.serve_plain_ws)
     app.route("/healthz", "GET", chat.serve_health)
     app.route("/metrics", "GET", chat.serve_metrics)
     app.default_error_handler = plain_error

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -252,6 +253,15 @@ def raw_handshake(
             break
         response += chunk
     return sock, response
+
+
+def read_body(sock: socket.socket, head: bytes) -> bytes:
+    """The body after a response head (a refusal's), by its Content-Length."""
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    body = b""
+    while len(body) < length and (chunk := sock.recv(length - len(body))):
+        body += chunk
+    return body
 
 
 def client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:

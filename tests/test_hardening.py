@@ -11,7 +11,16 @@ import threading
 import time
 import urllib.request
 
-from support import client_frame, connect, raw_handshake, read_close, read_server_frame, recv_until_close, wait_until
+from support import (
+    client_frame,
+    connect,
+    raw_handshake,
+    read_close,
+    read_body,
+    read_server_frame,
+    recv_until_close,
+    wait_until,
+)
 
 
 def health(server) -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -38,6 +47,7 @@ def test_capacity_is_refused_at_once(start_server, server_kind) -> None:  # type
         assert read_close(sock) == (1013, "server full, try again later")
     else:
         assert head.startswith(b"HTTP/1.1 503"), head
+        assert read_body(sock, head) == b"503 Service Unavailable: server full, try again later\n"
     assert time.monotonic() - started < 2
     sock.close()
     clients.pop().close()

@@ -15,6 +15,7 @@ from support import (
     connect,
     raw_handshake,
     read_close,
+    read_body,
     read_server_frame,
     recv_until_close,
     wait_until,
@@ -94,6 +95,8 @@ def test_cross_origin_is_refused(server) -> None:  # type: ignore[no-untyped-def
         assert read_close(sock) == (1008, "cross-origin WebSocket refused")
     else:
         assert head.startswith(b"HTTP/1.1 403"), head
+        assert b"Content-Type: text/plain; charset=utf-8" in head
+        assert read_body(sock, head) == b"403 Forbidden: cross-origin WebSocket refused\n"
     assert "refused WebSocket from origin 'http://evil.example'" in server.log()
     assert "proxy_set_header Host $http_host" in server.log()  # what to do behind a proxy
     same = connect(server, origin=f"http://127.0.0.1:{server.port}")
