@@ -299,7 +299,10 @@ class ChatHandler(WebSocketHandler):
         self.environ["wsgi.websocket"] = websocket
         self.environ["wsgi.websocket_version"] = "13"
         try:
-            result = self.application(self.environ, self.start_response)
+            # Called as a bound method: Python 3.11 runs a Python function called from Python
+            # in the caller's C frame, while calling an instance goes through a C slot, and
+            # that frame would stay on every parked read pump's saved stack (0.75 KB each).
+            result = self.application.__call__(self.environ, self.start_response)
             if websocket.accepted:
                 getattr(result, "close", lambda: None)()
             else:
