@@ -295,8 +295,8 @@ class Hub:
             behind = False
             for room_burst in list(bursts.values()):
                 conns, given, messages = room_burst.conns, room_burst.given, room_burst.messages
-                # The bytes for the last (protocol, start, end) asked: most members in a row need the same.
-                last, data = None, b""
+                # The bytes for the last protocol, start and end asked: most members in a row need the same.
+                last_codec, last_start, last_end, data = None, -1, -1, b""
                 for index, conn in enumerate(conns):
                     start, end = given[index], len(messages)
                     if start == end:
@@ -304,8 +304,9 @@ class Hub:
                     given[index] = end
                     delivered += end - start
                     codec = conn.peer.codec
-                    if last != (codec, start, end):
-                        last, data = (codec, start, end), room_burst.data(codec, start)
+                    if codec is not last_codec or start != last_start or end != last_end:
+                        last_codec, last_start, last_end = codec, start, end
+                        data = room_burst.data(codec, start)
                     try:
                         conn.deliver(data, end - start)
                     except (Full, ShutDown):
