@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import redis as redis_client
 from support import V2Client, connect, wait_until
 
 
@@ -67,6 +68,29 @@ def test_one_seq_and_one_member_list_across_hosts(hosts) -> None:  # type: ignor
     later = carol.join("tea", since={"epoch": joined["epoch"], "seq": 2})
     assert later["recovered"] is True and [m["seq"] for m in later["messages"]] == [3, 4, 5, 6]
     assert later["members"] == ["alice", "bob", "carol"]
+
+
+def test_two_workers_of_one_gunicorn_are_one_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """WEB_CONCURRENCY=2, as a dyno runs it: members on both workers (Redis's presence keys say
+    which worker holds whom) see one seq sequence and one member list."""
+    server = start_server("gunicorn", REDIS_URL=redis_server.url, WEB_CONCURRENCY="2")
+    store = redis_client.Redis(port=min(redis_server.ports))
+    clients: list[V2Client] = []
+    # The kernel spreads connections over the workers: join until both hold members.
+    while len(store.keys("{chat:tea}:here:*")) < 2:
+        assert len(clients) < 40, "forty connections and all on one worker"
+        clients.append(V2Client(server, f"c{len(clients):02d}"))
+        clients[-1].join("tea")
+    newcomer = V2Client(server, "zed")
+    joined = newcomer.join("tea")
+    assert joined["members"] == sorted([*(f"c{i:02d}" for i in range(len(clients))), "zed"])
+    everyone = [*clients, newcomer]
+    for i, client in enumerate(everyone):
+        client.send(type="say", room="tea", text=f"line {i}")
+    seen = [[(m["seq"], m["text"]) for m in client.messages("tea", len(everyone))] for client in everyone]
+    assert all(lines == seen[0] for lines in seen)  # one order everywhere
+    assert [seq for seq, _ in seen[0]] == list(range(1, len(everyone) + 1))
+    assert sorted(text for _, text in seen[0]) == sorted(f"line {i}" for i in range(len(everyone)))
 
 
 def test_a_client_moving_to_the_other_host_recovers_what_it_missed(hosts) -> None:  # type: ignore[no-untyped-def]
