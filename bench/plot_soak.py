@@ -21,8 +21,8 @@ def main() -> None:
     panels = [
         ("rss_mb", "worker RSS (MB)"),
         ("connections", "open connections"),
-        ("extra_fds", "file descriptors beyond one per connection"),
-        ("extra_greenlets", "greenlets beyond one per connection"),
+        ("extra_fds", "fds beyond\none per connection"),
+        ("extra_greenlets", "greenlets beyond\none per connection"),
         ("redis_mb", "Redis used memory (MB)"),
     ]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.1 * len(panels)), sharex=True)
