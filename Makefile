@@ -25,10 +25,11 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.runtime
 
-# bench/: the frame layer against gevent-websocket's, the kernel's own cost of fan-out, ours
-# against two peers under load (scenarios a-f, about 25 minutes), bench/plot.png, one
-# worker against two through Redis (v1 and v2), metrics on against off (three rounds), then v2
-# against python-socketio (c2, r100, b2, e2) and bench/plot-v2.png. Not part of `make test`.
+# bench/ (about 15 minutes; not part of `make test`): the frame layer against
+# gevent-websocket's, the kernel's own cost of fan-out, ours against two peers under load
+# (scenarios a-f) and bench/plot.png, one worker against two through Redis (v1 and v2),
+# metrics on against off (three rounds), then v2 against python-socketio (c2, r100, b2, e2)
+# and bench/plot-v2.png.
 bench: $(VENV)/.bench
 	$(MAKE) -C bench .build/loadgen
 	$(BIN)/python bench/protocol.py
