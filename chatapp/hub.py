@@ -16,6 +16,7 @@ from .codec import LOBBY, MAX_ROOMS_PER_CONN, CommandError, Join, Leave, ListRoo
 from .conn import Conn
 from .message import ChatMessage
 from .metrics import NoMetrics
+from .peer import Peer
 from .room import Room, Rooms
 
 log = logging.getLogger(__name__)
@@ -358,11 +359,17 @@ class Hub:
     def _list_rooms(self, conn: Conn) -> None:
         self._send(conn, conn.peer.codec.rooms(self.rooms.listing()))
 
-    def _join(self, conn: Conn, join: Join) -> None:
-        peer = conn.peer
+    @staticmethod
+    def _entering(peer: Peer, join: Join) -> bool:
+        """Whether the join is to a room the connection is not in yet (too_many_rooms past the limit)."""
         fresh = join.room not in peer.rooms
         if fresh and len(peer.rooms) >= MAX_ROOMS_PER_CONN:
             raise CommandError("too_many_rooms", f"at most {MAX_ROOMS_PER_CONN} rooms per connection", join.room)
+        return fresh
+
+    def _join(self, conn: Conn, join: Join) -> None:
+        peer = conn.peer
+        fresh = self._entering(peer, join)
         room = self.rooms.get(join.room)
         announce = fresh and room.add(conn, peer.nick, peer.nick_key, peer.session)
         peer.rooms.add(room.name)

@@ -18,7 +18,7 @@ from typing import Any
 
 from gevent.event import Event
 
-from .codec import LOBBY, MAX_ROOMS_PER_CONN, CommandError, Join, Say, V1Codec, V2Codec
+from .codec import LOBBY, CommandError, Join, Say, V1Codec, V2Codec
 from .conn import Conn
 from .frames import encode_text
 from .hub import _COMMAND, _SAY, _UNREGISTER, Hub
@@ -254,9 +254,7 @@ class RedisHub(Hub):
 
     def _join(self, conn: Conn, join: Join) -> None:
         peer = conn.peer
-        fresh = join.room not in peer.rooms
-        if fresh and len(peer.rooms) >= MAX_ROOMS_PER_CONN:
-            raise CommandError("too_many_rooms", f"at most {MAX_ROOMS_PER_CONN} rooms per connection", join.room)
+        fresh = self._entering(peer, join)
         room = self.rooms.get(join.room)
         room.check_nick(peer.nick_key, peer.session)
         if fresh:
