@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 CLOSE_WAIT = 2.0
 
 VIEWS = Path(__file__).resolve().parent.parent / "views"
+# Where the page opens its WebSocket.
+WS_PATH = "/ws"
 
 
 class Refusal(NamedTuple):
@@ -280,7 +282,7 @@ class ChatApp(bottle.Bottle):
     chat: Chat
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
-        if environ.get("wsgi.websocket") is not None and environ.get("PATH_INFO") == "/ws":
+        if environ.get("wsgi.websocket") is not None and environ.get("PATH_INFO") == WS_PATH:
             return self.chat.serve_ws(environ, start_response)
         return super().__call__(environ, start_response)
 
@@ -293,13 +295,13 @@ def create_app(config: Config | None = None) -> ChatApp:
     chat = Chat(config or Config.from_env())
     app = ChatApp()
     app.route("/", "GET", chat.serve_home)
-    app.route("/ws", "GET", chat.serve_plain_ws)
+    app.route(WS_PATH, "GET", chat.serve_plain_ws)
     app.route("/healthz", "GET", chat.serve_health)
     app.route("/metrics", "GET", chat.serve_metrics)
     app.default_error_handler = plain_error
     app.chat = chat
     # gevent-websocket's stock handler asks the application which subprotocol it speaks.
-    app.app_protocol = lambda path: SUBPROTOCOL_V2 if path == "/ws" else None
+    app.app_protocol = lambda path: SUBPROTOCOL_V2 if path == WS_PATH else None
     chat.hub.start()
     if chat.broker is not None:
         chat.broker.start()
