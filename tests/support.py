@@ -470,14 +470,6 @@ class V2Client:
             self.pending.append(event)
         return event
 
-    def events_until(self, kind: str, text: str) -> list[dict]:  # type: ignore[type-arg]
-        """Every event of this type up to and including the one with this text."""
-        events = []
-        while True:
-            events.append(event := self.wait(kind))
-            if event.get("text") == text:
-                return events
-
     def settle(self) -> list[dict]:  # type: ignore[type-arg]
         """Everything not yet waited for, up to the answer to a `rooms` asked now (the hub
         answers it after everything caused before it): proves what did not come."""
