@@ -281,10 +281,11 @@ class Hub:
         One send() per socket is most of a fan-out's cost (11-14 us on the benchmark VM: over
         100 ms for 10,000 sockets), so a line that arrives just after a fan-out began would
         wait for it to end, then for its own. Instead, every LOOK_UP_EVERY sends the hub
-        yields and adds the says that arrived to the burst. Each member has a cursor into its
-        room's part of the burst: a send gives it everything from there on, one frame per line
-        and in order, and the hub goes round until every member has all of it. A line thus
-        reaches everyone within about one round of arriving.
+        yields and adds the says that arrived to the burst. A room's members go in groups of
+        LOOK_UP_EVERY, each with a cursor into the room's part of the burst: a send gives a
+        member everything from its group's cursor on, one frame per line and in order, and
+        the hub goes round until every group has all of it. A line thus reaches everyone
+        within about one round of arriving, and the loop per member is only the send.
         """
         bursts: dict[str, _RoomBurst] = {}
         self._add_to(bursts, burst)
@@ -295,34 +296,36 @@ class Hub:
         while behind:
             behind = False
             for room_burst in list(bursts.values()):
-                conns, given, messages = room_burst.conns, room_burst.given, room_burst.messages
-                # The bytes for the last protocol, start and end asked: most members in a row need the same.
-                last_codec, last_start, last_end, data = None, -1, -1, b""
-                for index, conn in enumerate(conns):
+                given, messages = room_burst.given, room_burst.messages
+                for index, group in enumerate(room_burst.groups):
                     start, end = given[index], len(messages)
                     if start == end:
                         continue
                     given[index] = end
-                    delivered += end - start
-                    codec = conn.peer.codec
-                    if codec is not last_codec or start != last_start or end != last_end:
-                        last_codec, last_start, last_end = codec, start, end
-                        data = room_burst.data(codec, start)
-                    try:
-                        conn.deliver(data, end - start)
-                    except (Full, ShutDown):
-                        failed.append(conn)
-                    except Exception:
-                        log.exception("%r: delivery failed", conn)
-                        failed.append(conn)
-                    sends += 1
-                    if sends % LOOK_UP_EVERY == 0 and taken < MAX_BURST:
+                    count = end - start
+                    # The frames for the protocol of the member before: mostly all one protocol.
+                    last_codec, data = None, b""
+                    for conn in group:
+                        codec = conn.peer.codec
+                        if codec is not last_codec:
+                            last_codec, data = codec, room_burst.data(codec, start)
+                        try:
+                            conn.deliver(data, count)
+                        except (Full, ShutDown):
+                            failed.append(conn)
+                        except Exception:
+                            log.exception("%r: delivery failed", conn)
+                            failed.append(conn)
+                    delivered += count * len(group)
+                    sends += len(group)
+                    if sends >= LOOK_UP_EVERY and taken < MAX_BURST:
+                        sends = 0
                         gevent.sleep(0)
                         more = self._take_lines(MAX_BURST - taken)
                         if more:
                             taken += len(more)
                             self._add_to(bursts, more)
-                            behind = True  # Those already handed the burst need the rest.
+                            behind = True  # Groups already handed the burst need the rest.
         self._drop(failed)
         # Counted per burst, never per send.
         metrics = self.metrics
@@ -482,13 +485,14 @@ class Hub:
 class _RoomBurst:
     """One room's part of a fan-out: its lines, the members they go to, and how far each got."""
 
-    __slots__ = ("conns", "given", "messages", "_frames", "_joined")
+    __slots__ = ("groups", "given", "messages", "_frames", "_joined")
 
     def __init__(self, room: Room) -> None:
-        # The members at the start of the fan-out (no join or leave is handled during it).
-        self.conns = list(room.conns)
-        # How many of the lines each member has been handed.
-        self.given = [0] * len(self.conns)
+        # The members at the start of the fan-out (no join or leave is handled during it), in
+        # groups of LOOK_UP_EVERY, and how many of the lines each group has been handed.
+        conns = list(room.conns)
+        self.groups = [conns[i : i + LOOK_UP_EVERY] for i in range(0, len(conns), LOOK_UP_EVERY)]
+        self.given = [0] * len(self.groups)
         self.messages: list[ChatMessage] = []
         # Per protocol version: each line's frame, made once.
         self._frames: dict[int, list[bytes]] = {}

@@ -148,6 +148,27 @@ def test_says_arriving_mid_fan_out_join_it(hub: Hub) -> None:
     assert all(conn.texts() == ["early", "late"] for conn in conns)
 
 
+def test_a_mixed_room_fans_out_each_protocol_in_order(hub: Hub) -> None:
+    """v1 and v2 members side by side in a fan-out long enough to look up mid-way: each gets
+    every line once, in its own protocol, in order."""
+    conns = [FakeConn() if i % 2 else FakeConn(nick=f"n{i}", session=f"s{i}") for i in range(3 * LOOK_UP_EVERY)]
+    registered(hub, *conns)
+    for conn in conns[::2]:
+        join(hub, conn, "lobby")
+    settle(hub)
+    say(hub, conns[0], "early")
+    gevent.spawn(say, hub, conns[1], "late")  # Runs when the hub first looks up.
+    settle(hub)
+    rode_along = [conn for conn in conns if conn.delivered[-1][1] == 2]
+    assert len(rode_along) == 2 * LOOK_UP_EVERY  # (those reached after the first look-up)
+    for i, conn in enumerate(conns):
+        if i % 2:
+            assert conn.texts() == ["n0: early", "late"]
+        else:
+            lines = [(e["seq"], e["text"]) for e in conn.events() if e["type"] == "message"]
+            assert lines == [(1, "early"), (2, "late")]
+
+
 def test_unregister_closes_the_connection(hub: Hub) -> None:
     """Unregister removes the connection and closes it; later lines skip it."""
     gone, stays = FakeConn(), FakeConn()
