@@ -262,13 +262,10 @@ func (s *scanner) str(ok bool) ([]byte, bool) {
 }
 
 func (s *scanner) num(ok bool) (int64, bool) {
-	if !ok || len(s.rest) == 0 || s.rest[0] < '0' || s.rest[0] > '9' {
+	if !ok {
 		return 0, false
 	}
-	var v int64
-	for len(s.rest) > 0 && s.rest[0] >= '0' && s.rest[0] <= '9' {
-		v = v*10 + int64(s.rest[0]-'0')
-		s.rest = s.rest[1:]
-	}
-	return v, true
+	v, n := digits(s.rest)
+	s.rest = s.rest[n:]
+	return v, n > 0
 }
