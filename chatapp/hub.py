@@ -89,6 +89,10 @@ class Hub:
         self._arrivals: list[float] = []
         # Presence changes to tell, by room: (casefolded nick, frame), sent together by run().
         self._presence: dict[Room, list[tuple[str, bytes]]] = {}
+        # Acks owed to senders in the fan-out under way: (frames, count) by connection. Each
+        # rides with the sender's own copy of the lines, one send instead of two, or goes
+        # before anything else the hub sends it (see _send).
+        self._owed: dict[Conn, tuple[bytes, int]] = {}
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
@@ -147,6 +151,7 @@ class Hub:
                 # Every connection needs this one greenlet: a bug in one request must not end it.
                 log.exception("hub: request %d for %r failed", kind, conn)
                 self._presence.clear()
+                self._owed.clear()
 
     def _handle(self, kind: int, conn: Conn | None, item: object) -> None:
         if kind in self._burstable:
@@ -237,8 +242,13 @@ class Hub:
         if ref_key is not None:
             self._remember_ref(ref_key, message.seq)
         if peer.v2:
-            self._send(conn, V2Codec.ack(say.ref, room.name, message.seq))
+            self._owe(conn, V2Codec.ack(say.ref, room.name, message.seq))
         return [message]
+
+    def _owe(self, conn: Conn, ack: bytes) -> None:
+        """Send this ack with the sender's copy of its line, in the fan-out that follows."""
+        owed = self._owed.get(conn)
+        self._owed[conn] = (ack, 1) if owed is None else (owed[0] + ack, owed[1] + 1)
 
     def _keep(self, room: Room, nick: str | None, text: str) -> ChatMessage:
         """A new message: the room's next seq, the chat's time, kept in the room's history."""
@@ -292,6 +302,7 @@ class Hub:
         taken = len(burst)
         failed: list[Conn] = []
         sends = delivered = 0
+        owed = self._owed
         behind = True
         while behind:
             behind = False
@@ -310,7 +321,11 @@ class Hub:
                         if codec is not last_codec:
                             last_codec, data = codec, room_burst.data(codec, start)
                         try:
-                            conn.deliver(data, count)
+                            if owed and conn in owed:  # A sender: its acks go first, in the same send.
+                                acks, n = owed.pop(conn)
+                                conn.deliver(acks + data, n + count)
+                            else:
+                                conn.deliver(data, count)
                         except (Full, ShutDown):
                             failed.append(conn)
                         except Exception:
@@ -327,6 +342,8 @@ class Hub:
                             self._add_to(bursts, more)
                             behind = True  # Groups already handed the burst need the rest.
         self._drop(failed)
+        for conn in list(owed):  # (none left, unless a sender was dropped)
+            self._send(conn, b"", 0)
         # Counted per burst, never per send.
         metrics = self.metrics
         metrics.deliveries.inc(delivered)
@@ -434,10 +451,14 @@ class Hub:
                         failed.append(other)
             self._drop(failed)  # (whose leaving is told in the next round)
 
-    def _send(self, conn: Conn, frame: bytes) -> None:
-        """Deliver one frame to one connection; a full queue (or a failure) drops it."""
+    def _send(self, conn: Conn, frame: bytes, count: int = 1) -> None:
+        """Deliver one frame to one connection, after any acks owed to it; a full queue (or a
+        failure) drops it."""
+        owed = self._owed.pop(conn, None) if self._owed else None
+        if owed is not None:
+            frame, count = owed[0] + frame, owed[1] + count
         try:
-            conn.deliver(frame)
+            conn.deliver(frame, count)
         except ShutDown:
             pass  # Closing already; its unregister is on the way.
         except Full:
@@ -449,6 +470,7 @@ class Hub:
     def _drop(self, conns: list[Conn]) -> None:
         """Remove connections a delivery could not reach; run() calls it."""
         for conn in conns:
+            self._owed.pop(conn, None)
             if conn.closing:
                 continue  # Already closing (or dropped just now); its unregister is on the way.
             # Dead or stuck: its queue filled up. Drop it; everyone else goes on.

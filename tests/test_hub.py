@@ -156,14 +156,14 @@ def test_a_mixed_room_fans_out_each_protocol_in_order(hub: Hub) -> None:
     for conn in conns[::2]:
         join(hub, conn, "lobby")
     settle(hub)
-    say(hub, conns[0], "early")
-    gevent.spawn(say, hub, conns[1], "late")  # Runs when the hub first looks up.
+    say(hub, conns[1], "early")  # (v1 senders: no acks to count)
+    gevent.spawn(say, hub, conns[3], "late")  # Runs when the hub first looks up.
     settle(hub)
     rode_along = [conn for conn in conns if conn.delivered[-1][1] == 2]
     assert len(rode_along) == 2 * LOOK_UP_EVERY  # (those reached after the first look-up)
     for i, conn in enumerate(conns):
         if i % 2:
-            assert conn.texts() == ["n0: early", "late"]
+            assert conn.texts() == ["early", "late"]
         else:
             lines = [(e["seq"], e["text"]) for e in conn.events() if e["type"] == "message"]
             assert lines == [(1, "early"), (2, "late")]
@@ -308,6 +308,28 @@ def test_a_ref_publishes_once(hub: Hub) -> None:
     acks = [e for e in alice.events() if e["type"] == "ack"]
     assert acks == [{"type": "ack", "ref": "r1", "room": "tea", "seq": 1}] * 2
     assert [e["text"] for e in bob.events() if e["type"] == "message"] == ["hello"]
+
+
+def test_a_senders_ack_rides_with_its_line_and_keeps_its_place(hub: Hub) -> None:
+    """A v2 sender gets its acks and its lines in one delivery, acks first; an answer to a
+    later command in the same burst (an error) still comes after the ack of the one before."""
+    alice, bob = FakeConn(nick="alice", session="a"), FakeConn(nick="bob", session="b")
+    registered(hub, alice, bob)
+    join(hub, alice, "tea")
+    join(hub, bob, "tea")
+    before = len(alice.delivered)
+    say(hub, alice, "one", room="tea", ref="r1")
+    say(hub, alice, "two", room="tea", ref="r2")
+    say(hub, alice, "elsewhere", room="coffee", ref="r3")  # not a member: an error
+    settle(hub)
+    kinds = [(e["type"], e.get("ref") or e.get("text")) for e in alice.events()]
+    assert kinds[-5:] == [("ack", "r1"), ("ack", "r2"), ("error", "r3"), ("message", "one"), ("message", "two")]
+    assert [n for _, n in alice.delivered[before:]] == [3, 2]  # acks with the error, then the lines
+    say(hub, bob, "three", room="tea", ref="b1")
+    settle(hub)
+    assert [n for _, n in bob.delivered[-1:]] == [2]  # the ack and the line: one send
+    assert [(e["type"], e.get("ref")) for e in bob.events()[-2:]] == [("ack", "b1"), ("message", None)]
+    assert not hub._owed
 
 
 def test_v1_and_v2_share_the_lobby(hub: Hub) -> None:
