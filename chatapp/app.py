@@ -19,7 +19,7 @@ from .conn import Conn
 from .frames import ProtocolFailure
 from .hub import Hub
 from .metrics import Metrics, NoMetrics
-from .peer import Pace, Peer
+from .peer import FLOODING, OVER, WITHIN, Peer
 from .redis_hub import RedisHub
 from .room import Rooms
 from .websocket import ChatWebSocket, WebSocket
@@ -166,6 +166,7 @@ class Chat:
         """What the read pump does with each message: decode it, pace it, hand it to the hub."""
         peer = conn.peer
         codec = peer.codec
+        v1 = not peer.v2
         hub = self.hub
         limit = self.config.rate_limit
         received = self.metrics.received.labels(f"v{codec.version}")
@@ -176,17 +177,17 @@ class Chat:
             if isinstance(data, bytes):
                 raise ProtocolFailure(frames.CLOSE_UNSUPPORTED_DATA, "text messages only")
             pace = peer.spend()
-            if pace is Pace.FLOODING or (pace is Pace.OVER and codec is self.v1):
+            if pace is not WITHIN and (v1 or pace is FLOODING):
                 rate_closes.inc()
                 raise ProtocolFailure(frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s")
-            if codec is self.v1:
+            if v1:
                 say = codec.decode(data)
                 if say is not None:
                     hub.say(conn, say)
                 return
             try:
                 command = codec.decode(data, peer.nick is not None)
-                if pace is Pace.OVER:
+                if pace is OVER:
                     raise CommandError(
                         "rate_limited",
                         f"over {limit:g} messages/s: not done",

@@ -253,7 +253,9 @@ class Hub:
     def _keep(self, room: Room, nick: str | None, text: str) -> ChatMessage:
         """A new message: the room's next seq, the chat's time, kept in the room's history."""
         room.seq += 1
-        self._last_time = max(self._last_time, int(time.time() * 1000))
+        now = int(time.time() * 1000)
+        if now > self._last_time:
+            self._last_time = now
         message = ChatMessage(room.name, room.epoch, room.seq, self._last_time, nick, text)
         self.rooms.append(room, message)
         return message
