@@ -176,7 +176,7 @@ class Chat:
             received.inc()
             if isinstance(data, bytes):
                 raise ProtocolFailure(frames.CLOSE_UNSUPPORTED_DATA, "text messages only")
-            pace = peer.spend()
+            pace = peer.spend() if limit else WITHIN
             if pace is not WITHIN and (v1 or pace is FLOODING):
                 rate_closes.inc()
                 raise ProtocolFailure(frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s")
