@@ -276,20 +276,25 @@ def _parse_close(payload: bytes) -> Close:
     return Close(code, reason)
 
 
+# Server frame headers by payload length: 7 bits, 16 bits or 64 bits (compiled once: a
+# frame is encoded for every chat line).
+_HEAD_7 = struct.Struct("!BB").pack
+_HEAD_16 = struct.Struct("!BBH").pack
+_HEAD_64 = struct.Struct("!BBQ").pack
+
+
 def encode_frame(opcode: int, payload: bytes) -> bytes:
     """One unmasked, final server frame. Server frames are identical for every receiver."""
     n = len(payload)
     if n < 126:
-        header = bytes((0x80 | opcode, n))
-    elif n < 0x10000:
-        header = struct.pack("!BBH", 0x80 | opcode, 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
-    return header + payload
+        return _HEAD_7(0x80 | opcode, n) + payload
+    if n < 0x10000:
+        return _HEAD_16(0x80 | opcode, 126, n) + payload
+    return _HEAD_64(0x80 | opcode, 127, n) + payload
 
 
 def encode_text(text: str) -> bytes:
-    return encode_frame(OP_TEXT, text.encode("utf-8"))
+    return encode_frame(OP_TEXT, text.encode())
 
 
 def encode_close(code: int, reason: str) -> bytes:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
-from time import monotonic
+from time import monotonic, time_ns
 from typing import Any
 
 import gevent
@@ -253,7 +252,7 @@ class Hub:
     def _keep(self, room: Room, nick: str | None, text: str) -> ChatMessage:
         """A new message: the room's next seq, the chat's time, kept in the room's history."""
         room.seq += 1
-        now = int(time.time() * 1000)
+        now = time_ns() // 1_000_000
         if now > self._last_time:
             self._last_time = now
         message = ChatMessage(room.name, room.epoch, room.seq, self._last_time, nick, text)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import secrets
-import sys
+from sys import getsizeof
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +29,7 @@ LISTING_LIMIT = 100
 LISTING_EVERY = 1.0
 # Bytes a kept message costs besides its text: the object, and its two encodings (the v1
 # frame and the v2 JSON: a bytes object each, holding about the text and ~100 bytes more).
-_FIXED = sys.getsizeof(ChatMessage("", "", 0, 0, None, "")) + 2 * (sys.getsizeof(b"") + 100)
+_FIXED = getsizeof(ChatMessage("", "", 0, 0, None, "")) + 2 * (getsizeof(b"") + 100)
 
 
 def new_epoch() -> str:
@@ -42,7 +42,7 @@ def held_bytes(message: ChatMessage) -> int:
     sender). Both encodings are counted from the start, although each is made only when a
     client of its version first needs it: the budget holds whichever come."""
     text = message.text
-    return _FIXED + sys.getsizeof(text) + 2 * len(text)
+    return _FIXED + getsizeof(text) + 2 * len(text)
 
 
 @dataclass(slots=True)
