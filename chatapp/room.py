@@ -8,10 +8,10 @@ from __future__ import annotations
 import bisect
 import heapq
 import secrets
-from sys import getsizeof
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from sys import getsizeof
 from time import monotonic
 from typing import TYPE_CHECKING
 
