@@ -323,8 +323,7 @@ class Hub:
                             last_codec, data = codec, room_burst.data(codec, start)
                         try:
                             if owed and conn in owed:  # A sender: its acks go first, in the same send.
-                                acks, n = owed.pop(conn)
-                                conn.deliver(acks + data, n + count)
+                                conn.deliver(*self._with_owed(conn, data, count))
                             else:
                                 conn.deliver(data, count)
                         except (Full, ShutDown):
@@ -343,7 +342,9 @@ class Hub:
                             self._add_to(bursts, more)
                             behind = True  # Groups already handed the burst need the rest.
         self._drop(failed)
-        for conn in list(owed):  # (none left, unless a sender was dropped)
+        # A safety net: a sender is a member of its line's room, so the loop reached it (and
+        # _drop forgot the acks of those it dropped).
+        for conn in list(owed):
             self._send(conn, b"", 0)
         # Counted per burst, never per send.
         metrics = self.metrics
@@ -455,9 +456,8 @@ class Hub:
     def _send(self, conn: Conn, frame: bytes, count: int = 1) -> None:
         """Deliver one frame to one connection, after any acks owed to it; a full queue (or a
         failure) drops it."""
-        owed = self._owed.pop(conn, None) if self._owed else None
-        if owed is not None:
-            frame, count = owed[0] + frame, owed[1] + count
+        if self._owed:
+            frame, count = self._with_owed(conn, frame, count)
         try:
             conn.deliver(frame, count)
         except ShutDown:
@@ -467,6 +467,11 @@ class Hub:
         except Exception:
             log.exception("%r: delivery failed", conn)
             self._drop([conn])
+
+    def _with_owed(self, conn: Conn, frame: bytes, count: int) -> tuple[bytes, int]:
+        """The frames (and how many) to send conn: the acks owed to it, if any, then these."""
+        owed = self._owed.pop(conn, None)
+        return (frame, count) if owed is None else (owed[0] + frame, owed[1] + count)
 
     def _drop(self, conns: list[Conn]) -> None:
         """Remove connections a delivery could not reach; run() calls it."""
