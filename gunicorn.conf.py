@@ -24,7 +24,7 @@ except ConfigError as error:
 bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
 
 # gevent-websocket's worker, with our handler (chatapp/websocket.py).
-worker_class = "chatapp.websocket.ChatWorker"
+worker_class = "chatapp.transport.websocket.ChatWorker"
 
 # One hub lives in each worker process. With Redis every worker is one chat: gunicorn takes
 # the count from WEB_CONCURRENCY (default 1). Without Redis, two workers would split the chat

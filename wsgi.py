@@ -31,7 +31,7 @@ def main() -> None:
     from gevent.pool import Pool
     from gevent.pywsgi import WSGIServer
 
-    from chatapp.websocket import ChatHandler, cap_receive_buffer
+    from chatapp.transport.websocket import ChatHandler, cap_receive_buffer
 
     parser = argparse.ArgumentParser(description="Serve the chat with gevent's WSGI server.")
     parser.add_argument("--addr", default="localhost:8080", help="http service address")

@@ -2,6 +2,6 @@
 
 from .app import Chat, create_app
 from .config import Config, ConfigError
-from .websocket import ChatWorker
+from .transport.websocket import ChatWorker
 
 __all__ = ["Chat", "ChatWorker", "Config", "ConfigError", "create_app"]

@@ -6,23 +6,26 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
 import bottle
 
-from . import frames
-from .broker import RedisBroker
-from .codec import SUBPROTOCOL_V2, Codec, CommandError, Hello, Say, V1Codec, V2Codec
-from .config import Config
-from .conn import Conn
-from .frames import ProtocolFailure
-from .hub import Hub
+from .chat.codec import SUBPROTOCOL_V2, Codec, V1Codec, V2Codec
+from .chat.commands import CommandError, Hello, Say
+from .chat.engine import Engine
+from .chat.hub import Hub
+from .chat.peer import FLOODING, OVER, WITHIN, Peer
+from .config import Config, ConfigError
+from .engines.memory import MemoryEngine
 from .metrics import Metrics, NoMetrics
-from .peer import FLOODING, OVER, WITHIN, Peer
-from .redis_hub import RedisHub
-from .room import Rooms
-from .websocket import ChatWebSocket, WebSocket
+from .transport import frames
+from .transport.conn import Conn
+from .transport.frames import ProtocolFailure
+from .transport.websocket import ChatWebSocket, WebSocket
+
+if TYPE_CHECKING:
+    from .engines.redis import RedisEngine
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +64,32 @@ class Chat:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics(config.metrics_token) if config.metrics_token else NoMetrics()
-        rooms = Rooms(config.max_rooms, config.history_bytes, config.recovery_window)
-        # One worker alone: its hub numbers the lines. With Redis, Redis does (broker.py).
-        hub_class = RedisHub if config.redis_url else Hub
-        self.hub = hub_class(
-            rooms,
+        # What carries the chat: Redis for many workers and hosts, else this worker alone.
+        self.engine: Engine
+        self.redis: RedisEngine | None = None
+        if config.redis_url:
+            # (redis-py is imported only then: in the worker, after gevent has patched the world)
+            from .engines.redis import RedisEngine
+
+            try:
+                self.engine = self.redis = RedisEngine(config, self.metrics)
+            except ValueError as error:
+                raise ConfigError(f"REDIS_URL: {error}") from None
+        else:
+            self.engine = MemoryEngine(
+                history=config.history,
+                recovery_window=config.recovery_window,
+                max_rooms=config.max_rooms,
+                history_bytes=config.history_bytes,
+            )
+            self.metrics.broker_up.set(1)  # (this worker alone: nothing to be away)
+        self.hub = Hub(
+            self.engine,
             inbox_size=config.hub_inbox_size,
-            history=config.history,
             ping_period=config.ping_period,
             pong_wait=config.pong_wait,
             metrics=self.metrics,
         )
-        self.broker: RedisBroker | None = None
-        if config.redis_url:
-            self.broker = self.hub.broker = RedisBroker(self.hub, config)
-        else:
-            self.metrics.broker_up.set(1)  # (this worker alone: nothing to be away)
         # The codecs every connection shares: they hold only the limits.
         self.v1 = V1Codec(config.max_message_size)
         self.v2 = V2Codec(config.max_message_size, config.rate_limit)
@@ -95,11 +108,11 @@ class Chat:
 
     def serve_health(self) -> dict:
         """For the platform and operators: 200 "ok", or 503 "degraded" while Redis is away."""
-        healthy = self.broker is None or self.broker.healthy()
+        healthy = self.engine.healthy()
         bottle.response.status = 200 if healthy else 503
         return {
             "status": "ok" if healthy else "degraded",
-            "broker": "redis" if self.broker else "in-process",
+            "broker": "redis" if self.redis is not None else "in-process",
             "connections": self.connections,
             "pid": os.getpid(),
         }
@@ -138,33 +151,32 @@ class Chat:
                 return []
         conn = Conn(
             ws,
-            Peer(codec, config.rate_limit),
             send_queue_size=config.send_queue_size,
             send_queue_bytes=config.send_queue_bytes,
             write_wait=config.write_wait,
             address=peer_of(environ),
             metrics=self.metrics,
         )
+        peer = Peer(conn, codec, config.rate_limit)
         ws.forget_request()
         protocol = f"v{codec.version}"
         metrics = self.metrics
         metrics.accepted.labels(protocol).inc()
         metrics.connections.labels(protocol).inc()
         self.connections += 1
-        self.hub.register(conn)
+        self.hub.register(peer)
         try:
-            conn.read_pump(self._reader(conn))
+            conn.read_pump(self._reader(peer))
         finally:
-            self.hub.unregister(conn)
+            self.hub.unregister(peer)
             conn.wait_closed(timeout=2 * config.write_wait + 5)
             self.connections -= 1
             metrics.connections.labels(protocol).dec()
             metrics.closed.labels(str(conn.close_code)).inc()
         return []
 
-    def _reader(self, conn: Conn) -> Callable[[Conn, str | bytes], None]:
+    def _reader(self, peer: Peer) -> Callable[[str | bytes], None]:
         """What the read pump does with each message: decode it, pace it, hand it to the hub."""
-        peer = conn.peer
         codec = peer.codec
         v1 = not peer.v2
         hub = self.hub
@@ -172,7 +184,7 @@ class Chat:
         received = self.metrics.received.labels(f"v{codec.version}")
         rate_closes = self.metrics.rate_closes
 
-        def on_message(_: Conn, data: str | bytes) -> None:
+        def on_message(data: str | bytes) -> None:
             received.inc()
             if isinstance(data, bytes):
                 raise ProtocolFailure(frames.CLOSE_UNSUPPORTED_DATA, "text messages only")
@@ -183,7 +195,7 @@ class Chat:
             if v1:
                 say = codec.decode(data)
                 if say is not None:
-                    hub.say(conn, say)
+                    hub.say(peer, say)
                 return
             try:
                 command = codec.decode(data, peer.nick is not None)
@@ -196,14 +208,14 @@ class Chat:
                     )
                 if isinstance(command, Hello):
                     peer.identify(command.nick, command.session)
-                    hub.reply(conn, codec.welcome(command.nick))
+                    hub.reply(peer, codec.welcome(command.nick))
                 elif isinstance(command, Say):
-                    hub.say(conn, command)
+                    hub.say(peer, command)
                 else:
-                    hub.command(conn, command)
+                    hub.command(peer, command)
             except CommandError as error:
-                log.debug("%r: %s", conn, error)
-                hub.reply(conn, codec.error(error))
+                log.debug("%r: %s", peer, error)
+                hub.reply(peer, codec.error(error))
 
         return on_message
 
@@ -304,9 +316,8 @@ def create_app(config: Config | None = None) -> ChatApp:
     # gevent-websocket's stock handler asks the application which subprotocol it speaks.
     app.app_protocol = lambda path: SUBPROTOCOL_V2 if path == WS_PATH else None
     chat.hub.start()
-    if chat.broker is not None:
-        chat.broker.start()
+    if chat.redis is not None:
         # Follow the lobby before taking connections, so that a v1 client hears every line said
         # after it connected; if Redis does not answer in time, start degraded.
-        chat.hub.ready.wait(2 * RedisBroker.COMMAND_TIMEOUT + 1)
+        chat.redis.wait_ready()
     return app

@@ -50,6 +50,8 @@ class Config:
     redis_cluster: bool = False
     # What every key of this chat in Redis starts with: two prefixes on one Redis are two chats.
     redis_prefix: str = "chat"
+    # Seconds a quiet room's keys live in Redis after its last line, join or leave.
+    room_ttl: int = 86400
     # Requests (register, unregister, broadcast) the hub's inbox holds before senders wait.
     hub_inbox_size: int = 1024
     # The bearer token GET /metrics asks for; empty turns metrics off (404).
@@ -81,6 +83,7 @@ class Config:
             redis_url=_redis_url(env),
             redis_cluster=_flag(env, "CHAT_REDIS_CLUSTER"),
             redis_prefix=_prefix(env),
+            room_ttl=_int(env, "CHAT_ROOM_TTL", cls.room_ttl, minimum=1),
             hub_inbox_size=_int(env, "CHAT_HUB_INBOX_SIZE", cls.hub_inbox_size, minimum=1),
             metrics_token=env.get("CHAT_METRICS_TOKEN", "").strip(),
         )

@@ -10,18 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import ServerProcess, V2Client, free_port, parse_server_frames, shut_client_sockets
 
-from chatapp.codec import (
-    MAX_ID,
-    NICK,
-    ROOM,
-    CommandError,
-    Hello,
-    Join,
-    Leave,
-    ListRooms,
-    Say,
-    V2Codec,
-)
+from chatapp.chat.codec import V2Codec
+from chatapp.chat.commands import MAX_ID, NICK, ROOM, CommandError, Hello, Join, Leave, ListRooms, Say
 
 CODES = {
     "bad_message", "not_hello", "bad_nick", "nick_taken", "bad_room", "not_member",

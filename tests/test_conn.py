@@ -7,13 +7,11 @@ import pytest
 from gevent.event import Event
 from gevent.queue import Full, ShutDown
 
-from chatapp import conn as conn_module
-from chatapp import frames
-from chatapp.codec import V1Codec
-from chatapp.conn import Conn
-from chatapp.frames import Ping
-from chatapp.peer import Peer
-from chatapp.websocket import ConnectionLost
+from chatapp.transport import conn as conn_module
+from chatapp.transport import frames
+from chatapp.transport.conn import Conn
+from chatapp.transport.frames import Ping
+from chatapp.transport.websocket import ConnectionLost
 
 
 @pytest.fixture(autouse=True)
@@ -23,15 +21,13 @@ def no_close_wait(monkeypatch) -> None:  # type: ignore[no-untyped-def]
 
 
 def make_conn(ws: StubWebSocket, queue_size: int, queue_bytes: int = 1 << 20) -> Conn:
-    peer = Peer(V1Codec(512), rate_limit=0)
-    return Conn(ws, peer, send_queue_size=queue_size, send_queue_bytes=queue_bytes, write_wait=1.0)  # type: ignore[arg-type]
+    return Conn(ws, send_queue_size=queue_size, send_queue_bytes=queue_bytes, write_wait=1.0)  # type: ignore[arg-type]
 
 
 class StubSocket:
     """The kernel socket deliver() sends to: takes only `room` bytes, then nothing."""
 
     def __init__(self, room: int) -> None:
-        self._sock = self
         self.room = room
         self.sent: list[bytes] = []
 
@@ -47,6 +43,7 @@ class StubWebSocket:
 
     def __init__(self, events: list[object], room: int = 1 << 20, then_lost: bool = True) -> None:
         self.socket = StubSocket(room)
+        self.send_now = self.socket.send
         self.events = events
         self.then_lost = then_lost
         self.written: list[bytes] = []

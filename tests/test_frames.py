@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import client_frame
 
-from chatapp import frames
-from chatapp.frames import Close, FrameParser, Message, Ping, Pong, ProtocolFailure
+from chatapp.transport import frames
+from chatapp.transport.frames import Close, FrameParser, Message, Ping, Pong, ProtocolFailure
 
 
 def parse(data: bytes, limit: int = 512) -> list:  # type: ignore[type-arg]

@@ -24,9 +24,11 @@ from support import (
     wait_until,
 )
 
-from chatapp.broker import RedisBroker
-from chatapp.codec import Say
+from chatapp.chat.commands import CommandError
+from chatapp.chat.engine import Line
 from chatapp.config import Config
+from chatapp.engines.redis import RedisEngine
+from chatapp.metrics import Metrics
 
 TOKEN = "s3cret-token"
 
@@ -188,18 +190,25 @@ def test_broker_state_and_redis_round_trips(start_server, redis_server) -> None:
 
 
 def test_lines_lost_to_a_full_outbox_are_counted() -> None:
-    """A say that finds the Redis outbox full is refused and counted (unit: no Redis needed)."""
-    from chatapp.metrics import Metrics
+    """A say that finds the Redis outbox full is refused (unavailable) and counted (unit: no
+    Redis needed: redis-py connects lazily, and the engine's greenlets are not started)."""
+    from gevent.queue import Queue
 
-    class Hub:
-        metrics = Metrics("token")
+    class Sink:
+        def __init__(self) -> None:
+            self.refused: list[tuple[int, str]] = []
 
-    config = Config(redis_url="redis://127.0.0.1:1/0")  # redis-py connects lazily: never here
-    broker = RedisBroker(Hub(), config, outbox_size=1)
-    say = Say("tea", "x", None)
-    assert broker.publish(None, "tea", say) is True
-    assert broker.publish(None, "tea", say) is False
-    assert value(Hub.metrics.exposition()[0].decode(), "chat_outbox_lost_total") == 1
+        def settled(self, line_id: int, outcome: CommandError) -> None:
+            self.refused.append((line_id, outcome.code))
+
+    metrics = Metrics("token")
+    engine = RedisEngine(Config(redis_url="redis://127.0.0.1:1/0"), metrics)
+    engine._outbox = Queue(maxsize=1)
+    engine._sink = sink = Sink()  # type: ignore[assignment]
+    engine.publish(Line(1, "tea", "alice", "s", None, "fits"))
+    engine.publish(Line(2, "tea", "alice", "s", None, "finds it full"))
+    assert sink.refused == [(2, "unavailable")]
+    assert value(metrics.exposition()[0].decode(), "chat_outbox_lost_total") == 1
 
 
 def test_a_real_prometheus_scrapes_both_workers(start_server, redis_server, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -15,12 +15,10 @@ import argparse  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from gevent.queue import ShutDown  # noqa: E402
 
-from chatapp import frames  # noqa: E402
-from chatapp.codec import V1Codec  # noqa: E402
 from chatapp.config import Config  # noqa: E402
-from chatapp.conn import Conn  # noqa: E402
-from chatapp.peer import Peer  # noqa: E402
-from chatapp.websocket import ChatHandler  # noqa: E402
+from chatapp.transport import frames  # noqa: E402
+from chatapp.transport.conn import Conn  # noqa: E402
+from chatapp.transport.websocket import ChatHandler  # noqa: E402
 
 config = Config.from_env()
 
@@ -33,13 +31,12 @@ def echo(environ: dict, start_response):  # type: ignore[no-untyped-def]
     ws.accept(config.max_message_size)
     conn = Conn(
         ws,
-        Peer(V1Codec(config.max_message_size), rate_limit=0),
         send_queue_size=config.send_queue_size,
         send_queue_bytes=config.send_queue_bytes,
         write_wait=config.write_wait,
     )
 
-    def send_back(conn: Conn, data: str | bytes) -> None:
+    def send_back(data: str | bytes) -> None:
         if isinstance(data, str):
             frame = frames.encode_frame(frames.OP_TEXT, data.encode("utf-8"))
         else:

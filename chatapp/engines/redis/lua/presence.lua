@@ -7,7 +7,8 @@
 --       4 this worker's counts (hash: casefolded nick -> connections here), 5 the room's
 --       presence version (a counter: each joined or left gets the next one)
 -- ARGV: 1 casefolded nick, 2 nick, 3 session, 4 connections here now, 5 the shard channel,
---       6 rooms past this many members announce nothing, 7 members to list at most
+--       6 rooms past this many members announce nothing, 7 members to list at most, 8 seconds
+--       a quiet room's keys live
 -- Returns {"taken", nick} if another session holds the nick, else {"ok", nick as the room
 --         knows it, member count, {first members...}, the presence version they are as of}.
 local key, nick, session, here = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -52,6 +53,9 @@ if change then
   if count <= limit then
     redis.call('SPUBLISH', ARGV[5], 'p\n' .. version .. '\n' .. change .. '\n' .. key .. '\n' .. nick)
   end
+end
+for i = 1, 5 do
+  redis.call('EXPIRE', KEYS[i], ARGV[8])
 end
 local listed = {}
 for i, entry in ipairs(redis.call('ZRANGE', KEYS[3], 0, tonumber(ARGV[7]) - 1)) do

@@ -1,12 +1,13 @@
 -- One line said in a room: its seq, its time and its place in the room's history, atomically.
 -- KEYS: 1 the room's meta (hash: epoch, seq, time), 2 its history (stream, ids "<seq>-0"),
---       3 the ref's key (string: the seq it got; ignored without a ref)
+--       3 the ref's key (string: the seq it got; ignored without a ref), 4 the presence
+--       version (its expiry follows the room's)
 -- ARGV: 1 an epoch for a room that has none (new, or lost with Redis's data), 2 nick ("" for
---       a v1 line), 3 text, 4 lines to keep at least, 5 seconds a quiet room lives, 6 the room's
---       shard channel, 7 "1" when there is a ref (a client's, or the worker's id for a v1
---       line, so that a retried publish is no second line), 8 seconds a ref is remembered,
---       9 the worker that said it, 10 that worker's id for a v1 line ("" for none)
--- Returns {epoch, seq, time, 1 when the ref had been published already (nothing new) else 0}.
+--       a v1 line), 3 text, 4 lines to keep at least, 5 seconds a quiet room's keys live,
+--       6 the room's shard channel, 7 "1" when there is a ref (a client's, or the worker's id
+--       for a v1 line, so that a retried publish is no second line), 8 seconds a ref is
+--       remembered, 9 the worker that said it, 10 that worker's id for the line
+-- Returns {epoch, seq, 1 when the ref had been published already (nothing new) else 0}.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
@@ -15,7 +16,7 @@ end
 if ARGV[7] == '1' then
   local first = redis.call('GET', KEYS[3])
   if first then
-    return {epoch, tonumber(first), 0, 1}
+    return {epoch, tonumber(first), 1}
   end
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -29,6 +30,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 't', time, 'n',
   'o', ARGV[9], 'l', ARGV[10])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
 if ARGV[7] == '1' then
   redis.call('SET', KEYS[3], seq, 'EX', ARGV[8])
 end
@@ -36,4 +38,4 @@ end
 redis.call('SPUBLISH', ARGV[6],
   'm\n' .. epoch .. '\n' .. seq .. '\n' .. time .. '\n' .. ARGV[2] .. '\n' .. ARGV[9] .. '\n' .. ARGV[10] .. '\n'
   .. ARGV[3])
-return {epoch, seq, time, 0}
+return {epoch, seq, 0}

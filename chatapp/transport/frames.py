@@ -102,10 +102,8 @@ class FrameParser:
     claiming a terabyte costs nothing. Text is validated as it arrives (fail fast).
     """
 
-    def __init__(self, max_message_size: int, *, require_mask: bool = True) -> None:
+    def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
-        # RFC 6455 §5.1: a server must fail the connection on an unmasked client frame.
-        self.require_mask = require_mask
         # Bytes received but not yet parsed.
         self._buffer = bytearray()
         # The frame whose payload is being read: opcode, FIN bit, mask, bytes still due.
@@ -169,7 +167,7 @@ class FrameParser:
         length = second & 0x7F
         if opcode not in _DATA_OPCODES and opcode not in _CONTROL_OPCODES:
             raise ProtocolFailure(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
-        if self.require_mask and not masked:
+        if not masked:  # RFC 6455 §5.1: a server fails the connection on an unmasked client frame.
             raise ProtocolFailure(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
         if opcode in _CONTROL_OPCODES:
             if not fin:
@@ -182,7 +180,7 @@ class FrameParser:
         elif self._message_opcode is not None:
             raise ProtocolFailure(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
 
-        size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if masked else 0)
+        size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + 4  # (+ the mask)
         if len(buf) < size:
             return False
         pos = 2
@@ -198,7 +196,7 @@ class FrameParser:
             raise ProtocolFailure(
                 CLOSE_TOO_BIG, f"message over {self.max_message_size} bytes"
             )
-        self._mask = bytes(buf[pos : pos + 4]) if masked else b""
+        self._mask = bytes(buf[pos : pos + 4])
         del buf[:size]
         self._opcode = opcode
         self._fin = fin
@@ -216,9 +214,8 @@ class FrameParser:
             return False
         chunk = bytes(buf[:take])
         del buf[:take]
-        if self._mask:
-            chunk = unmask(chunk, self._mask, self._mask_offset)
-            self._mask_offset += take
+        chunk = unmask(chunk, self._mask, self._mask_offset)
+        self._mask_offset += take
         self._remaining -= take
         if self._opcode in _CONTROL_OPCODES:
             self._control += chunk

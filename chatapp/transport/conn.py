@@ -11,10 +11,9 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Empty, Full, Queue, ShutDown
 
+from ..metrics import NoMetrics
 from . import frames
 from .frames import Close, Message, Ping, ProtocolFailure
-from .metrics import NoMetrics
-from .peer import Peer
 from .websocket import ChatWebSocket, ConnectionLost
 
 log = logging.getLogger(__name__)
@@ -33,12 +32,16 @@ _WAKE = (b"", 0)
 
 
 class Conn:
-    """A middleman between the WebSocket connection and the hub."""
+    """A middleman between the WebSocket connection and the hub.
+
+    It moves frames: what the peer sends goes to a callback (the chat decides what it
+    means), what the hub delivers goes out. The chat's state for the connection is its own
+    (chat/peer.py), holding this.
+    """
 
     def __init__(
         self,
         ws: ChatWebSocket,
-        peer: Peer,
         *,
         send_queue_size: int,
         send_queue_bytes: int,
@@ -47,10 +50,8 @@ class Conn:
         metrics: Any = None,
     ) -> None:
         self.ws = ws
-        # Who is at the other end, as the chat sees it (nick, rooms, protocol, pace).
-        self.peer = peer
         # The kernel socket's own send(): non-blocking, for deliver()'s fast path.
-        self._send_now = ws.socket._sock.send
+        self._send_now = ws.send_now
         # Encoded frames for the peer. The hub puts (never blocking) and shuts it down on
         # unregister; only the write pump gets. Made when a frame first has to wait, and
         # dropped again with an idle write pump: an idle connection holds no queue.
@@ -162,7 +163,7 @@ class Conn:
             self._greenlets.inc()
             self._writer = gevent.spawn(self.write_pump)
 
-    def read_pump(self, on_message: Callable[[Conn, str | bytes], None]) -> None:
+    def read_pump(self, on_message: Callable[[str | bytes], None]) -> None:
         """Pump messages from the WebSocket to on_message until the connection ends.
 
         The application runs this in the request greenlet, so there is at most one reader
@@ -174,7 +175,7 @@ class Conn:
                 event = ws.receive()
                 self.last_read = monotonic()
                 if isinstance(event, Message):
-                    on_message(self, event.data)
+                    on_message(event.data)
                 elif isinstance(event, Ping):
                     if len(self._pongs) >= MAX_PENDING_PONGS:
                         del self._pongs[0]

@@ -13,6 +13,7 @@ import http.client
 import logging
 import socket
 import weakref
+from collections.abc import Callable
 
 import gevent
 from gevent.pywsgi import WSGIHandler
@@ -21,8 +22,8 @@ from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
 from gunicorn.workers.ggevent import PyWSGIHandler
 
+from ..metrics import NoMetrics
 from .frames import Close, Event, FrameParser, ProtocolFailure, encode_close
-from .metrics import NoMetrics
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,18 @@ class ConnectionLost(Exception):
     """The peer closed the TCP connection without a close frame."""
 
 
+def kernel_send(sock: socket.socket) -> Callable[[bytes], int]:
+    """The send() of the kernel socket under a gevent socket: one system call, never waiting.
+
+    The one place the transport touches a library's private attribute (gevent keeps the
+    real socket in `_sock`). gevent's own send() on a socket with a timeout checks the
+    timeout and may park the greenlet; a fan-out to thousands of sockets wants the plain
+    system call, which on our non-blocking sockets returns what the kernel took (or raises
+    BlockingIOError when it took nothing).
+    """
+    return sock._sock.send  # type: ignore[attr-defined,no-any-return]  # (gevent's socket wraps the real one)
+
+
 class ChatWebSocket(WebSocket):
     """One server-side WebSocket. Reads happen in one greenlet; writes in one other.
 
@@ -44,12 +57,14 @@ class ChatWebSocket(WebSocket):
     or returns an ordinary HTTP refusal.
     """
 
-    __slots__ = ("accepted", "socket", "_key", "_rfile", "_pending", "_parser", "_events")
+    __slots__ = ("accepted", "socket", "send_now", "_key", "_rfile", "_pending", "_parser", "_events")
 
     def __init__(self, environ: dict, handler: WSGIHandler, key: str) -> None:
         super().__init__(environ, Stream(handler), handler)
         self.accepted = False
         self.socket = handler.socket
+        # One non-blocking send() to the kernel, for the write pump and the hub's fast path.
+        self.send_now = kernel_send(handler.socket)
         self._key = key
         self._rfile = handler.rfile
         self._pending = b""
@@ -172,7 +187,7 @@ class ChatWebSocket(WebSocket):
         kernel has room; gevent's sendall() costs an extra getsockopt() and a timer per call.
         """
         try:
-            sent = self.socket._sock.send(data)
+            sent = self.send_now(data)
         except BlockingIOError:
             sent = 0
         if sent < len(data):
@@ -407,7 +422,8 @@ class ChatWorker(GeventWebSocketWorker):
     def handle_exit(self, sig, frame) -> None:  # type: ignore[no-untyped-def]
         super().handle_exit(sig, frame)
         ChatHandler.close_idle_connections()
-        chat = getattr(self.wsgi, "chat", None)
+        # (SIGTERM may come while the worker still loads the app: then there is none yet)
+        chat = getattr(getattr(self, "wsgi", None), "chat", None)
         if chat is not None:
             # Out of the signal handler, so the shutdown may block.
             gevent.spawn(chat.shutdown)

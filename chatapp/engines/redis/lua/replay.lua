@@ -3,13 +3,15 @@
 -- ARGV: 1 an epoch for a room that has none, 2 the joiner's epoch ("" without since),
 --       3 its seq, 4 how many of the last messages to give when it cannot recover, 5 "all" to
 --       give instead everything kept when the epoch is not the joiner's (a worker whose room
---       lost its data: everything in the new epoch is new to its clients)
+--       lost its data: everything in the new epoch is new to its clients), 6 seconds a quiet
+--       room's keys live
 -- Returns {epoch, seq, recovered (1/0), {id, fields, ...}...} with entries oldest first.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'time', 0)
 end
+redis.call('EXPIRE', KEYS[1], ARGV[6])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local since = tonumber(ARGV[3])
 if ARGV[2] == epoch and since <= seq then

@@ -9,83 +9,32 @@ for the frames that connection needs.
 from __future__ import annotations
 
 import json
-import re
 import unicodedata
-from dataclasses import dataclass
 from typing import Any
 
-from .frames import OP_TEXT, encode_frame, encode_text
+from ..transport.frames import OP_TEXT, encode_frame, encode_text
+from .commands import (
+    LOBBY,
+    MAX_ID,
+    MAX_ROOMS_PER_CONN,
+    NICK,
+    ROOM,
+    Command,
+    CommandError,
+    Hello,
+    Join,
+    Leave,
+    ListRooms,
+    Position,
+    Say,
+    one_line,
+)
 from .message import ChatMessage
+from .presence import Member
 
 SUBPROTOCOL_V2 = "chat.v2"
-# The room v1 clients are in, and every page opens first.
-LOBBY = "lobby"
-# A nick after NFKC normalisation, and a room name (docs/protocol.md, "Identity", "Rooms").
-NICK = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,23}")
-ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-# Rooms one connection may be in at once.
-MAX_ROOMS_PER_CONN = 16
-# Longest session id and ref a client may send, in characters.
-MAX_ID = 64
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-class CommandError(Exception):
-    """A command the server refuses: answered with an `error` event, never a closed connection."""
-
-    def __init__(self, code: str, message: str, room: str | None = None, ref: str | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.room = room
-        self.ref = ref
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    nick: str
-    session: str
-
-
-@dataclass(frozen=True, slots=True)
-class Position:
-    """Where a client's copy of a room ends: the last seq it has, in that epoch."""
-
-    epoch: str
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class Join:
-    room: str
-    since: Position | None
-
-
-@dataclass(slots=True)
-class Say:
-    room: str
-    text: str
-    ref: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Leave:
-    room: str
-
-
-@dataclass(frozen=True, slots=True)
-class ListRooms:
-    pass
-
-
-Command = Hello | Join | Say | Leave | ListRooms
-
-
-def one_line(text: str) -> str:
-    """A chat line as everyone sees it: CR and LF become spaces, then it is trimmed. So no
-    client can forge a second line for v1 readers."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ").strip()
 
 
 class V1Codec:
@@ -223,7 +172,7 @@ class V2Codec:
         seq: int,
         recovered: bool,
         messages: list[ChatMessage],
-        members: list[str],
+        members: list[Member],
         member_count: int,
     ) -> bytes:
         head = _dumps(
@@ -233,7 +182,7 @@ class V2Codec:
                 "epoch": epoch,
                 "seq": seq,
                 "recovered": recovered,
-                "members": members,
+                "members": [member.nick for member in members],
                 "member_count": member_count,
             }
         ).encode()

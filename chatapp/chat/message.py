@@ -23,7 +23,11 @@ class ChatMessage:
     # The speaker's nick; None for a line from a v1 client.
     nick: str | None
     text: str
-    # The v1 text frame ("nick: text", or the text alone), made the first time a v1 client needs it.
+    # The id this worker gave the line when one of its connections said it (its ack rides
+    # with it); 0 for a line said elsewhere, or read back from a history.
+    origin: int = 0
+    # The v1 text frame ("nick: text", or the text alone), made the first time a v1 client
+    # needs it; b"" when this worker's v1 clients heard the line already (Redis was away).
     v1_frame: bytes | None = None
     # The v2 `message` object as JSON bytes (a frame's payload, or an item of a replay).
     v2_json: bytes | None = None

@@ -1,0 +1,113 @@
+"""The seam between the chat and what carries it: the Engine the hub holds, and the Sink
+through which every engine answers it.
+
+An engine numbers and keeps each room's lines, replays them, keeps presence for the whole
+chat, lists rooms and remembers refs. engines/memory.py carries one worker alone;
+engines/redis/ carries every worker and host through Redis. Both answer through the same
+Sink methods, called in the hub's greenlet, so that a line takes one road to the hub
+whichever engine carried it: numbered by the engine, it *arrives* (Sink.arrived), in seq
+order, and the hub fans it out and acks its sender as it goes.
+
+None of the Engine's methods blocks: each answers later (or at once) through the Sink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from .commands import CommandError, Position
+from .message import ChatMessage
+from .presence import Member, PresenceChange
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+
+@dataclass(slots=True)
+class Line:
+    """A line a connection said, before the engine gives it a seq."""
+
+    # This worker's id for it: the message it becomes carries it back as its origin, and the
+    # hub finds the sender to ack by it. 0 for a line nobody waits on (a v1 client's).
+    id: int
+    room: str
+    nick: str | None
+    session: str | None
+    ref: str | None
+    text: str
+
+
+@dataclass(slots=True)
+class JoinAnswer:
+    """Where a room is, for a joiner: what to replay and who is there."""
+
+    room: str
+    epoch: str
+    # The room's latest seq when the answer was read; messages hold no line after it.
+    seq: int
+    recovered: bool
+    messages: list[ChatMessage]
+    members: list[Member]
+    member_count: int
+    # The presence version the members are as of: changes after it come as PresenceChanges.
+    presence_version: int = 0
+
+
+class Sink(Protocol):
+    """What an engine calls on the hub: always in the hub's greenlet (see `call`)."""
+
+    def arrived(self, messages: list[ChatMessage]) -> None:
+        """Lines numbered by the engine, for the rooms with members here: each room's in seq
+        order, continuing where its last one ended. A line whose origin is one of this
+        worker's acks its sender as it is delivered."""
+
+    def settled(self, line_id: int, outcome: int | CommandError) -> None:
+        """A line of this worker's that will not arrive here: a repeated ref (the seq the
+        first one got), a line the worker can no longer hear (its seq), or refused."""
+
+    def answered(self, joiner: Peer, answer: JoinAnswer | CommandError) -> None:
+        """The answer to join(). The room has arrived here up to at least answer.seq."""
+
+    def presence_changed(self, change: PresenceChange) -> None:
+        """A member joined or left a room, anywhere in the chat."""
+
+    def restarted(self, answer: JoinAnswer) -> None:
+        """A room's epoch changed under its members (its history was lost): where it is now."""
+
+    def listed(self, listing: list[tuple[str, int]] | None) -> None:
+        """The answer to list_rooms(): (room, members) busiest first, or None when unknown."""
+
+    def heard_here(self, room: str, text: str) -> None:
+        """A v1 line the engine could not publish yet: this worker's v1 clients hear it now."""
+
+    def call(self, action: Callable[[], None], lines: bool = False) -> None:
+        """From an engine's own greenlet: run action in the hub's greenlet, in order with
+        everything else. lines: the action only delivers lines (the hub may take it along
+        in a burst of lines)."""
+
+
+class Engine(Protocol):
+    """What carries the chat: the hub holds one (see the module docstring)."""
+
+    def start(self, sink: Sink) -> None:
+        """Begin: the engine answers through sink from now on."""
+
+    def stop(self) -> None: ...
+
+    def healthy(self) -> bool:
+        """False while the engine cannot carry lines to the rest of the chat."""
+
+    def publish(self, line: Line) -> None:
+        """Number, keep and deliver a line: it arrives (or is settled) through the sink."""
+
+    def join(self, joiner: Peer, room: str, since: Position | None, member: Member | None) -> None:
+        """Where the room is for a joiner (answered), counting member's connection in it
+        (None: count nobody, as for a v1 client or a connection joining again)."""
+
+    def leave(self, room: str, member: Member | None, last_here: bool) -> None:
+        """A connection of member left the room; last_here: none of this worker's is left."""
+
+    def list_rooms(self) -> None:
+        """The rooms of the whole chat, busiest first (listed)."""

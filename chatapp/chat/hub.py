@@ -1,0 +1,825 @@
+"""The hub: one greenlet that owns the connections and the rooms (Gorilla's hub.go)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from itertools import count
+from time import monotonic
+from typing import Any
+
+import gevent
+from gevent.queue import Full, Queue, ShutDown
+
+from ..metrics import Metrics, NoMetrics
+from ..transport import frames
+from ..transport.frames import encode_text
+from .codec import V1Codec, V2Codec
+from .commands import LISTING_LIMIT, LOBBY, MAX_ROOMS_PER_CONN, CommandError, Join, Leave, ListRooms, Reply, Say
+from .engine import Engine, JoinAnswer, Line
+from .message import ChatMessage
+from .peer import HubCommand, Peer, Pending
+from .presence import PRESENCE_LIMIT, Member, PresenceChange
+from .room import Joining, Room
+
+log = logging.getLogger(__name__)
+
+# The doors onto the inbox: Go's three channels (register, unregister, broadcast: here a
+# say), the client's other commands, the engine's answers (and the lines it delivers), then
+# graceful shutdown and the ticker.
+_REGISTER = 0
+_UNREGISTER = 1
+_SAY = 2
+_COMMAND = 3
+_ENGINE = 4
+_LINES = 5
+_SHUTDOWN = 6
+_TICK = 7
+# Requests whose lines a fan-out takes along, and those whose presence changes are told together.
+_BURSTABLE = (_SAY, _LINES)
+_PRESENCE_KINDS = (_COMMAND, _UNREGISTER, _ENGINE)
+
+_PING = frames.encode_frame(frames.OP_PING, b"")
+
+# Line requests waiting in the inbox that the hub takes together: each member then gets the
+# lines of its rooms in one write (still one frame per line).
+MAX_BURST = 64
+# Sends in a fan-out between two look-ups: the hub yields, so read pumps can speak, and adds
+# what they said to the burst it is sending (see _fan_out).
+LOOK_UP_EVERY = 64
+# Says of one connection to one room the engine carries at once, and commands that may wait
+# behind a connection's unanswered ones before it counts as stuck (close 1013).
+MAX_PENDING = 64
+MAX_WAITING = 1024
+# How old (seconds) a `rooms` listing may be: every client may ask, and listing thousands of
+# rooms is not free.
+LISTING_EVERY = 1.0
+
+
+class Hub:
+    """Maintains the set of active connections and the rooms, and broadcasts messages to them.
+
+    Go's hub selects over three channels: register, unregister and broadcast. gevent has no
+    select, so here they are kinds of request on one bounded inbox, put there by register(),
+    unregister(), say() and the other doors; run() is the only code that touches the
+    connections and the rooms. A full inbox makes callers wait: read pumps slow down instead
+    of memory growing.
+
+    What carries the chat is the engine (engine.py): the hub hands it each line and join, and
+    it answers through the Sink methods below, in this greenlet. So a line takes one road
+    with or without Redis: it *arrives* numbered, in its room's seq order, and is fanned out
+    to the room's connections here; its sender's `ack` rides in the same send as the
+    sender's own copy.
+
+    Order: a connection's commands are carried out one at a time, in the order it sent them.
+    One the engine answers later (a join, a listing, a say) holds the ones behind it until
+    its answer has gone out; says to one room are the exception, pipelined, since their
+    lines (and so their acks) come back in the order they were said. So every connection
+    gets its answers in command order, errors included, and a say's ack before its line.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        inbox_size: int = 1024,
+        ping_period: float = 25.0,
+        pong_wait: float = 60.0,
+        metrics: Metrics | NoMetrics | None = None,
+    ) -> None:
+        # Registered connections. Only run() reads or writes this set, and the rooms.
+        self.peers: set[Peer] = set()
+        # Rooms with connections here, or joins on their way.
+        self.rooms: dict[str, Room] = {}
+        self.engine = engine
+        # Requests for run(): (kind, connection or None, item).
+        self._inbox: Queue[tuple[int, Peer | None, Any]] = Queue(maxsize=inbox_size)
+        # Set by shutdown(): the close code and reason every connection gets.
+        self._closed_with: tuple[int, str] | None = None
+        # Every ping_period all connections are pinged; those silent for pong_wait, dropped.
+        self.ping_period = ping_period
+        self.pong_wait = pong_wait
+        self.metrics = metrics or NoMetrics()
+        # Lines arrived and not yet fanned out, and whether a fan-out runs (engine answers
+        # that change who is in a room wait for it: _deferred).
+        self._burst: list[ChatMessage] = []
+        self._fanning = False
+        self._deferred: list[Callable[[], None]] = []
+        # Rooms whose restart waits for a fan-out: their lines arriving meanwhile (a new epoch's)
+        # wait too, to follow the fresh `joined`.
+        self._restarting: dict[str, list[ChatMessage]] = {}
+        # Connections whose unanswered commands are all answered, with commands waiting.
+        self._resume: dict[Peer, None] = {}
+        # Presence changes to tell, by room: (member key, frame), sent together by _settle().
+        self._presence: dict[Room, list[tuple[str, bytes]]] = {}
+        # Answers ready for connections, not sent yet: (frames, count). Each rides with the
+        # connection's next send (an ack with its sender's copy of the line), or goes at the
+        # end of the request.
+        self._owed: dict[Peer, tuple[bytes, int]] = {}
+        # Lines said here whose ack is due, by line id: the sender.
+        self._acks: dict[int, Peer] = {}
+        self._line_ids = count(1)
+        # The last `rooms` listing, when it was made, and who waits for the next one.
+        self._listing: list[tuple[str, int]] = []
+        self._listed_at = float("-inf")
+        self._askers: list[tuple[Peer, Pending]] = []
+        # v2 connections in rooms here (a connection in two rooms counts twice), for the metrics.
+        self._memberships = 0
+        # When each line of the fan-out under way arrived in the inbox, if the metrics want it.
+        self._timed = not isinstance(self.metrics, NoMetrics)
+        self._arrivals: list[float] = []
+        self._request_time = 0.0
+        self._greenlets: list[gevent.Greenlet[Any, Any]] = []
+
+    def start(self) -> None:
+        self.engine.start(self)
+        self._greenlets = [gevent.spawn(self.run), gevent.spawn(self._tick_forever)]
+        self.metrics.greenlets.inc(len(self._greenlets))
+        self.metrics.rooms.set(0)
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets)
+        self.engine.stop()
+
+    def _tick_forever(self) -> None:
+        while True:
+            gevent.sleep(self.ping_period)
+            self._inbox.put((_TICK, None, None))
+
+    # The doors: each waits while the inbox is full.
+
+    def register(self, peer: Peer) -> None:
+        self._inbox.put((_REGISTER, peer, None))
+
+    def unregister(self, peer: Peer) -> None:
+        self._inbox.put((_UNREGISTER, peer, None))
+
+    def say(self, peer: Peer, say: Say) -> None:
+        """Publish a line to a room the connection is in."""
+        self._inbox.put((_SAY, peer, (say, monotonic() if self._timed else 0.0)))
+
+    def command(self, peer: Peer, command: Join | Leave | ListRooms) -> None:
+        self._inbox.put((_COMMAND, peer, command))
+
+    def reply(self, peer: Peer, frame: bytes) -> None:
+        """Deliver a frame to one connection, in order with the answers to its commands."""
+        self._inbox.put((_COMMAND, peer, Reply(frame)))
+
+    def shutdown(self, code: int, reason: str) -> None:
+        """Close every connection with this code once its queued messages are written."""
+        self._inbox.put((_SHUTDOWN, None, (code, reason)))
+
+    def call(self, action: Callable[[], None], lines: bool = False) -> None:
+        """The engine's door (Sink.call): run action in this greenlet."""
+        self._inbox.put((_LINES if lines else _ENGINE, None, (action, monotonic() if self._timed else 0.0)))
+
+    def run(self) -> None:
+        inbox = self._inbox
+        while True:
+            kind, peer, item = inbox.get()
+            try:
+                self._handle(kind, peer, item)
+                if self._presence:
+                    # A storm of joins (a thousand pages back after a restart) would cost a send
+                    # per member per join: take the joins and leaves waiting behind this one
+                    # along, and tell each member of them all in one send.
+                    for _ in range(MAX_BURST):
+                        if not inbox.qsize() or inbox.peek_nowait()[0] not in _PRESENCE_KINDS:
+                            break
+                        self._handle(*inbox.get_nowait())
+                self._settle()
+            except Exception:
+                # Every connection needs this one greenlet: a bug in one request must not end it.
+                log.exception("hub: request %d for %r failed", kind, peer)
+                self._burst.clear()
+                self._deferred.clear()
+                self._restarting.clear()
+                self._presence.clear()
+                self._owed.clear()
+                self._fanning = False
+
+    def _handle(self, kind: int, peer: Peer | None, item: Any) -> None:
+        if kind in _BURSTABLE:
+            self.metrics.inbox.set(self._inbox.qsize())
+            self._line_request(kind, peer, item)
+            # Take the line requests queued right behind this one along: each member then
+            # gets the whole burst in one send, however many clients spoke.
+            self._take_lines(MAX_BURST - 1)
+        elif kind == _COMMAND:
+            assert peer is not None
+            self._command(peer, item)
+        elif kind == _ENGINE:
+            item[0]()
+        elif kind == _REGISTER:
+            assert peer is not None
+            self._register(peer)
+        elif kind == _UNREGISTER:
+            assert peer is not None
+            self._unregister(peer)
+        elif kind == _TICK:
+            self._ping_all()
+            self.metrics.inbox.set(self._inbox.qsize())
+        else:
+            self._closed_with = code, reason = item
+            for open_peer in self.peers:
+                open_peer.conn.close(code, reason)
+        if kind in _PRESENCE_KINDS:
+            self.metrics.rooms.set(len(self.rooms))
+            self.metrics.members.set(self._memberships)
+
+    def _line_request(self, kind: int, peer: Peer | None, item: Any) -> None:
+        self._request_time = item[1]
+        if kind == _SAY:
+            assert peer is not None
+            self._command(peer, item[0])
+        else:
+            item[0]()
+
+    def _take_lines(self, limit: int) -> None:
+        """Handle up to limit line requests from the head of the inbox (never past another
+        request): the lines they bring join the burst."""
+        inbox = self._inbox
+        while limit > 0 and inbox.qsize() and inbox.peek_nowait()[0] in _BURSTABLE:
+            self._line_request(*inbox.get_nowait())
+            limit -= 1
+
+    def _settle(self) -> None:
+        """Finish what the request started: fan out the lines that arrived, give the engine's
+        answers that had to wait for it, carry out the commands that waited for answers, and
+        tell presence, until nothing is left; then send every answer still owed."""
+        sent = False
+        while True:
+            if self._burst:
+                self._fan_out()
+                sent = True
+            elif self._deferred:
+                deferred, self._deferred = self._deferred, []
+                for action in deferred:
+                    action()
+            elif self._resume:
+                resume, self._resume = self._resume, {}
+                for peer in resume:
+                    self._next(peer)
+            elif self._presence:
+                self._flush_presence()
+                sent = True
+            else:
+                break
+        for peer in list(self._owed):
+            self._send(peer, b"", 0)
+        if sent:
+            # A hub that never blocks starves the pumps: let them run, and let the next burst
+            # gather meanwhile.
+            gevent.sleep(0)
+
+    # Commands: carried out in order, one at a time (says to one room pipelined).
+
+    def _command(self, peer: Peer, command: HubCommand) -> None:
+        if peer not in self.peers:
+            return  # Unregistered or dropped: what it said goes nowhere.
+        if (peer.pending or peer.waiting) and not self._pipelines(peer, command):
+            if len(peer.waiting) >= MAX_WAITING:
+                self._drop([peer], "too many commands waiting")
+                return
+            peer.waiting.append(command)
+            return
+        self._carry_out(peer, command)
+
+    @staticmethod
+    def _pipelines(peer: Peer, command: HubCommand) -> bool:
+        """Whether the command may go while the peer's others are unanswered: a say to the
+        room its unanswered says are in (their lines come back in the order said)."""
+        if type(command) is not Say or peer.waiting or len(peer.pending) >= MAX_PENDING:
+            return False
+        first = peer.pending[0]
+        return bool(first.line) and first.room == command.room
+
+    def _next(self, peer: Peer) -> None:
+        """Carry out the commands that waited, until one is unanswered again."""
+        waiting = peer.waiting
+        while waiting and peer in self.peers:
+            if peer.pending and not self._pipelines(peer, waiting[0]):
+                return
+            self._carry_out(peer, waiting.popleft())
+
+    def _carry_out(self, peer: Peer, command: HubCommand) -> None:
+        kind = type(command)
+        if kind is Say:
+            self._publish(peer, command)  # type: ignore[arg-type]
+        elif kind is Join:
+            self._join(peer, command)  # type: ignore[arg-type]
+        elif kind is Leave:
+            self._leave_room(peer, command)  # type: ignore[arg-type]
+        elif kind is ListRooms:
+            self._list_rooms(peer)
+        elif kind is Reply:
+            self._send(peer, command.frame)  # type: ignore[union-attr]
+        else:
+            raise TypeError(f"not a command: {command!r}")
+
+    def _answer(self, peer: Peer, pending: Pending, frames: bytes, count: int = 1) -> None:
+        """An unanswered command has its answer: send it, and any after it that were ready,
+        in command order (owed: it rides with the connection's next send)."""
+        pending.frames, pending.count, pending.ready = frames, count, True
+        queue = peer.pending
+        while queue and queue[0].ready:
+            done = queue.popleft()
+            if done.count:
+                self._owe(peer, done.frames, done.count)
+        if not queue and peer.waiting:
+            self._resume[peer] = None
+
+    def _owe(self, peer: Peer, frames: bytes, count: int) -> None:
+        owed = self._owed.get(peer)
+        self._owed[peer] = (frames, count) if owed is None else (owed[0] + frames, owed[1] + count)
+
+    # Lines
+
+    def _publish(self, peer: Peer, say: Say) -> None:
+        room = self.rooms.get(say.room)
+        if room is None or peer not in room.peers:
+            if peer.v2:
+                self._send(peer, V2Codec.error(CommandError("not_member", f"join {say.room} first", say.room, say.ref)))
+            return  # (A v1 client is in the lobby until the hub drops it: then it is closing.)
+        member = peer.member
+        line_id = 0
+        if peer.v2:
+            line_id = next(self._line_ids)
+            peer.pending.append(Pending(say.room, line_id, say.ref))
+            self._acks[line_id] = peer
+        nick, session = (member.nick, member.session) if member is not None else (None, None)
+        self.engine.publish(Line(line_id, say.room, nick, session, say.ref, say.text))
+
+    def arrived(self, messages: list[ChatMessage]) -> None:
+        """Sink: lines numbered by the engine, in each room's seq order."""
+        rooms, acks = self.rooms, self._acks
+        if self._timed and messages:
+            self._arrivals.append(self._request_time)
+        for message in messages:
+            room = rooms.get(message.room)
+            if room is None:
+                continue
+            if self._restarting and message.room in self._restarting:
+                self._restarting[message.room].append(message)
+                continue
+            if room.joining:
+                for joining in room.joining.values():
+                    joining.lines.append(message)
+            if message.origin and acks:
+                sender = acks.pop(message.origin, None)
+                if sender is not None:
+                    self._acked(sender, message.origin, message.seq)
+            if room.peers:
+                self._burst.append(message)
+
+    def settled(self, line_id: int, outcome: int | CommandError) -> None:
+        """Sink: a line of ours that will not arrive: ack it with this seq, or refuse it."""
+        sender = self._acks.pop(line_id, None)
+        if sender is None:
+            return  # Acked already as it arrived, or its sender is gone.
+        if isinstance(outcome, int):
+            self._acked(sender, line_id, outcome)
+            return
+        for pending in sender.pending:
+            if pending.line == line_id:
+                outcome.room, outcome.ref = pending.room, pending.ref
+                self._answer(sender, pending, V2Codec.error(outcome))
+                return
+
+    def _acked(self, sender: Peer, line_id: int, seq: int) -> None:
+        for pending in sender.pending:
+            if pending.line == line_id:
+                self._answer(sender, pending, V2Codec.ack(pending.ref, pending.room, seq))
+                return
+
+    def heard_here(self, room_name: str, text: str) -> None:
+        """Sink: a v1 line the engine could not publish yet, for this worker's v1 clients."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        frame = encode_text(text)
+        failed = []
+        for peer in room.peers:
+            if not peer.v2:
+                try:
+                    peer.deliver(frame)
+                except (Full, ShutDown):
+                    failed.append(peer)
+        self._drop(failed)
+
+    def _fan_out(self) -> None:
+        """Give every connection in the burst's rooms its lines without blocking; drop those
+        that cannot take them.
+
+        One send() per socket is most of a fan-out's cost (11-14 us on the benchmark VM: over
+        100 ms for 10,000 sockets), so a line that arrives just after a fan-out began would
+        wait for it to end, then for its own. Instead, every LOOK_UP_EVERY sends the hub
+        yields and adds the lines that arrived to the burst. A room's connections go in groups
+        of LOOK_UP_EVERY, each with a cursor into the room's part of the burst: a send gives
+        a connection everything from its group's cursor on, one frame per line and in order,
+        and the hub goes round until every group has all of it. A line thus reaches everyone
+        within about one round of arriving, and the loop per connection is only the send.
+        """
+        burst, self._burst = self._burst, []
+        bursts: dict[str, _RoomBurst] = {}
+        self._add_to(bursts, burst)
+        taken = len(burst)
+        failed: list[Peer] = []
+        sends = delivered = 0
+        owed = self._owed
+        behind = True
+        self._fanning = True
+        try:
+            while behind:
+                behind = False
+                for room_burst in list(bursts.values()):
+                    given, messages = room_burst.given, room_burst.messages
+                    for index, group in enumerate(room_burst.groups):
+                        start, end = given[index], len(messages)
+                        if start == end:
+                            continue
+                        given[index] = end
+                        count = end - start
+                        # The frames for the protocol of the connection before: mostly all one.
+                        last_codec: V1Codec | V2Codec | None = None
+                        data = b""
+                        for peer in group:
+                            codec = peer.codec
+                            if codec is not last_codec:
+                                last_codec, data = codec, room_burst.data(codec, start)
+                            try:
+                                if owed and peer in owed:  # A sender: its acks go first, in the same send.
+                                    peer.deliver(*self._with_owed(peer, data, count))
+                                else:
+                                    peer.deliver(data, count)
+                            except (Full, ShutDown):
+                                failed.append(peer)
+                            except Exception:
+                                log.exception("%r: delivery failed", peer)
+                                failed.append(peer)
+                        delivered += count * len(group)
+                        sends += len(group)
+                        if sends >= LOOK_UP_EVERY and taken < MAX_BURST:
+                            sends = 0
+                            gevent.sleep(0)
+                            self._take_lines(MAX_BURST - taken)
+                            if self._burst:
+                                more, self._burst = self._burst, []
+                                taken += len(more)
+                                self._add_to(bursts, more)
+                                behind = True  # Groups already handed the burst need the rest.
+        finally:
+            self._fanning = False
+        self._drop(failed)
+        # Counted per burst, never per send.
+        metrics = self.metrics
+        metrics.deliveries.inc(delivered)
+        done = monotonic()
+        for arrived in self._arrivals:
+            metrics.fanout.observe(done - arrived)
+        self._arrivals.clear()
+
+    def _add_to(self, bursts: dict[str, _RoomBurst], messages: list[ChatMessage]) -> None:
+        for message in messages:
+            room_burst = bursts.get(message.room)
+            if room_burst is None:
+                room = self.rooms.get(message.room)
+                if room is None:
+                    continue  # Everyone here left meanwhile.
+                room_burst = bursts[message.room] = _RoomBurst(room)
+            room_burst.add(message)
+
+    # Joining and leaving
+
+    def _register(self, peer: Peer) -> None:
+        if self._closed_with is not None:
+            peer.conn.close(*self._closed_with)
+            return
+        self.peers.add(peer)
+        if not peer.v2:
+            # A v1 client is in the lobby from the start, with its last lines (the joined's).
+            self._join(peer, Join(LOBBY, None))
+
+    def _join(self, peer: Peer, join: Join) -> None:
+        name = join.room
+        fresh = name not in peer.rooms
+        if fresh and len(peer.rooms) >= MAX_ROOMS_PER_CONN:
+            error = CommandError("too_many_rooms", f"at most {MAX_ROOMS_PER_CONN} rooms per connection", name)
+            self._send(peer, V2Codec.error(error))
+            return
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name)
+        self._exit(room, peer)  # Joining again: nothing live until the fresh `joined`.
+        room.joining[peer] = Joining()
+        peer.rooms.add(name)
+        peer.pending.append(Pending(name))
+        self.engine.join(peer, name, join.since, peer.member if fresh else None)
+
+    def answered(self, joiner: Peer, answer: JoinAnswer | CommandError) -> None:
+        """Sink: the answer to a join. The joiner enters the room's fan-out here, so not in
+        the middle of one: then it waits until the fan-out is done."""
+        if self._burst or self._fanning:
+            self._deferred.append(lambda: self._enter(joiner, answer))
+        else:
+            self._enter(joiner, answer)
+
+    def _enter(self, peer: Peer, answer: JoinAnswer | CommandError) -> None:
+        if peer not in self.peers or not peer.pending:
+            return  # It went meanwhile (its leave told the engine).
+        pending = peer.pending[0]
+        room = self.rooms.get(pending.room)
+        joining = room.joining.pop(peer, None) if room is not None else None
+        if room is None or joining is None:
+            return
+        if isinstance(answer, CommandError):
+            peer.rooms.discard(room.name)
+            if room.idle:
+                del self.rooms[room.name]
+            self._answer(peer, pending, V2Codec.error(answer) if peer.v2 else b"", 1 if peer.v2 else 0)
+            return
+        # The answer, then what the room delivered here since (each line once: the answer
+        # holds none after its seq, and the room has arrived here up to at least that seq).
+        messages = answer.messages + [m for m in joining.lines if m.seq > answer.seq and m.epoch == answer.epoch]
+        seq = max(answer.seq, messages[-1].seq) if messages else answer.seq
+        self._enter_room(room, peer)
+        if peer.v2:
+            members, member_count = _members_now(answer, joining.changes)
+            frame = peer.codec.joined(room.name, answer.epoch, seq, answer.recovered, messages, members, member_count)
+            self._answer(peer, pending, frame)
+        else:
+            self._answer(peer, pending, b"".join(V1Codec.message_frame(m) for m in messages), len(messages))
+
+    def restarted(self, answer: JoinAnswer) -> None:
+        """Sink: the room's epoch changed under its members: each gets a fresh `joined`
+        (recovered false) with what the new epoch holds; v1 clients get those lines."""
+        if self._burst or self._fanning:
+            self._restarting.setdefault(answer.room, [])
+            self._deferred.append(lambda: self._restart(answer))
+        else:
+            self._restart(answer)
+
+    def _restart(self, answer: JoinAnswer) -> None:
+        held = self._restarting.pop(answer.room, [])
+        room = self.rooms.get(answer.room)
+        if room is None:
+            return
+        messages = answer.messages
+        for message in messages:
+            sender = self._acks.pop(message.origin, None) if message.origin else None
+            if sender is not None:
+                self._acked(sender, message.origin, message.seq)
+        v1_lines = b"".join(V1Codec.message_frame(m) for m in messages)
+        v1_count = sum(1 for m in messages if m.v1_frame)
+        for peer in list(room.peers):
+            if peer.v2:
+                joined = peer.codec.joined(
+                    room.name, answer.epoch, answer.seq, False, messages, answer.members, answer.member_count
+                )
+                self._send(peer, joined)
+            elif v1_count:
+                self._send(peer, v1_lines, v1_count)
+        self.arrived(held)
+
+    def _leave_room(self, peer: Peer, leave: Leave) -> None:
+        room = self.rooms.get(leave.room)
+        if room is None or leave.room not in peer.rooms:
+            self._send(peer, V2Codec.error(CommandError("not_member", f"not in {leave.room}", leave.room)))
+            return
+        self._leave(peer, room)
+        self._send(peer, peer.codec.left(room.name))  # type: ignore[union-attr]
+
+    def _leave(self, peer: Peer, room: Room) -> None:
+        peer.rooms.discard(room.name)
+        self._exit(room, peer)
+        room.joining.pop(peer, None)
+        last_here = room.idle
+        if last_here:
+            del self.rooms[room.name]
+        self.engine.leave(room.name, peer.member if peer.v2 else None, last_here)
+
+    def _leave_all(self, peer: Peer) -> None:
+        for name in list(peer.rooms):
+            room = self.rooms.get(name)
+            if room is not None:
+                self._leave(peer, room)
+        peer.rooms.clear()
+
+    def _enter_room(self, room: Room, peer: Peer) -> None:
+        if peer not in room.peers:
+            room.peers.add(peer)
+            self._memberships += peer.v2
+
+    def _exit(self, room: Room, peer: Peer) -> None:
+        if peer in room.peers:
+            room.peers.discard(peer)
+            self._memberships -= peer.v2
+
+    def _unregister(self, peer: Peer) -> None:
+        if peer in self.peers:
+            self.peers.discard(peer)
+            self._leave_all(peer)
+            self._forget(peer)
+        conn = peer.conn
+        conn.close(conn.close_code, conn.close_reason)
+
+    def _forget(self, peer: Peer) -> None:
+        """Let go of what the hub holds for a connection that is gone."""
+        self._owed.pop(peer, None)
+        self._resume.pop(peer, None)
+        for pending in peer.pending:
+            self._acks.pop(pending.line, None)
+        peer.pending.clear()
+        peer.waiting.clear()
+
+    # Presence
+
+    def presence_changed(self, change: PresenceChange) -> None:
+        """Sink: a member's first connection entered the room or its last one left. Queued:
+        _settle() tells each connection the changes of a batch of requests in one send."""
+        room = self.rooms.get(change.room)
+        if room is None:
+            return
+        for joining in room.joining.values():
+            joining.changes.append(change)
+        if room.peers:
+            frame = V2Codec.presence(room.name, change.change, change.member.nick)
+            self._presence.setdefault(room, []).append((change.member.key, frame))
+
+    def _flush_presence(self) -> None:
+        """Send the queued presence changes: each connection gets its rooms' in one send."""
+        while self._presence:
+            pending, self._presence = self._presence, {}
+            failed = []
+            for room, changes in pending.items():
+                everyone = b"".join(frame for _, frame in changes)
+                about = {key for key, _ in changes}
+                for other in room.peers:
+                    member = other.member
+                    if member is None:
+                        continue  # (a v1 client)
+                    if member.key in about:  # nobody hears about themselves
+                        mine = [frame for key, frame in changes if key != member.key]
+                        data, count = b"".join(mine), len(mine)
+                    else:
+                        data, count = everyone, len(changes)
+                    if not count:
+                        continue
+                    if other in self._owed:
+                        data, count = self._with_owed(other, data, count)
+                    try:
+                        other.deliver(data, count)
+                    except ShutDown:
+                        pass
+                    except Exception:  # Full, or a failure
+                        failed.append(other)
+            self._drop(failed)  # (whose leaving is told in the next round)
+
+    # The listing
+
+    def _list_rooms(self, peer: Peer) -> None:
+        if monotonic() - self._listed_at < LISTING_EVERY:
+            self._send(peer, V2Codec.rooms(self._listing))
+            return
+        pending = Pending("")
+        peer.pending.append(pending)
+        self._askers.append((peer, pending))
+        if len(self._askers) == 1:
+            self.engine.list_rooms()
+
+    def listed(self, listing: list[tuple[str, int]] | None) -> None:
+        """Sink: the rooms of the chat, busiest first (None: the engine cannot tell; then the
+        rooms here, as this worker counts them)."""
+        if listing is None:
+            here = [(room.name, sum(1 for peer in room.peers if peer.v2)) for room in self.rooms.values()]
+            listing = sorted(here, key=lambda entry: (-entry[1], entry[0]))
+        else:
+            self._listed_at = monotonic()
+        self._listing = listing = _with_lobby(listing)
+        frame = V2Codec.rooms(listing)
+        askers, self._askers = self._askers, []
+        for peer, pending in askers:
+            if peer in self.peers:
+                self._answer(peer, pending, frame)
+
+    # Delivery
+
+    def _send(self, peer: Peer, frame: bytes, count: int = 1) -> None:
+        """Deliver frames to one connection, after any answers owed to it; a full queue (or a
+        failure) drops it."""
+        if self._owed:
+            frame, count = self._with_owed(peer, frame, count)
+        if not count:
+            return
+        try:
+            peer.deliver(frame, count)
+        except ShutDown:
+            pass  # Closing already; its unregister is on the way.
+        except Full:
+            self._drop([peer])
+        except Exception:
+            log.exception("%r: delivery failed", peer)
+            self._drop([peer])
+
+    def _with_owed(self, peer: Peer, frame: bytes, count: int) -> tuple[bytes, int]:
+        """The frames (and how many) to send peer: the answers owed to it, if any, then these."""
+        owed = self._owed.pop(peer, None)
+        return (frame, count) if owed is None else (owed[0] + frame, owed[1] + count)
+
+    def _drop(self, peers: list[Peer], reason: str = "too slow: send queue full") -> None:
+        """Remove connections that cannot keep up; run() calls it."""
+        for peer in peers:
+            if peer not in self.peers:
+                continue  # Dropped already, or gone.
+            self.peers.discard(peer)
+            conn = peer.conn
+            if not conn.closing:
+                # Dead or stuck: its queue filled up. Drop it; everyone else goes on.
+                self.metrics.dropped.inc()
+                log.warning("dropping %r: %s", conn, reason)
+                conn.close(frames.CLOSE_TRY_AGAIN_LATER, reason)
+            self._leave_all(peer)
+            self._forget(peer)
+
+    def _ping_all(self) -> None:
+        """Ping every connection; drop those the peer has been silent on for the pong wait.
+
+        Gorilla gives each connection a ticker and a read deadline; here one ticker serves
+        them all, which spares two timers per connection. A silent peer goes between
+        pong_wait and pong_wait + ping_period after it last spoke.
+        """
+        deadline = monotonic() - self.pong_wait
+        for peer in [peer for peer in self.peers if peer.conn.last_read < deadline]:
+            log.info("%r sent nothing for %s s: closing", peer.conn, self.pong_wait)
+            peer.conn.close(frames.CLOSE_GOING_AWAY, "no pong within the pong wait")
+            self.peers.discard(peer)
+            self._leave_all(peer)
+            self._forget(peer)
+        failed = []
+        for peer in self.peers:
+            try:
+                peer.deliver(_PING)
+            except (Full, ShutDown):
+                failed.append(peer)
+        self._drop(failed)
+
+
+def _members_now(answer: JoinAnswer, changes: list[PresenceChange]) -> tuple[list[Member], int]:
+    """The answer's members, brought up to date with the presence changes heard since."""
+    if not changes:
+        return answer.members, answer.member_count
+    members = {member.key: member for member in answer.members}
+    count = answer.member_count
+    for change in changes:
+        if change.version <= answer.presence_version:
+            continue
+        key = change.member.key
+        if change.change == "joined" and key not in members:
+            members[key] = change.member
+            count += 1
+        elif change.change == "left" and key in members:
+            del members[key]
+            count -= 1
+    return [members[key] for key in sorted(members)][:PRESENCE_LIMIT], count
+
+
+def _with_lobby(listing: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The listing as clients get it: at most LISTING_LIMIT rooms, busiest first, ties by
+    name, and the lobby always (the engines give its entry wherever it ranks)."""
+    top = listing[:LISTING_LIMIT]
+    if not any(room == LOBBY for room, _ in top):
+        lobby = next((entry for entry in listing if entry[0] == LOBBY), (LOBBY, 0))
+        top = sorted([*top[: LISTING_LIMIT - 1], lobby], key=lambda entry: (-entry[1], entry[0]))
+    return top
+
+
+class _RoomBurst:
+    """One room's part of a fan-out: its lines, the connections they go to, and how far each got."""
+
+    __slots__ = ("groups", "given", "messages", "_frames", "_joined")
+
+    def __init__(self, room: Room) -> None:
+        # The connections at the start of the fan-out (no join or leave is handled during
+        # it), in groups of LOOK_UP_EVERY, and how many of the lines each group has been handed.
+        peers = list(room.peers)
+        self.groups = [peers[i : i + LOOK_UP_EVERY] for i in range(0, len(peers), LOOK_UP_EVERY)]
+        self.given = [0] * len(self.groups)
+        self.messages: list[ChatMessage] = []
+        # Per protocol version: each line's frame, made once.
+        self._frames: dict[int, list[bytes]] = {}
+        # messages[start:] joined, by (protocol version, start), while messages stay as they are.
+        self._joined: dict[tuple[int, int], bytes] = {}
+
+    def add(self, message: ChatMessage) -> None:
+        self.messages.append(message)
+        self._joined.clear()
+
+    def data(self, codec: V1Codec | V2Codec, start: int) -> bytes:
+        """The frames of messages[start:] in codec's protocol, joined."""
+        key = (codec.version, start)
+        data = self._joined.get(key)
+        if data is None:
+            encoded = self._frames.setdefault(codec.version, [])
+            for message in self.messages[len(encoded) :]:
+                encoded.append(codec.message_frame(message))
+            data = self._joined[key] = b"".join(encoded[start:])
+        return data

@@ -1,0 +1,105 @@
+"""Who is on the other end of one connection, as the chat sees it: identity, rooms, protocol,
+pace, and the commands the hub has yet to answer."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from itertools import count
+from typing import TYPE_CHECKING
+
+from .codec import Codec, V2Codec
+from .commands import Join, Leave, ListRooms, Reply, Say
+from .presence import Member
+from .ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from ..transport.conn import Conn
+
+
+class Pace(Enum):
+    """How a frame stands against the connection's rate limit."""
+
+    WITHIN = 0
+    # Over CHAT_RATE_LIMIT (bursts of twice that): v1 closes with 1008; v2 refuses the command.
+    OVER = 1
+    # Over twice the limit (bursts of four times): closed with 1008 whatever the protocol.
+    FLOODING = 2
+
+
+# The members by plain name: looking one up on its Enum class costs 70 ns, and the read pump
+# asks for each frame.
+WITHIN, OVER, FLOODING = Pace.WITHIN, Pace.OVER, Pace.FLOODING
+
+# A command the hub carries out for a peer.
+HubCommand = Join | Say | Leave | ListRooms | Reply
+
+_ids = count(1)
+
+
+@dataclass(slots=True)
+class Pending:
+    """A command of the peer's that the engine answers later: its answer, once ready, leaves
+    in command order (see Hub)."""
+
+    # The room a say or join named ("" for a listing), and for a say its line's id and ref.
+    room: str
+    line: int = 0
+    ref: str | None = None
+    # The answer's frames and how many, once the engine has answered.
+    frames: bytes = b""
+    count: int = 0
+    ready: bool = False
+
+
+class Peer:
+    """The chat's state for one connection.
+
+    The read pump sets the identity (at hello) and spends the rate; the hub alone changes
+    everything else, so that a join and a say queued behind it are judged in order.
+    """
+
+    __slots__ = (
+        "conn", "deliver", "id", "codec", "v2", "member", "rooms", "pending", "waiting", "_rate", "_flood",
+    )
+
+    def __init__(self, conn: Conn, codec: Codec, rate_limit: float) -> None:
+        # The transport's connection, and its deliver() (the fan-out calls it per member).
+        self.conn = conn
+        self.deliver = conn.deliver
+        # This worker's number for the connection, for the logs.
+        self.id = next(_ids)
+        # The protocol this connection speaks, chosen in the handshake, and whether it is v2.
+        self.codec = codec
+        self.v2 = isinstance(codec, V2Codec)
+        # Set when a v2 hello is welcomed: who the connection is, as presence counts it.
+        self.member: Member | None = None
+        # Names of the rooms the connection is in or joining (v1 clients: only the lobby).
+        self.rooms: set[str] = set()
+        # Commands the engine has yet to answer, oldest first: a join, a listing, or says to
+        # one room (see Hub._command). And the commands waiting behind them.
+        self.pending: deque[Pending] = deque()
+        self.waiting: deque[HubCommand] = deque()
+        self._rate = TokenBucket(rate_limit, 2 * rate_limit) if rate_limit else None
+        self._flood = TokenBucket(2 * rate_limit, 4 * rate_limit) if rate_limit else None
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.id} {self.conn!r}>"
+
+    @property
+    def nick(self) -> str | None:
+        return self.member.nick if self.member is not None else None
+
+    def identify(self, nick: str, session: str) -> None:
+        self.member = Member(nick.casefold(), nick, session)
+
+    def spend(self) -> Pace:
+        """Count one frame against the rate limit."""
+        if self._rate is None or self._flood is None:
+            return WITHIN
+        flooding = not self._flood.take()
+        within = self._rate.take()
+        if flooding:
+            return FLOODING
+        return WITHIN if within else OVER

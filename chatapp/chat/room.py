@@ -1,0 +1,47 @@
+"""A room as one worker's hub sees it: the connections here that receive its lines, and the
+joins on their way. What the room holds for the whole chat (seqs, history, presence) is the
+engine's; only the hub's greenlet touches this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .message import ChatMessage
+from .presence import PresenceChange
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+
+@dataclass(slots=True)
+class Joining:
+    """A join the engine has yet to answer: the lines and presence changes the room heard
+    meanwhile, to add to the answer (so that none is missed or sent twice at the seam)."""
+
+    lines: list[ChatMessage] = field(default_factory=list)
+    changes: list[PresenceChange] = field(default_factory=list)
+
+
+class Room:
+    """One room's connections on this worker."""
+
+    __slots__ = ("name", "peers", "joining")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # The connections that receive the room's lines: its members here and, in the lobby,
+        # the v1 clients.
+        self.peers: set[Peer] = set()
+        # Connections whose join (or join again) is on its way: they receive nothing live
+        # until answered.
+        self.joining: dict[Peer, Joining] = {}
+
+    def __repr__(self) -> str:
+        return f"<Room {self.name} {len(self.peers)} here>"
+
+    @property
+    def idle(self) -> bool:
+        """Nobody here, nobody on the way: the hub forgets the room."""
+        return not self.peers and not self.joining

@@ -1,0 +1,621 @@
+"""The Redis engine: one chat across every worker and host, with Redis as the one source of
+each room's seqs, history and member list (docs/protocol.md, "Across workers").
+
+Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster per room):
+
+    {chat:tea}:meta         hash: epoch, seq, time
+    {chat:tea}:history      stream of lines, ids "<seq>-0" (trimmed to the recovery window)
+    {chat:tea}:ref:<s>:<r>  the seq a session's ref got       (two minutes)
+    {chat:tea}:owners       casefolded nick -> session TAB nick
+    {chat:tea}:totals       casefolded nick -> connections in all workers
+    {chat:tea}:sorted       the member list, sorted
+    {chat:tea}:here:<w>     casefolded nick -> connections on worker w
+    {chat:tea}:pver         the presence version: each joined or left gets the next number
+    {chat:tea}:live         the room's shard channel: its lines and presence changes
+    {chat}:workers          worker -> last heartbeat (ms): a silent worker's members are evicted
+    {chat}:rooms-of:<w>     the rooms worker w has members in
+    {chat}:rooms            room -> minus its member count: the `rooms` listing
+    {chat}:active           room -> when its members last changed (ms)
+    {chat}:generation       a random id: when it is gone, Redis lost its data
+
+Redis keeps only what is alive: a room's keys expire CHAT_ROOM_TTL seconds after its last
+line, join or leave (refreshed while it has members), its entry leaves the listing as long
+after its last member went, and a silent worker's keys go with it.
+
+Ownership: every bit of the engine's state (the followed rooms, this worker's counts) lives
+in the hub's greenlet, where the Engine methods and everything posted through Sink.call
+run. The engine's own greenlets only talk to Redis and post what they learn: a publisher
+(lines, pipelined in batches), a controller (joins, leaves, listings, gap fills, resyncs,
+one at a time and in order), a reader per Redis node's subscriptions, and a heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from itertools import count
+from time import monotonic, time_ns
+from typing import TYPE_CHECKING, Any
+
+import gevent
+from gevent.event import Event
+from gevent.queue import Empty, Full, Queue
+
+from ...chat.commands import LISTING_LIMIT, LOBBY, CommandError, Position
+from ...chat.engine import JoinAnswer, Line, Sink
+from ...chat.history import Histories, new_epoch
+from ...chat.message import ChatMessage
+from ...chat.presence import PRESENCE_LIMIT, Member, PresenceChange
+from ...config import Config
+from ...metrics import Metrics, NoMetrics
+from .follower import SYNCING, Follower
+from .link import COMMAND_TIMEOUT, ERRORS, Backoff, RedisLink
+
+if TYPE_CHECKING:
+    from ...chat.peer import Peer
+
+log = logging.getLogger(__name__)
+
+# Seconds a ref is remembered (docs/protocol.md).
+REF_TTL = 120
+# Heartbeat period, and the silence after which a worker counts as dead (seconds): its members
+# leave for everyone else within WORKER_TIMEOUT + HEARTBEAT.
+HEARTBEAT = 5.0
+WORKER_TIMEOUT = 15.0
+# Lines published in one round trip at most.
+PUBLISH_BATCH = 100
+# Lines waiting for Redis at most (while it is away, v1 lines wait here).
+OUTBOX_SIZE = 10000
+# v1 lines heard here during an outage that the engine remembers, not to show them twice.
+SHOWN_HERE_LIMIT = 100000
+# Quiet rooms the heartbeat takes out of the listing at most per beat.
+PRUNE_BATCH = 1000
+
+
+def unavailable() -> CommandError:
+    return CommandError("unavailable", "the chat cannot reach Redis: nothing was published, send it again")
+
+
+class RedisEngine:
+    """Carries every room across workers through Redis (see the module docstring)."""
+
+    def __init__(self, config: Config, metrics: Metrics | NoMetrics) -> None:
+        """A malformed REDIS_URL raises ValueError."""
+        self.link = RedisLink(config.redis_url, config.redis_cluster, config.redis_prefix, self._heard_raw)
+        self.metrics = metrics
+        # Messages a joiner without `since` gets; lines a room's history keeps at least.
+        self.history = config.history
+        self.recovery_window = config.recovery_window
+        # Seconds a quiet room's keys live.
+        self.room_ttl = config.room_ttl
+        # This worker's name in Redis.
+        self.worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._sink: Sink | None = None
+        # Lines for the publisher: (line, this worker's id for it). Bounded.
+        self._outbox: Queue[tuple[Line, str]] = Queue(maxsize=OUTBOX_SIZE)
+        # Work for the controller, in order: (action, what to do instead when Redis fails).
+        self._control: Queue[tuple[Callable[[], None], Callable[[], None] | None]] = Queue()
+        # The rooms this worker follows (those with connections here, and the lobby).
+        self._followers: dict[str, Follower] = {}
+        # What this worker keeps of them.
+        self._histories = Histories(config.recovery_window, config.history_bytes)
+        self._up = True
+        # Redis's data generation this worker last saw (None before the first heartbeat).
+        self._generation: str | None = None
+        # v1 lines get ids of the engine's own ("v1", "v2", ...), and those this worker's v1
+        # clients heard at once (Redis was away) are not shown to them again.
+        self._v1_ids = count(1)
+        self._shown_here: OrderedDict[str, None] = OrderedDict()
+        # When the rooms with members here last had their keys' expiry pushed back.
+        self._kept_alive = monotonic()
+        # Set once this worker follows the lobby (see start()).
+        self.ready = Event()
+
+    # The Engine: called in the hub's greenlet; none of these waits.
+
+    def start(self, sink: Sink) -> None:
+        """Start the greenlets and follow the lobby: wait for `ready` before taking connections.
+        Every worker follows the lobby, so that a v1 client hears every line said after it
+        connected, as before Redis."""
+        self._sink = sink
+        self.link.subscriptions.on_error = self._went_down
+        for forever in (self._publish_forever, self._control_forever, self._heartbeat_forever):
+            gevent.spawn(forever)
+        self.metrics.greenlets.inc(3)
+        self.metrics.broker_up.set(1)
+        self.resync(self._follow(LOBBY))
+
+    def stop(self) -> None:
+        pass
+
+    def healthy(self) -> bool:
+        return self._up
+
+    def wait_ready(self) -> None:
+        """Wait until this worker follows the lobby, or for as long as Redis may take to say
+        where it is (then the worker starts degraded)."""
+        self.ready.wait(2 * COMMAND_TIMEOUT + 1)
+
+    def publish(self, line: Line) -> None:
+        sink = self._sink
+        assert sink is not None
+        tag = str(line.id) if line.id else f"v{next(self._v1_ids)}"
+        if self._up:
+            try:
+                self._outbox.put_nowait((line, tag))
+                return
+            except Full:
+                self.metrics.outbox_lost.inc()
+        if line.id:
+            sink.settled(line.id, unavailable())
+            return
+        # As before Redis: this worker's v1 clients hear it now, the others once Redis is back.
+        self._show_here(line.room, line.text, tag)
+        try:
+            self._outbox.put_nowait((line, tag))
+        except Full:
+            pass  # (the outbox is full: it stays here)
+
+    def join(self, joiner: Peer, room: str, since: Position | None, member: Member | None) -> None:
+        sink = self._sink
+        assert sink is not None
+        follower = self._followers.get(room) or self._follow(room)
+        here = 0
+        if member is not None:
+            try:
+                follower.members.add(member, room)  # (nick_taken if another session here holds it)
+            except CommandError as error:
+                sink.answered(joiner, error)
+                return
+            here = follower.members.count(member.key)
+        if not self._up:
+            self._answer_here(follower, joiner, since)
+            return
+        self._control.put((
+            lambda: self._ask_join(follower, joiner, since, member, here),
+            lambda: self._answer_here(follower, joiner, since),
+        ))
+
+    def leave(self, room: str, member: Member | None, last_here: bool) -> None:
+        follower = self._followers.get(room)
+        if follower is None:
+            return
+        if member is not None:
+            follower.members.remove(member.key)
+            here, empty = follower.members.count(member.key), not len(follower.members)
+            self._control.put((lambda: self._presence(room, member, here, empty), None))
+        if last_here and room != LOBBY:
+            # Nobody here any more: stop following the room (its lines stop coming here).
+            del self._followers[room]
+            self._histories.forget(room)
+            channel = self.link.channel(room)
+            self._control.put((lambda: self.link.subscriptions.unsubscribe(channel), None))
+
+    def list_rooms(self) -> None:
+        sink = self._sink
+        assert sink is not None
+        if not self._up:
+            sink.listed(None)
+            return
+        self._control.put((self._list_rooms, lambda: sink.listed(None)))
+
+    # What the followers ask (follower.Out), in the hub's greenlet.
+
+    def deliver(self, follower: Follower, messages: list[ChatMessage]) -> None:
+        assert self._sink is not None
+        self._sink.arrived(messages)
+
+    def fill(self, follower: Follower, first: int, last: int) -> None:
+        self._control.put((lambda: self._fill(follower, first, last), lambda: self._post(follower.filled)))
+
+    def resync(self, follower: Follower) -> None:
+        """Say again who is here (absolute counts), and read what the room holds after where
+        this worker is (or everything, in a new epoch)."""
+        counts = [(member, follower.members.count(member.key)) for member in follower.members]
+        epoch, seq = follower.epoch, follower.seq
+        self._control.put((lambda: self._resync(follower, epoch, seq, counts), None))
+
+    def answer(self, joiner: Peer, answer: JoinAnswer) -> None:
+        assert self._sink is not None
+        self._sink.answered(joiner, answer)
+
+    def restart(self, follower: Follower, answer: JoinAnswer) -> None:
+        assert self._sink is not None
+        self._sink.restarted(answer)
+
+    def settle(self, line_id: int, seq: int) -> None:
+        assert self._sink is not None
+        self._sink.settled(line_id, seq)
+
+    # Inside, in the hub's greenlet
+
+    def _post(self, action: Callable[[], None], lines: bool = False) -> None:
+        """From one of the engine's greenlets: run action in the hub's."""
+        assert self._sink is not None
+        self._sink.call(action, lines)
+
+    def _follow(self, room: str) -> Follower:
+        follower = self._followers[room] = Follower(room, self._histories, self)
+        return follower
+
+    def _current(self, follower: Follower) -> bool:
+        """Whether the room is still followed by this follower (an answer for one let go
+        since is dropped)."""
+        return self._followers.get(follower.room) is follower
+
+    def _answer_here(self, follower: Follower, joiner: Peer, since: Position | None) -> None:
+        """Redis is away: answer from what this worker has; recovered only where its own
+        history proves it (a room it followed until Redis went)."""
+        if not self._current(follower):
+            return
+        if follower.state is SYNCING:
+            # Not followed until now: nothing here proves anything. Follow it from here on,
+            # under an epoch of this worker's own until Redis is back.
+            follower.start_local(new_epoch())
+        recovered, messages = self._histories.get(follower.room).replay(
+            follower.epoch, follower.seq, since, self.history
+        )
+        members = follower.members
+        answer = JoinAnswer(follower.room, follower.epoch, follower.seq, recovered, messages, members.listed(), len(members))
+        self.answer(joiner, answer)
+
+    def _show_here(self, room: str, text: str, tag: str) -> None:
+        self._shown_here[tag] = None
+        if len(self._shown_here) > SHOWN_HERE_LIMIT:
+            self._shown_here.popitem(last=False)
+        assert self._sink is not None
+        self._sink.heard_here(room, text)
+
+    def _heard(self, room: str, message: ChatMessage, tag: str) -> None:
+        follower = self._followers.get(room)
+        if follower is None:
+            return  # Nobody here any more (the unsubscription is on its way).
+        if tag and tag in self._shown_here:
+            message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
+        follower.heard(message)
+
+    def _published(self, batch: list[tuple[Line, str]], results: list[Any]) -> None:
+        assert self._sink is not None
+        for (line, _), (epoch, seq, repeated) in zip(batch, results):
+            if not line.id:
+                continue
+            seq = int(seq)
+            follower = self._followers.get(line.room)
+            if repeated or follower is None:
+                self._sink.settled(line.id, seq)
+            else:
+                follower.published(line.id, epoch.decode(), seq)
+
+    def _redis_back(self) -> None:
+        """Redis answers again, or lost its data: say again who is here, room by room."""
+        for follower in list(self._followers.values()):
+            self.resync(follower)
+
+    # The publisher: lines, pipelined, in order.
+
+    def _publish_forever(self) -> None:
+        batch: list[tuple[Line, str]] = []
+        told: set[str] = set()  # v1 lines the hub was told could not go out yet
+        backoff = Backoff()
+        while True:
+            if not batch:
+                batch.append(self._outbox.get())
+            while len(batch) < PUBLISH_BATCH:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except Empty:
+                    break
+            started = monotonic()
+            try:
+                results = self.link.call(lambda batch=batch: self._publish(batch))  # type: ignore[misc]
+                self.metrics.redis_seconds.observe(monotonic() - started)
+            except ERRORS as error:
+                self._went_down(error)
+                # v2 lines are refused (the client resends them); v1 lines wait for Redis,
+                # shown here to this worker's v1 clients at once, as before Redis.
+                refused = [line.id for line, _ in batch if line.id]
+                shown = [(line, tag) for line, tag in batch if not line.id and tag not in told]
+                told.update(tag for _, tag in shown)
+                self._post(lambda refused=refused, shown=shown: self._refused(refused, shown))  # type: ignore[misc]
+                kept = [(line, tag) for line, tag in batch if not line.id]
+                batch = kept[-OUTBOX_SIZE:]
+                self.metrics.outbox_lost.inc(len(kept) - len(batch))
+                gevent.sleep(backoff.next())
+                continue
+            backoff.reset()
+            self._came_back()
+            told.difference_update(tag for _, tag in batch)
+            self._post(lambda batch=batch, results=results: self._published(batch, results))  # type: ignore[misc]
+            batch = []
+
+    def _refused(self, refused: list[int], shown: list[tuple[Line, str]]) -> None:
+        assert self._sink is not None
+        for line_id in refused:
+            self._sink.settled(line_id, unavailable())
+        for line, tag in shown:
+            self._show_here(line.room, line.text, tag)
+
+    def _publish(self, batch: list[tuple[Line, str]]) -> list[Any]:
+        """Run the publish script for each line, one round trip per Redis node; results in order."""
+        link = self.link
+        results: list[Any] = [None] * len(batch)
+        for pipe, indexes in link.pipelines([line.room for line, _ in batch]):
+            for index in indexes:
+                line, tag = batch[index]
+                room = line.room
+                if line.ref is not None and line.session is not None:
+                    ref = f"ref:{line.session}\x00{line.ref}"
+                else:
+                    ref = "" if line.id else f"ref:\x00{self.worker}:{tag}"
+                link.script(
+                    pipe,
+                    "publish",
+                    [link.room_key(room, "meta"), link.room_key(room, "history"), link.room_key(room, ref or "ref"),
+                     link.room_key(room, "pver")],
+                    [new_epoch(), line.nick or "", line.text, self.recovery_window, self.room_ttl, link.channel(room),
+                     "1" if ref else "0", REF_TTL, self.worker, tag],
+                )
+            for index, result in zip(indexes, pipe.execute()):
+                results[index] = result
+        return results
+
+    # What the subscription readers hear.
+
+    def _heard_raw(self, channel: bytes, data: bytes) -> None:
+        room = self.link.room_of(channel)
+        kind, rest = data[:1], data[2:].decode()
+        if kind == b"m":
+            epoch, seq, time, nick, worker, tag, text = rest.split("\n", 6)
+            mine = worker == self.worker
+            origin = int(tag) if mine and tag.isdigit() else 0
+            message = ChatMessage(room, epoch, int(seq), int(time), nick or None, text, origin)
+            self._post(lambda: self._heard(room, message, tag if mine else ""), lines=True)
+        elif kind == b"p":
+            version, change, key, nick = rest.split("\n", 3)
+            presence = PresenceChange(room, int(version), change, Member(key, nick, ""))
+            self._post(lambda: self._presence_heard(presence), lines=True)
+
+    def _presence_heard(self, change: PresenceChange) -> None:
+        if change.room in self._followers:
+            assert self._sink is not None
+            self._sink.presence_changed(change)
+
+    # The controller: everything else, one at a time, in order.
+
+    def _control_forever(self) -> None:
+        while True:
+            action, instead = self._control.get()
+            try:
+                self.link.call(action)
+            except ERRORS as error:
+                self._went_down(error)
+                if instead is not None:
+                    self._post(instead)
+            except Exception:
+                log.exception("Redis engine: %s failed", getattr(action, "__name__", action))
+                if instead is not None:
+                    self._post(instead)
+
+    def _ask_join(self, follower: Follower, joiner: Peer, since: Position | None, member: Member | None, here: int) -> None:
+        room = follower.room
+        self.link.subscriptions.subscribe(self.link.channel(room))
+        members: tuple[list[Member], int, int] = ([], 0, 0)
+        if member is not None:
+            result = self._presence(room, member, here, room_empty_here=False)
+            if result[0] == b"taken":
+                error = CommandError("nick_taken", f"{result[1].decode()} is someone else's nick in {room}", room)
+                self._post(lambda: self._refused_join(follower, joiner, member, error))
+                return
+            members = _members(result)
+        answer = self._replay(room, since.epoch if since else "", since.seq if since else 0, "newest")
+        answer.members, answer.member_count, answer.presence_version = members
+        self._came_back()
+        self._post(lambda: self._answered(follower, joiner, answer))
+
+    def _answered(self, follower: Follower, joiner: Peer, answer: JoinAnswer) -> None:
+        if self._current(follower):
+            follower.answered(joiner, answer)
+
+    def _refused_join(self, follower: Follower, joiner: Peer, member: Member, error: CommandError) -> None:
+        if self._current(follower):
+            follower.members.remove(member.key)
+            assert self._sink is not None
+            self._sink.answered(joiner, error)
+
+    def _replay(self, room: str, epoch: str, seq: int, otherwise: str) -> JoinAnswer:
+        """What to replay after (epoch, seq); otherwise (another epoch, or not kept) the
+        "newest" CHAT_HISTORY messages, or "all" those kept."""
+        link = self.link
+        result = link.script(
+            link.client, "replay", [link.room_key(room, "meta"), link.room_key(room, "history")],
+            [new_epoch(), epoch, seq, self.history, otherwise, self.room_ttl],
+        )
+        answer_epoch = result[0].decode()
+        messages = [self._entry(room, answer_epoch, entry) for entry in result[3]]
+        return JoinAnswer(room, answer_epoch, int(result[1]), bool(result[2]), messages, [], 0)
+
+    def _entry(self, room: str, epoch: str, entry: Any) -> ChatMessage:
+        """A history entry as a message (origin set when this worker said it)."""
+        entry_id, fields = entry
+        if isinstance(fields, list):  # (what a script returns: a flat list)
+            fields = dict(zip(fields[::2], fields[1::2]))
+        tag = fields.get(b"l", b"").decode()
+        mine = fields.get(b"o", b"").decode() == self.worker
+        message = ChatMessage(
+            room, epoch, int(entry_id.split(b"-", 1)[0]), int(fields[b"t"]), fields[b"n"].decode() or None,
+            fields[b"x"].decode(), int(tag) if mine and tag.isdigit() else 0,
+        )
+        if mine and tag in self._shown_here:
+            message.v1_frame = b""  # (read in the controller: a stale answer shows a line twice at worst)
+        return message
+
+    def _presence(self, room: str, member: Member, here: int, room_empty_here: bool) -> Any:
+        """Tell Redis how many connections this worker has for a member in a room."""
+        link = self.link
+        result = link.script(
+            link.client,
+            "presence",
+            [link.room_key(room, "owners"), link.room_key(room, "totals"), link.room_key(room, "sorted"),
+             link.room_key(room, f"here:{self.worker}"), link.room_key(room, "pver")],
+            [member.key, member.nick, member.session, here, link.channel(room), PRESENCE_LIMIT, PRESENCE_LIMIT,
+             self.room_ttl],
+        )
+        if result[0] == b"ok":
+            rooms_of = link.chat_key(f"rooms-of:{self.worker}")
+            pipe = link.client.pipeline(transaction=False)
+            pipe.zadd(link.chat_key("rooms"), {room: -int(result[2])})
+            pipe.zadd(link.chat_key("active"), {room: time_ns() // 1_000_000})
+            if room_empty_here:
+                pipe.srem(rooms_of, room)
+            elif here:
+                pipe.sadd(rooms_of, room)
+                pipe.expire(rooms_of, int(3 * WORKER_TIMEOUT))
+            pipe.execute()
+        return result
+
+    def _list_rooms(self) -> None:
+        link = self.link
+        listed = link.client.zrange(link.chat_key("rooms"), 0, LISTING_LIMIT - 1, withscores=True)
+        listing = [(room.decode(), -int(score)) for room, score in listed]
+        if not any(room == LOBBY for room, _ in listing):
+            lobby = link.client.zscore(link.chat_key("rooms"), LOBBY)
+            listing.append((LOBBY, -int(lobby or 0)))
+        assert self._sink is not None
+        sink = self._sink
+        self._post(lambda: sink.listed(listing))
+
+    def _fill(self, follower: Follower, first: int, last: int) -> None:
+        room, epoch = follower.room, follower.epoch
+        entries = self.link.client.xrange(self.link.room_key(room, "history"), f"{first}-0", f"{last}-0")
+        messages = [self._entry(room, epoch, entry) for entry in entries]
+
+        def heard() -> None:
+            if self._current(follower):
+                for message in messages:
+                    follower.heard(message)
+                follower.filled()
+
+        self._post(heard, lines=True)
+
+    def _resync(self, follower: Follower, epoch: str, seq: int, counts: list[tuple[Member, int]]) -> None:
+        link, room = self.link, follower.room
+        link.subscriptions.subscribe(link.channel(room))
+        members: tuple[list[Member], int, int] = ([], 0, 0)
+        for member, here in counts:
+            result = self._presence(room, member, here, room_empty_here=False)
+            if result[0] == b"ok":
+                members = _members(result)
+        if not counts:  # (v1 clients only: no member to say again; the list is read as it is)
+            listed = link.client.zrange(link.room_key(room, "sorted"), 0, PRESENCE_LIMIT - 1)
+            members = (
+                [_member(entry.decode()) for entry in listed],
+                link.client.zcard(link.room_key(room, "sorted")),
+                int(link.client.get(link.room_key(room, "pver")) or 0),
+            )
+        answer = self._replay(room, epoch, seq, "all")
+        answer.members, answer.member_count, answer.presence_version = members
+        self._came_back()
+
+        def resynced() -> None:
+            if self._current(follower):
+                follower.resynced(answer)
+                if follower.room == LOBBY:
+                    self.ready.set()
+
+        self._post(resynced)
+
+    # Redis away and back
+
+    def _went_down(self, error: Exception) -> None:
+        if self._up:
+            log.warning("Redis unavailable (%s): serving this worker's clients alone", error)
+            self._up = False
+            self.metrics.broker_up.set(0)
+
+    def _came_back(self) -> None:
+        if not self._up:
+            log.warning("Redis is back: saying again who is here")
+            self._up = True
+            self.metrics.broker_up.set(1)
+            self._post(self._redis_back)
+
+    # The heartbeat: this worker is alive; silent ones are evicted; lost data is noticed;
+    # quiet rooms leave the listing; rooms with members here keep their keys.
+
+    def _heartbeat_forever(self) -> None:
+        while True:
+            try:
+                self.link.call(self._beat)
+            except ERRORS as error:
+                self._went_down(error)
+            except Exception:
+                log.exception("Redis engine: heartbeat failed")
+            gevent.sleep(HEARTBEAT)
+
+    def _beat(self) -> None:
+        link = self.link
+        client = link.client
+        seconds, micros = client.time()
+        now = seconds * 1000 + micros // 1000
+        workers, generation = link.chat_key("workers"), link.chat_key("generation")
+        client.zadd(workers, {self.worker: now})
+        client.expire(link.chat_key(f"rooms-of:{self.worker}"), int(3 * WORKER_TIMEOUT))
+        client.set(generation, uuid.uuid4().hex, nx=True)
+        current = client.get(generation).decode()
+        lost = self._generation is not None and current != self._generation
+        self._generation = current
+        self._came_back()
+        if lost:
+            log.warning("Redis lost its data: rooms get new epochs; saying again who is here")
+            self._post(self._redis_back)
+        for dead in client.zrangebyscore(workers, "-inf", now - WORKER_TIMEOUT * 1000):
+            dead = dead.decode()
+            if dead != self.worker:
+                self._evict(dead)
+            client.zrem(workers, dead)
+        link.script(client, "prune", [link.chat_key("rooms"), link.chat_key("active")],
+                    [now - self.room_ttl * 1000, PRUNE_BATCH])
+        if monotonic() - self._kept_alive >= min(self.room_ttl / 3, 3600.0):
+            self._kept_alive = monotonic()
+            self._keep_alive([room for room, follower in list(self._followers.items()) if len(follower.members)])
+
+    def _keep_alive(self, rooms: list[str]) -> None:
+        """Push back the expiry of the keys of rooms with members here (quiet, not gone)."""
+        link = self.link
+        for pipe, indexes in link.pipelines(rooms):
+            for index in indexes:
+                for key in ("meta", "history", "owners", "totals", "sorted", f"here:{self.worker}", "pver"):
+                    pipe.expire(link.room_key(rooms[index], key), self.room_ttl)
+            pipe.execute()
+
+    def _evict(self, dead: str) -> None:
+        link = self.link
+        client = link.client
+        rooms_of = link.chat_key(f"rooms-of:{dead}")
+        for room in client.smembers(rooms_of):
+            room = room.decode()
+            gone = link.script(
+                client,
+                "evict",
+                [link.room_key(room, "owners"), link.room_key(room, "totals"), link.room_key(room, "sorted"),
+                 link.room_key(room, f"here:{dead}"), link.room_key(room, "pver")],
+                [link.channel(room), PRESENCE_LIMIT],
+            )
+            client.zadd(link.chat_key("rooms"), {room: -client.zcard(link.room_key(room, "sorted"))})
+            client.zadd(link.chat_key("active"), {room: time_ns() // 1_000_000})
+            log.info("worker %s went silent: %d members left %s", dead, gone, room)
+        client.delete(rooms_of)
+
+
+def _member(entry: str) -> Member:
+    """A member from the sorted list's "casefolded TAB nick"."""
+    key, nick = entry.split("\t", 1)
+    return Member(key, nick, "")
+
+
+def _members(result: Any) -> tuple[list[Member], int, int]:
+    """(members, count, presence version) from the presence script's answer."""
+    return [Member(nick.decode().casefold(), nick.decode(), "") for nick in result[3]], int(result[2]), int(result[4])

@@ -1,0 +1,186 @@
+"""The Redis engine's link to Redis: the client (one server or a Redis Cluster), the keys,
+the Lua scripts in lua/, and the shard-channel subscriptions with their reader greenlets.
+
+Nothing here knows the chat's rooms beyond their names; engine.py decides what to ask.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gevent
+import redis
+import redis.cluster
+from gevent.event import Event
+
+log = logging.getLogger(__name__)
+
+_LUA = Path(__file__).resolve().parent / "lua"
+SCRIPTS = ("publish", "replay", "presence", "evict", "prune")
+# A Redis command that takes longer than this (s) counts as Redis being away.
+COMMAND_TIMEOUT = 1.0
+# What Redis being away looks like to redis-py.
+ERRORS = (
+    redis.ConnectionError, redis.TimeoutError, redis.ResponseError, redis.cluster.ClusterError,
+    redis.exceptions.RedisClusterException,
+)
+
+
+class Backoff:
+    """Capped exponential backoff: 0.1 s doubling to 5 s, reset on success."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        """The delay to wait now; the one after is twice as long, up to the cap."""
+        delay, self.delay = self.delay, min(self.cap, self.delay * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class RedisLink:
+    """One worker's way to Redis: commands, scripts and subscriptions."""
+
+    def __init__(self, url: str, cluster: bool, prefix: str, heard: Callable[[bytes, bytes], None]) -> None:
+        """heard(channel, data) is called, in a reader greenlet, for every message on a
+        subscribed shard channel. A malformed url raises ValueError."""
+        options = {"socket_timeout": COMMAND_TIMEOUT, "socket_connect_timeout": COMMAND_TIMEOUT}
+        self.url = url
+        self.cluster = cluster
+        self.prefix = prefix
+        try:
+            self.client: Any = (
+                redis.cluster.RedisCluster.from_url(url, **options) if cluster else redis.Redis.from_url(url, **options)
+            )
+        except (ValueError, redis.RedisError) as error:
+            raise ValueError(str(error)) from None
+        self._scripts = {name: (_LUA / f"{name}.lua").read_text() for name in SCRIPTS}
+        self._shas: dict[str, str] = {}
+        self.subscriptions = _Subscriptions(self, heard)
+
+    # Keys: every key of a room carries the hash tag {prefix:room}, so that each script touches
+    # one slot of a Redis Cluster; the chat's own keys carry {prefix}.
+
+    def room_key(self, room: str, key: str) -> str:
+        return f"{{{self.prefix}:{room}}}:{key}"
+
+    def chat_key(self, key: str) -> str:
+        return f"{{{self.prefix}}}:{key}"
+
+    def channel(self, room: str) -> str:
+        return self.room_key(room, "live")
+
+    def room_of(self, channel: bytes) -> str:
+        return channel.decode()[len(self.prefix) + 2 : -len("}:live")]
+
+    # Scripts
+
+    def script(self, client: Any, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run (or, on a pipeline, queue) one of lua/'s scripts."""
+        sha = self._shas.get(name)
+        if sha is None:
+            sha = self._shas[name] = self.client.script_load(self._scripts[name])
+        return client.evalsha(sha, len(keys), *keys, *args)
+
+    def call(self, action: Callable[[], Any]) -> Any:
+        """Run an action against Redis, loading the scripts once again if Redis lost them
+        (a restarted Redis forgets its scripts: NOSCRIPT)."""
+        try:
+            return action()
+        except redis.exceptions.NoScriptError:
+            self._shas = {name: self.client.script_load(text) for name, text in self._scripts.items()}
+            return action()
+
+    def pipelines(self, rooms: list[str]) -> list[tuple[Any, list[int]]]:
+        """A pipeline per Redis node for work on these rooms, with the indexes of the rooms
+        each takes (a room's keys all live on one node). redis-py runs no script in a
+        cluster pipeline: each node's goes to a client of that node."""
+        if not self.cluster:
+            return [(self.client.pipeline(transaction=False), list(range(len(rooms))))]
+        by_node: dict[str, list[int]] = {}
+        for index, room in enumerate(rooms):
+            by_node.setdefault(self.client.get_node_from_key(self.room_key(room, "meta")).name, []).append(index)
+        return [
+            (self.client.get_redis_connection(self.client.get_node(node_name=name)).pipeline(transaction=False), indexes)
+            for name, indexes in by_node.items()
+        ]
+
+
+class _Subscriptions:
+    """The shard-channel subscriptions of one worker: one pub/sub connection and reader
+    greenlet per Redis node (one for a single Redis; one per master on a cluster)."""
+
+    def __init__(self, link: RedisLink, heard: Callable[[bytes, bytes], None]) -> None:
+        self.link = link
+        self.heard = heard
+        # Node name -> its pub/sub.
+        self._pubsubs: dict[str, Any] = {}
+        # Channels subscribed, by name; the event is set once Redis confirmed.
+        self.channels: dict[bytes, Event] = {}
+        # Called (in a reader greenlet) when a subscription connection fails.
+        self.on_error: Callable[[Exception], None] = lambda error: None
+        self.readers = 0
+
+    def _pubsub(self, channel: str) -> Any:
+        link = self.link
+        if link.cluster:
+            node = link.client.get_node_from_key(channel)
+            name = node.name
+            if name not in self._pubsubs:
+                self._start(name, redis.Redis(host=node.host, port=node.port, socket_connect_timeout=1.0).pubsub())
+        else:
+            name = "redis"
+            if name not in self._pubsubs:
+                self._start(name, redis.Redis.from_url(link.url, socket_connect_timeout=1.0).pubsub())
+        return self._pubsubs[name]
+
+    def _start(self, name: str, pubsub: Any) -> None:
+        self._pubsubs[name] = pubsub
+        gevent.spawn(self._read_forever, pubsub)
+        self.readers += 1
+
+    def subscribe(self, channel: str) -> None:
+        """Subscribe and wait (at most COMMAND_TIMEOUT) until Redis confirms: a join's replay
+        must not miss a line said just before its subscription took."""
+        key = channel.encode()
+        confirmed = self.channels.get(key)
+        if confirmed is None:
+            confirmed = self.channels[key] = Event()
+            self._pubsub(channel).ssubscribe(channel)
+        if not confirmed.wait(COMMAND_TIMEOUT):
+            raise redis.TimeoutError(f"no confirmation of SSUBSCRIBE {channel}")
+
+    def unsubscribe(self, channel: str) -> None:
+        if self.channels.pop(channel.encode(), None) is not None:
+            self._pubsub(channel).sunsubscribe(channel)
+
+    def _read_forever(self, pubsub: Any) -> None:
+        backoff = Backoff()
+        while True:
+            if not pubsub.subscribed:  # (redis-py cannot wait without a timeout before that)
+                pubsub.subscribed_event.wait(1.0)
+                continue
+            try:
+                message = pubsub.get_message(timeout=None)
+            except ERRORS as error:
+                self.on_error(error)
+                for confirmed in self.channels.values():
+                    confirmed.clear()
+                gevent.sleep(backoff.next())  # redis-py reconnects and subscribes again
+                continue
+            if message is None:
+                continue
+            backoff.reset()
+            kind = message["type"]
+            if kind == "smessage":
+                self.heard(message["channel"], message["data"])
+            elif kind == "ssubscribe":
+                confirmed = self.channels.get(message["channel"])
+                if confirmed is not None:
+                    confirmed.set()
