@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 import bottle
@@ -22,7 +22,7 @@ from .metrics import Metrics, NoMetrics
 from .transport import frames
 from .transport.conn import Conn
 from .transport.frames import ProtocolFailure
-from .transport.websocket import ChatWebSocket, WebSocket
+from .transport.websocket import ChatWebSocket
 
 if TYPE_CHECKING:
     from .engines.redis import RedisEngine
@@ -45,14 +45,19 @@ class Refusal(NamedTuple):
     reason: str
 
 
-def peer_of(environ: dict) -> str:
+# A WSGI environ, and the start_response a WSGI app is given.
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+
+
+def peer_of(environ: Environ) -> str:
     """The client's address for the logs: the proxy's X-Forwarded-For when it came through one."""
     peer = f"{environ.get('REMOTE_ADDR', '?')}:{environ.get('REMOTE_PORT', '?')}"
     forwarded = environ.get("HTTP_X_FORWARDED_FOR")
     return f"{forwarded.split(',')[-1].strip()} via {peer}" if forwarded else peer
 
 
-def offers_v2(environ: dict) -> bool:
+def offers_v2(environ: Environ) -> bool:
     """Whether the handshake offers the subprotocol chat.v2 (RFC 6455 §4.2.2: else no header, v1)."""
     offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
     return SUBPROTOCOL_V2 in (token.strip() for token in offered.split(","))
@@ -98,7 +103,7 @@ class Chat:
         self.shutting_down = False
         # Whether the log has said once that the stock gevent-websocket handler is serving us.
         self._stock_handler_noted = False
-        self._page = bottle.template(
+        self._page: str = bottle.template(
             "home", template_lookup=[str(VIEWS)], max_message_size=config.max_message_size
         )
 
@@ -106,7 +111,7 @@ class Chat:
         bottle.response.content_type = "text/html; charset=utf-8"
         return self._page
 
-    def serve_health(self) -> dict:
+    def serve_health(self) -> dict[str, object]:
         """For the platform and operators: 200 "ok", or 503 "degraded" while Redis is away."""
         healthy = self.engine.healthy()
         bottle.response.status = 200 if healthy else 503
@@ -131,7 +136,7 @@ class Chat:
         """/ws without an upgrade (upgrades never reach Bottle, see ChatApp)."""
         raise bottle.HTTPError(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
 
-    def serve_ws(self, environ: dict, start_response: Callable) -> list[bytes]:
+    def serve_ws(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
         """Upgrade to a WebSocket, then run the connection until it ends (Gorilla's serveWs)."""
         ws = environ["wsgi.websocket"]
         config = self.config
@@ -177,11 +182,10 @@ class Chat:
 
     def _reader(self, peer: Peer) -> Callable[[str | bytes], None]:
         """What the read pump does with each message: decode it, pace it, hand it to the hub."""
-        codec = peer.codec
-        v1 = not peer.v2
+        v1, v1_codec, v2_codec = not peer.v2, self.v1, self.v2
         hub = self.hub
         limit = self.config.rate_limit
-        received = self.metrics.received.labels(f"v{codec.version}")
+        received = self.metrics.received.labels("v1" if v1 else "v2")
         rate_closes = self.metrics.rate_closes
 
         def on_message(data: str | bytes) -> None:
@@ -192,13 +196,14 @@ class Chat:
             if pace is not WITHIN and (v1 or pace is FLOODING):
                 rate_closes.inc()
                 raise ProtocolFailure(frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s")
+            peer.wait_turn()
             if v1:
-                say = codec.decode(data)
+                say = v1_codec.decode(data)
                 if say is not None:
                     hub.say(peer, say)
                 return
             try:
-                command = codec.decode(data, peer.nick is not None)
+                command = v2_codec.decode(data, peer.member is not None)
                 if pace is OVER:
                     raise CommandError(
                         "rate_limited",
@@ -208,18 +213,18 @@ class Chat:
                     )
                 if isinstance(command, Hello):
                     peer.identify(command.nick, command.session)
-                    hub.reply(peer, codec.welcome(command.nick))
+                    hub.reply(peer, v2_codec.welcome(command.nick))
                 elif isinstance(command, Say):
                     hub.say(peer, command)
                 else:
                     hub.command(peer, command)
             except CommandError as error:
                 log.debug("%r: %s", peer, error)
-                hub.reply(peer, codec.error(error))
+                hub.reply(peer, V2Codec.error(error))
 
         return on_message
 
-    def _refusal(self, environ: dict) -> Refusal | None:
+    def _refusal(self, environ: Environ) -> Refusal | None:
         """Why this handshake must be refused, or None (origin, shutdown, capacity)."""
         if not self._origin_allowed(environ):
             origin, host = environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST")
@@ -241,12 +246,12 @@ class Chat:
         return None
 
     @staticmethod
-    def _stock_chose_v2(stock: WebSocket) -> bool:
+    def _stock_chose_v2(stock: Any) -> bool:
         """Whether the stock handler's 101 named chat.v2 (it asks app_protocol(), see create_app)."""
         headers = getattr(stock.handler, "response_headers", None) or []  # as gevent keeps them: bytes
         return (b"Sec-WebSocket-Protocol", SUBPROTOCOL_V2.encode()) in headers
 
-    def _adopt_stock(self, stock: WebSocket, codec: Codec) -> ChatWebSocket:
+    def _adopt_stock(self, stock: Any, codec: Codec) -> ChatWebSocket:
         """Serve a connection gevent-websocket's stock handler has already answered with 101."""
         if not self._stock_handler_noted:
             self._stock_handler_noted = True
@@ -258,16 +263,17 @@ class Chat:
             )
         return ChatWebSocket.adopt(stock, codec.frame_limit)
 
-    def _origin_allowed(self, environ: dict) -> bool:
+    def _origin_allowed(self, environ: Environ) -> bool:
         """Like Gorilla's Upgrader: a browser's Origin must name the host it asked."""
-        origin = environ.get("HTTP_ORIGIN")
+        origin: str | None = environ.get("HTTP_ORIGIN")
         if origin is None:
             return True  # Not a browser: origin checks protect browsers' users only.
         allowed = self.config.allowed_origins
         origin = origin.strip().rstrip("/").lower()
         if "*" in allowed or origin in allowed:
             return True
-        return urlsplit(origin).netloc == environ.get("HTTP_HOST", "").lower()
+        host: str = environ.get("HTTP_HOST", "")
+        return urlsplit(origin).netloc == host.lower()
 
     def shutdown(self) -> None:
         """Refuse new connections and close the open ones with 1001 after their queues flush."""
@@ -294,10 +300,11 @@ class ChatApp(bottle.Bottle):
 
     chat: Chat
 
-    def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
+    def __call__(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
         if environ.get("wsgi.websocket") is not None and environ.get("PATH_INFO") == WS_PATH:
             return self.chat.serve_ws(environ, start_response)
-        return super().__call__(environ, start_response)
+        body: list[bytes] = super().__call__(environ, start_response)
+        return body
 
 
 def create_app(config: Config | None = None) -> ChatApp:

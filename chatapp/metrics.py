@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from typing import Literal
 
 # Seconds from a line's arrival at the hub to the end of its fan-out: from a lone line to a
 # thousand sockets (milliseconds) to a fan-out to ten thousand under load (a second or more).
@@ -33,7 +34,9 @@ class Metrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels, registry=registry)
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = (), mode: str = "livesum") -> Gauge:
+        def gauge(
+            name: str, doc: str, labels: tuple[str, ...] = (), mode: Literal["livesum", "liveall"] = "livesum"
+        ) -> Gauge:
             # Under gunicorn: summed over the live workers, or one series per worker ("liveall").
             return Gauge(name, doc, labels, registry=registry, multiprocess_mode=mode)
 

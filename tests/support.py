@@ -515,7 +515,8 @@ class RedisClusterProcess:
 
     def _ok(self) -> bool:
         for node in self.nodes:
-            info = subprocess.run(["redis-cli", "-p", str(node.port), "cluster", "info"], capture_output=True, text=True)
+            command = ["redis-cli", "-p", str(node.port), "cluster", "info"]
+            info = subprocess.run(command, capture_output=True, text=True)
             if "cluster_state:ok" not in info.stdout:
                 return False
         return True

@@ -1013,6 +1013,7 @@ def test_text_is_readable_in_both_color_schemes(start_server: Any, open_page: An
     page = open_page(server, nick="alice", color_scheme=scheme)
     other = open_page(server, nick="bob")  # "bob joined": a quiet line
     say(page, "contrast")
+    expect_last_line(page, "contrast")  # before bob speaks: else the two lines may come either way round
     say(other, "from bob")
     expect_last_line(page, "from bob")
     open_room(page, "dev")

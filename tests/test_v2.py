@@ -1,4 +1,4 @@
-"""Chat v2 end to end, row by row of the contract (../shared/PROTOCOL.md, docs/protocol.md).
+"""Chat v2 end to end, row by row of the contract (docs/protocol.md).
 
 One server per start command serves the whole module (each test in rooms of its own);
 tests that need other settings, or stop the server, start their own.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Callable
 from typing import Any
 
 from ..transport.frames import OP_TEXT, encode_frame, encode_text
@@ -165,8 +166,8 @@ class V2Codec:
     def welcome(self, nick: str) -> bytes:
         return _event({"type": "welcome", "nick": nick, "limits": self.limits})
 
+    @staticmethod
     def joined(
-        self,
         room: str,
         epoch: str,
         seq: int,
@@ -186,7 +187,7 @@ class V2Codec:
                 "member_count": member_count,
             }
         ).encode()
-        replay = b",".join(self.message_json(message) for message in messages)
+        replay = b",".join(V2Codec.message_json(message) for message in messages)
         return encode_frame(OP_TEXT, head[:-1] + b',"messages":[' + replay + b"]}")
 
     @staticmethod
@@ -218,7 +219,7 @@ class V2Codec:
 
 Codec = V1Codec | V2Codec
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[V2Codec, dict[str, Any]], Command]] = {
     "hello": V2Codec._hello,
     "join": V2Codec._join,
     "say": V2Codec._say,

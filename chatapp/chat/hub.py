@@ -47,10 +47,8 @@ MAX_BURST = 64
 # Sends in a fan-out between two look-ups: the hub yields, so read pumps can speak, and adds
 # what they said to the burst it is sending (see _fan_out).
 LOOK_UP_EVERY = 64
-# Says of one connection to one room the engine carries at once, and commands that may wait
-# behind a connection's unanswered ones before it counts as stuck (close 1013).
+# Says of one connection to one room the engine carries at once.
 MAX_PENDING = 64
-MAX_WAITING = 1024
 # How old (seconds) a `rooms` listing may be: every client may ask, and listing thousands of
 # rooms is not free.
 LISTING_EVERY = 1.0
@@ -277,10 +275,7 @@ class Hub:
         if peer not in self.peers:
             return  # Unregistered or dropped: what it said goes nowhere.
         if (peer.pending or peer.waiting) and not self._pipelines(peer, command):
-            if len(peer.waiting) >= MAX_WAITING:
-                self._drop([peer], "too many commands waiting")
-                return
-            peer.waiting.append(command)
+            peer.waiting.append(command)  # (a long wait holds its read pump back: Peer.wait_turn)
             return
         self._carry_out(peer, command)
 
@@ -298,21 +293,21 @@ class Hub:
         waiting = peer.waiting
         while waiting and peer in self.peers:
             if peer.pending and not self._pipelines(peer, waiting[0]):
-                return
+                break
             self._carry_out(peer, waiting.popleft())
+        peer.wake_reader()
 
     def _carry_out(self, peer: Peer, command: HubCommand) -> None:
-        kind = type(command)
-        if kind is Say:
-            self._publish(peer, command)  # type: ignore[arg-type]
-        elif kind is Join:
-            self._join(peer, command)  # type: ignore[arg-type]
-        elif kind is Leave:
-            self._leave_room(peer, command)  # type: ignore[arg-type]
-        elif kind is ListRooms:
+        if isinstance(command, Say):
+            self._publish(peer, command)
+        elif isinstance(command, Join):
+            self._join(peer, command)
+        elif isinstance(command, Leave):
+            self._leave_room(peer, command)
+        elif isinstance(command, ListRooms):
             self._list_rooms(peer)
-        elif kind is Reply:
-            self._send(peer, command.frame)  # type: ignore[union-attr]
+        elif isinstance(command, Reply):
+            self._send(peer, command.frame)
         else:
             raise TypeError(f"not a command: {command!r}")
 
@@ -544,7 +539,7 @@ class Hub:
         self._enter_room(room, peer)
         if peer.v2:
             members, member_count = _members_now(answer, joining.changes)
-            frame = peer.codec.joined(room.name, answer.epoch, seq, answer.recovered, messages, members, member_count)
+            frame = V2Codec.joined(room.name, answer.epoch, seq, answer.recovered, messages, members, member_count)
             self._answer(peer, pending, frame)
         else:
             self._answer(peer, pending, b"".join(V1Codec.message_frame(m) for m in messages), len(messages))
@@ -572,7 +567,7 @@ class Hub:
         v1_count = sum(1 for m in messages if m.v1_frame)
         for peer in list(room.peers):
             if peer.v2:
-                joined = peer.codec.joined(
+                joined = V2Codec.joined(
                     room.name, answer.epoch, answer.seq, False, messages, answer.members, answer.member_count
                 )
                 self._send(peer, joined)
@@ -586,7 +581,7 @@ class Hub:
             self._send(peer, V2Codec.error(CommandError("not_member", f"not in {leave.room}", leave.room)))
             return
         self._leave(peer, room)
-        self._send(peer, peer.codec.left(room.name))  # type: ignore[union-attr]
+        self._send(peer, V2Codec.left(room.name))
 
     def _leave(self, peer: Peer, room: Room) -> None:
         peer.rooms.discard(room.name)
@@ -630,6 +625,7 @@ class Hub:
             self._acks.pop(pending.line, None)
         peer.pending.clear()
         peer.waiting.clear()
+        peer.wake_reader()
 
     # Presence
 
@@ -725,7 +721,7 @@ class Hub:
         owed = self._owed.pop(peer, None)
         return (frame, count) if owed is None else (owed[0] + frame, owed[1] + count)
 
-    def _drop(self, peers: list[Peer], reason: str = "too slow: send queue full") -> None:
+    def _drop(self, peers: list[Peer]) -> None:
         """Remove connections that cannot keep up; run() calls it."""
         for peer in peers:
             if peer not in self.peers:
@@ -735,8 +731,8 @@ class Hub:
             if not conn.closing:
                 # Dead or stuck: its queue filled up. Drop it; everyone else goes on.
                 self.metrics.dropped.inc()
-                log.warning("dropping %r: %s", conn, reason)
-                conn.close(frames.CLOSE_TRY_AGAIN_LATER, reason)
+                log.warning("dropping %r: send queue full (client too slow)", conn)
+                conn.close(frames.CLOSE_TRY_AGAIN_LATER, "too slow: send queue full")
             self._leave_all(peer)
             self._forget(peer)
 

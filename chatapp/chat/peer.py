@@ -9,6 +9,8 @@ from enum import Enum
 from itertools import count
 from typing import TYPE_CHECKING
 
+from gevent.event import Event
+
 from .codec import Codec, V2Codec
 from .commands import Join, Leave, ListRooms, Reply, Say
 from .presence import Member
@@ -36,6 +38,9 @@ WITHIN, OVER, FLOODING = Pace.WITHIN, Pace.OVER, Pace.FLOODING
 HubCommand = Join | Say | Leave | ListRooms | Reply
 
 _ids = count(1)
+# Commands that may wait behind a connection's unanswered ones before its read pump waits
+# too (backpressure, as for the hub's inbox: TCP then holds the client back).
+MAX_WAITING = 1024
 
 
 @dataclass(slots=True)
@@ -61,7 +66,7 @@ class Peer:
     """
 
     __slots__ = (
-        "conn", "deliver", "id", "codec", "v2", "member", "rooms", "pending", "waiting", "_rate", "_flood",
+        "conn", "deliver", "id", "codec", "v2", "member", "rooms", "pending", "waiting", "_turn", "_rate", "_flood",
     )
 
     def __init__(self, conn: Conn, codec: Codec, rate_limit: float) -> None:
@@ -81,6 +86,8 @@ class Peer:
         # one room (see Hub._command). And the commands waiting behind them.
         self.pending: deque[Pending] = deque()
         self.waiting: deque[HubCommand] = deque()
+        # Set while the read pump waits for the commands before its next to be carried out.
+        self._turn: Event | None = None
         self._rate = TokenBucket(rate_limit, 2 * rate_limit) if rate_limit else None
         self._flood = TokenBucket(2 * rate_limit, 4 * rate_limit) if rate_limit else None
 
@@ -93,6 +100,19 @@ class Peer:
 
     def identify(self, nick: str, session: str) -> None:
         self.member = Member(nick.casefold(), nick, session)
+
+    def wait_turn(self) -> None:
+        """In the read pump: wait while MAX_WAITING commands wait in the hub already."""
+        while len(self.waiting) >= MAX_WAITING:
+            self._turn = Event()
+            self._turn.wait()
+
+    def wake_reader(self) -> None:
+        """In the hub: the commands waiting went down (or the connection is gone)."""
+        turn = self._turn
+        if turn is not None and len(self.waiting) < MAX_WAITING // 2:
+            self._turn = None
+            turn.set()
 
     def spend(self) -> Pace:
         """Count one frame against the rate limit."""

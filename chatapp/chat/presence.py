@@ -6,6 +6,7 @@ Redis engine for its own worker's share, which it tells Redis.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .commands import CommandError
@@ -53,7 +54,7 @@ class Tally:
     def __len__(self) -> int:
         return len(self._members)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Member]:
         return iter(self._members.values())
 
     def count(self, key: str) -> int:

@@ -130,10 +130,10 @@ class MemoryEngine:
         history = self._histories.get(room)
         recovered, messages = history.replay(state.epoch, state.seq, since, self.history)
         members = state.members
-        sink.answered(
-            joiner,
-            JoinAnswer(room, state.epoch, state.seq, recovered, messages, members.listed(), len(members), state.version),
+        answer = JoinAnswer(
+            room, state.epoch, state.seq, recovered, messages, members.listed(), len(members), state.version
         )
+        sink.answered(joiner, answer)
 
     def _new_room(self, name: str) -> _Room:
         if len(self._rooms) >= self.max_rooms and not self._forget_idle_room():

@@ -100,7 +100,8 @@ class Conn:
         if self._closing:
             raise ShutDown
         # A queue with frames in it always has a pump: no pump means nothing is queued.
-        if self._writer is None or (self._idle and not self.send.qsize()):
+        send = self.send
+        if self._writer is None or (self._idle and send is not None and not send.qsize()):
             try:
                 sent = self._send_now(data)
             except OSError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -114,7 +115,8 @@ class FrameParser:
         self._mask_offset = 0
         # The data message being assembled (its first frame's opcode, parts, byte count).
         self._message_opcode: int | None = None
-        self._parts: list[str | bytes] = []
+        # (str parts for a text message, bytes for a binary one)
+        self._parts: list[Any] = []
         self._message_size = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         # Payload of the control frame being read (≤ 125 bytes).
@@ -248,10 +250,10 @@ class FrameParser:
                 self._parts.append(self._decoder.decode(b"", True))
             except UnicodeDecodeError:
                 raise ProtocolFailure(CLOSE_INVALID_DATA, "invalid UTF-8 in text message") from None
-            data: str | bytes = "".join(self._parts)  # type: ignore[arg-type]
+            data: str | bytes = "".join(self._parts)
             self._decoder.reset()
         else:
-            data = b"".join(self._parts)  # type: ignore[arg-type]
+            data = b"".join(self._parts)
         self._parts = []
         self._message_opcode = None
         self._message_size = 0

@@ -14,6 +14,7 @@ import logging
 import socket
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 from gevent.pywsgi import WSGIHandler
@@ -58,8 +59,13 @@ class ChatWebSocket(WebSocket):
     """
 
     __slots__ = ("accepted", "socket", "send_now", "_key", "_rfile", "_pending", "_parser", "_events")
+    # Slots of gevent-websocket's WebSocket (an untyped base: declared here for the checker).
+    environ: dict[str, Any] | None
+    handler: Any
+    stream: Any
+    closed: bool
 
-    def __init__(self, environ: dict, handler: WSGIHandler, key: str) -> None:
+    def __init__(self, environ: dict[str, Any], handler: WSGIHandler, key: str) -> None:
         super().__init__(environ, Stream(handler), handler)
         self.accepted = False
         self.socket = handler.socket
@@ -125,12 +131,12 @@ class ChatWebSocket(WebSocket):
         WSGI environ and the parsed headers (3-4 KB a connection, more than the connection's
         own state). Keep only what the access log needs when the connection ends.
         """
-        environ, handler = self.environ, self.handler
+        environ, handler = self.environ or {}, self.handler
         kept = {key: environ[key] for key in _LOGGED if key in environ}
         environ.clear()
         environ.update(kept)
         handler.headers = _NO_HEADERS
-        self.environ = self.handler = self.stream = None
+        self.environ = self.handler = self.stream = None  # type: ignore[misc]  # (the untyped base's slots)
 
     def refuse(self, code: int, reason: str, timeout: float) -> None:
         """Close an accepted connection at once, for what the stock handler let through
@@ -143,7 +149,7 @@ class ChatWebSocket(WebSocket):
             pass
         self.shutdown()
 
-    def receive(self) -> Event:  # type: ignore[override]
+    def receive(self) -> Event:
         """Block until the next message or control frame arrives.
 
         Gap: the stock receive() read any length a header claimed, dropped pongs and wrote
@@ -214,7 +220,7 @@ class ChatWebSocket(WebSocket):
         Gap: the stock close() wrote a close frame without a status code, from whichever
         greenlet called it (even __del__). Close frames go out through the write pump.
         """
-        self.closed = True
+        self.closed = True  # type: ignore[misc]  # (a slot of the untyped base)
 
 
 def cap_receive_buffer(listener: socket.socket, max_frame_size: int) -> None:
@@ -266,24 +272,26 @@ class ChatHandler(WebSocketHandler):
         finally:
             greenlets.dec()
 
-    def _metrics(self):  # type: ignore[no-untyped-def]
+    def _metrics(self) -> Any:
         """The chat's metrics (NoMetrics for another application, as in the conformance tests)."""
         return getattr(getattr(self.server.application, "chat", None), "metrics", NoMetrics())
 
-    def _handle_client_error(self, ex: Exception):  # type: ignore[no-untyped-def]
+    def _handle_client_error(self, ex: Exception) -> tuple[str, bytes] | None:
         # Gap: a request the handshake deadline cut short (a trickle) printed a traceback.
         if isinstance(ex, TimeoutError):
             log.info("%s: no complete request within %s s: closing", self.client_address, self.handshake_timeout)
             return "408", _TIMEOUT_RESPONSE
         if isinstance(ex, OSError):
             return None  # The peer went away mid-request: nobody to answer.
-        return super()._handle_client_error(ex)
+        answer: tuple[str, bytes] | None = super()._handle_client_error(ex)
+        return answer
 
     def read_requestline(self) -> str:
         # Between requests a keep-alive connection is idle; on shutdown it is closed at once.
         _idle.add(self)
         try:
-            return super().read_requestline()
+            line: str = super().read_requestline()
+            return line
         finally:
             _idle.discard(self)
 
@@ -299,7 +307,8 @@ class ChatHandler(WebSocketHandler):
     def run_application(self) -> None:
         # Gap: the stock handler wrote the 101 before the app ran, so nothing could say 403 or 503.
         if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
-            return WSGIHandler.run_application(self)
+            WSGIHandler.run_application(self)
+            return None
         refusal = self._check_handshake()
         if refusal is not None:
             status, reason = refusal
@@ -325,11 +334,11 @@ class ChatHandler(WebSocketHandler):
                 self.close_connection = True
                 self.process_result()
         finally:
-            websocket.closed = True
+            websocket.closed = True  # type: ignore[misc]  # (a slot of the untyped base)
             self.result = None
         return None
 
-    def start_response(self, status, headers, exc_info=None):  # type: ignore[no-untyped-def]
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         # Gap: the stock start_response treated every response on an upgrade request as a
         # WebSocket's; once we have accepted, what the app returns is not written.
         if getattr(self, "websocket", None) is not None and self.websocket.accepted:
@@ -381,6 +390,10 @@ class ChatHandler(WebSocketHandler):
 class GunicornChatHandler(ChatHandler, PyWSGIHandler):
     """ChatHandler reporting to gunicorn's access log."""
 
+    # What the untyped bases set on each request (declared here for the checker).
+    environ: dict[str, Any]
+    response_headers: list[tuple[str, str]]
+
     def log_request(self) -> None:
         # Gap (gunicorn's): a request too broken to parse has no environ, and its log line crashed.
         if not self.environ or "REQUEST_METHOD" not in self.environ:
@@ -402,6 +415,9 @@ class ChatWorker(GeventWebSocketWorker):
     close 1001 after flushing what is queued.
     """
 
+    # gunicorn's setting, on the untyped base (declared here for the checker).
+    worker_connections: int
+
     def load_wsgi(self) -> None:
         super().load_wsgi()
         chat = getattr(self.wsgi, "chat", None)
@@ -419,7 +435,7 @@ class ChatWorker(GeventWebSocketWorker):
                 cap_receive_buffer(listener, chat.v2.frame_limit)  # v2 frames are the largest
         super().run()
 
-    def handle_exit(self, sig, frame) -> None:  # type: ignore[no-untyped-def]
+    def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
         ChatHandler.close_idle_connections()
         # (SIGTERM may come while the worker still loads the app: then there is none yet)

@@ -36,6 +36,7 @@ import os
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from itertools import count
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING, Any
@@ -259,7 +260,9 @@ class RedisEngine:
             follower.epoch, follower.seq, since, self.history
         )
         members = follower.members
-        answer = JoinAnswer(follower.room, follower.epoch, follower.seq, recovered, messages, members.listed(), len(members))
+        answer = JoinAnswer(
+            follower.room, follower.epoch, follower.seq, recovered, messages, members.listed(), len(members)
+        )
         self.answer(joiner, answer)
 
     def _show_here(self, room: str, text: str, tag: str) -> None:
@@ -310,7 +313,7 @@ class RedisEngine:
                     break
             started = monotonic()
             try:
-                results = self.link.call(lambda batch=batch: self._publish(batch))  # type: ignore[misc]
+                results = self.link.call(partial(self._publish, batch))
                 self.metrics.redis_seconds.observe(monotonic() - started)
             except ERRORS as error:
                 self._went_down(error)
@@ -319,7 +322,7 @@ class RedisEngine:
                 refused = [line.id for line, _ in batch if line.id]
                 shown = [(line, tag) for line, tag in batch if not line.id and tag not in told]
                 told.update(tag for _, tag in shown)
-                self._post(lambda refused=refused, shown=shown: self._refused(refused, shown))  # type: ignore[misc]
+                self._post(partial(self._refused, refused, shown))
                 kept = [(line, tag) for line, tag in batch if not line.id]
                 batch = kept[-OUTBOX_SIZE:]
                 self.metrics.outbox_lost.inc(len(kept) - len(batch))
@@ -328,7 +331,7 @@ class RedisEngine:
             backoff.reset()
             self._came_back()
             told.difference_update(tag for _, tag in batch)
-            self._post(lambda batch=batch, results=results: self._published(batch, results))  # type: ignore[misc]
+            self._post(partial(self._published, batch, results))
             batch = []
 
     def _refused(self, refused: list[int], shown: list[tuple[Line, str]]) -> None:
@@ -399,7 +402,9 @@ class RedisEngine:
                 if instead is not None:
                     self._post(instead)
 
-    def _ask_join(self, follower: Follower, joiner: Peer, since: Position | None, member: Member | None, here: int) -> None:
+    def _ask_join(
+        self, follower: Follower, joiner: Peer, since: Position | None, member: Member | None, here: int
+    ) -> None:
         room = follower.room
         self.link.subscriptions.subscribe(self.link.channel(room))
         members: tuple[list[Member], int, int] = ([], 0, 0)

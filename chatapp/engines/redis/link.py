@@ -14,6 +14,7 @@ from typing import Any
 import gevent
 import redis
 import redis.cluster
+import redis.exceptions
 from gevent.event import Event
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ SCRIPTS = ("publish", "replay", "presence", "evict", "prune")
 COMMAND_TIMEOUT = 1.0
 # What Redis being away looks like to redis-py.
 ERRORS = (
-    redis.ConnectionError, redis.TimeoutError, redis.ResponseError, redis.cluster.ClusterError,
+    redis.ConnectionError, redis.TimeoutError, redis.ResponseError, redis.exceptions.ClusterError,
     redis.exceptions.RedisClusterException,
 )
 
@@ -103,11 +104,12 @@ class RedisLink:
         cluster pipeline: each node's goes to a client of that node."""
         if not self.cluster:
             return [(self.client.pipeline(transaction=False), list(range(len(rooms))))]
+        client = self.client
         by_node: dict[str, list[int]] = {}
         for index, room in enumerate(rooms):
-            by_node.setdefault(self.client.get_node_from_key(self.room_key(room, "meta")).name, []).append(index)
+            by_node.setdefault(client.get_node_from_key(self.room_key(room, "meta")).name, []).append(index)
         return [
-            (self.client.get_redis_connection(self.client.get_node(node_name=name)).pipeline(transaction=False), indexes)
+            (client.get_redis_connection(client.get_node(node_name=name)).pipeline(transaction=False), indexes)
             for name, indexes in by_node.items()
         ]
 

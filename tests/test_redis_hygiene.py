@@ -1,0 +1,77 @@
+"""Redis keeps only what is alive: rooms people opened and left, and workers that died,
+leave nothing behind (docs/protocol.md, "Across workers"; README, CHAT_ROOM_TTL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import redis as redis_client
+from support import V2Client, wait_until
+
+ROOMS = 2000
+TTL = "3"  # seconds: CHAT_ROOM_TTL, short for the test
+
+
+def test_rooms_opened_and_left_leave_no_keys(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Two thousand rooms joined (some with a line said) and left by clients who never come
+    back: once they are quiet for CHAT_ROOM_TTL, Redis is back at the keys it had before and
+    the listing names none of them."""
+    server = start_server("gunicorn", REDIS_URL=redis_server.url, CHAT_ROOM_TTL=TTL)
+    store = redis_client.Redis(port=redis_server.port)
+    # What an idle chat keeps (the workers' heartbeats, the data generation); the lobby's
+    # keys, made at start, expire like any quiet room's.
+    wait_until(lambda: not store.keys("{chat:lobby}*"), 30, 0.2, "the quiet lobby's keys to expire")
+    baseline = sorted(store.keys())
+
+    def crowd(first: int) -> None:
+        client = V2Client(server, f"visitor{first}")
+        for i in range(first, first + ROOMS // 2):
+            client.send(type="join", room=f"r{i}")
+            if i % 5 == 0:
+                client.send(type="say", room=f"r{i}", text="anyone here?")
+            client.send(type="leave", room=f"r{i}")
+        for i in range(first, first + ROOMS // 2):
+            client.wait("left", room=f"r{i}")
+        client.close()
+
+    crowds = [threading.Thread(target=crowd, args=(first,)) for first in (0, ROOMS // 2)]
+    for thread in crowds:
+        thread.start()
+    most = 0
+    while any(thread.is_alive() for thread in crowds):
+        most = max(most, store.dbsize())
+        crowds[0].join(0.1)
+    assert most > len(baseline) + ROOMS // 2  # the rooms made keys, alive while they were
+    assert store.zcard("{chat}:rooms") >= ROOMS  # and each a listing entry
+
+    wait_until(lambda: sorted(store.keys()) == baseline, 60, 0.5, "Redis to be back at its baseline keys")
+    assert store.zcard("{chat}:rooms") == 0
+    asker = V2Client(server, "asker")
+    asker.send(type="rooms")
+    assert asker.wait("rooms")["rooms"] == [{"room": "lobby", "members": 0}]
+
+
+def test_a_dead_workers_keys_go_with_it(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of a worker with members: the others evict it, and nothing in Redis names it."""
+    watcher_host = start_server("gunicorn", REDIS_URL=redis_server.url)
+    doomed = start_server("wsgi", REDIS_URL=redis_server.url)
+    store = redis_client.Redis(port=redis_server.port)
+    watcher = V2Client(watcher_host, "watcher")
+    watcher.join("tea")
+    for room in ("tea", "coffee"):
+        V2Client(doomed, f"ghost-{room}").join(room)
+    watcher.wait("presence", joined="ghost-tea")
+    doomed_ids = {key.decode().rsplit(":", 1)[1] for key in store.keys("{chat:coffee}:here:*")}
+    assert len(doomed_ids) == 1
+    doomed_id = doomed_ids.pop()
+    os.kill(doomed.proc.pid, signal.SIGKILL)
+    watcher.ws.settimeout(35)
+    watcher.wait("presence", left="ghost-tea")
+    wait_until(
+        lambda: not [key for key in store.keys() if doomed_id.encode() in key]
+        and store.zscore("{chat}:workers", doomed_id) is None,
+        10, 0.2, "the dead worker's keys to go",
+    )
+    assert store.zscore("{chat}:rooms", "coffee") == 0
