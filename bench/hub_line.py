@@ -1,12 +1,13 @@
-"""The hub's own work per v1 line, in-process: no sockets, no kernel, no load generator.
+"""The hub's own work per line, in-process: no sockets, no kernel, no load generator.
 
-A hub with MEMBERS connections in the lobby whose deliver() only counts; lines go in as the
+A hub with MEMBERS connections in one room whose deliver() only counts; lines go in as the
 read pump hands them over (decoded, then hub.say()), BURST at a time, and the CPU time per
-line is what the hub spends from there through the fan-out. It runs against any checkout,
-including d72b693, the commit before the v2 core (whose hub took encoded frames):
+line is what the hub spends from there through the fan-out. v1 lines in the lobby by
+default; --v2: v2 lines (each acked to its sender) in a v2 room. It runs against this
+checkout or e16cecb (the hub before the engine seam), so the two can be set side by side:
 
     .venv/bin/python bench/hub_line.py                 # this checkout
-    .venv/bin/python bench/hub_line.py --repo /tmp/before
+    .venv/bin/python bench/hub_line.py --repo /tmp/before --v2
 
 Prints the best of --runs runs (each in a fresh process), in microseconds per line.
 """
@@ -25,51 +26,67 @@ MEMBERS, LINES, BURST = 100, 20000, 35
 class Member:
     """Just what a fan-out touches of a connection."""
 
-    __slots__ = ("peer", "closing", "received")
-
-    def __init__(self, peer: object) -> None:
-        self.peer = peer
+    def __init__(self) -> None:
         self.closing = False
         self.received = 0
+        self.last_read = time.monotonic()
 
     def deliver(self, data: bytes, count: int = 1) -> None:
         self.received += count
 
 
-def measure(repo: Path) -> float:
+def measure(repo: Path, v2: bool) -> float:
     sys.path.insert(0, str(repo))
     import gevent
 
-    from chatapp import hub as hub_module
+    if (repo / "chatapp" / "chat" / "hub.py").exists():
+        from chatapp.chat.codec import V1Codec, V2Codec
+        from chatapp.chat.commands import Join, Say
+        from chatapp.chat.hub import Hub
+        from chatapp.chat.peer import Peer
+        from chatapp.engines.memory import MemoryEngine
 
-    if hasattr(hub_module.Hub, "say"):
-        from chatapp.codec import V1Codec
-        from chatapp.peer import Peer
+        hub = Hub(MemoryEngine(history=0, recovery_window=500, max_rooms=10000, history_bytes=64 << 20),
+                  inbox_size=LINES)
+        conns = [Member() for _ in range(MEMBERS)]
+        peers = [Peer(conn, V2Codec(512, 0) if v2 else V1Codec(512), 0) for conn in conns]  # type: ignore[arg-type]
+        hub.start()
+        for i, peer in enumerate(peers):
+            if v2:
+                peer.identify(f"n{i}", f"s{i}")
+            hub.register(peer)
+            if v2:
+                hub.command(peer, Join("tea", None))
+        sender = peers[0]
+    else:  # e16cecb: the hub held the rooms, and the connection its peer
+        from chatapp.codec import Join, Say, V1Codec, V2Codec  # type: ignore[no-redef]
+        from chatapp.hub import Hub  # type: ignore[no-redef]
+        from chatapp.peer import Peer  # type: ignore[no-redef]
         from chatapp.room import Rooms
 
-        v1 = V1Codec(512)
-        hub = hub_module.Hub(Rooms(10000, 64 << 20, 500), inbox_size=LINES, history=0)
-        members = [Member(Peer(v1, 0)) for _ in range(MEMBERS)]
-        for member in members:
-            hub.conns.add(member)
-            hub.rooms.lobby.conns.add(member)
-            member.peer.rooms.add("lobby")
-
-        def hand_over(i: int) -> None:
-            hub.say(members[0], v1.decode(f"b 1 {i} 1764466800000000000"))
-
-    else:  # d72b693: the read pump encoded the line and the hub broadcast bytes
-        from chatapp.frames import encode_text
-
-        hub = hub_module.Hub(inbox_size=LINES)
-        members = [Member(None) for _ in range(MEMBERS)]
-        hub.conns.update(members)
-
-        def hand_over(i: int) -> None:
-            hub._inbox.put((hub_module._BROADCAST, encode_text(f"b 1 {i} 1764466800000000000")))
-
-    hub.start()
+        hub = Hub(Rooms(10000, 64 << 20, 500), inbox_size=LINES, history=0)
+        conns = []
+        for i in range(MEMBERS):
+            conn = Member()
+            conn.peer = Peer(V2Codec(512, 0) if v2 else V1Codec(512), 0)  # type: ignore[attr-defined]
+            if v2:
+                conn.peer.identify(f"n{i}", f"s{i}")  # type: ignore[attr-defined]
+            conns.append(conn)
+        hub.start()
+        for conn in conns:
+            hub.register(conn)
+            if v2:
+                hub.command(conn, Join("tea", None))
+        sender = conns[0]
+    room = "tea" if v2 else "lobby"
+    while hub._inbox.qsize():
+        gevent.sleep(0)
     gevent.sleep(0)
+    before = conns[-1].received
+
+    def hand_over(i: int) -> None:
+        hub.say(sender, Say(room, f"b 1 {i} 1764466800000000000", f"r{i}" if v2 else None))
+
     started = time.process_time()
     for first in range(0, LINES, BURST):
         for i in range(first, min(first + BURST, LINES)):
@@ -78,7 +95,7 @@ def measure(repo: Path) -> float:
             gevent.sleep(0)
         gevent.sleep(0)
     spent = time.process_time() - started
-    assert members[-1].received == LINES, members[-1].received
+    assert conns[-1].received - before == LINES, conns[-1].received - before
     return spent / LINES * 1e6
 
 
@@ -86,16 +103,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--v2", action="store_true", help="v2 lines in a v2 room (acked), not v1 in the lobby")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(measure(args.repo.resolve()))
+        print(measure(args.repo.resolve(), args.v2))
         return
-    runs = [
-        float(subprocess.check_output([sys.executable, __file__, "--one", "--repo", str(args.repo)], text=True))
-        for _ in range(args.runs)
-    ]
-    print(f"{args.repo}: {min(runs):.2f} us per line (best of {args.runs}; {MEMBERS} members, bursts of {BURST})")
+    command = [sys.executable, __file__, "--one", "--repo", str(args.repo), *(["--v2"] if args.v2 else [])]
+    runs = [float(subprocess.check_output(command, text=True)) for _ in range(args.runs)]
+    kind = "v2 lines, acked" if args.v2 else "v1 lines"
+    best = min(runs)
+    print(f"{args.repo}: {best:.2f} us per line (best of {args.runs}; {kind}; {MEMBERS} members, bursts of {BURST})")
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ class Chat:
             if pace is not WITHIN and (v1 or pace is FLOODING):
                 rate_closes.inc()
                 raise ProtocolFailure(frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s")
-            peer.wait_turn()
+            if peer.waiting:
+                peer.wait_turn()
             if v1:
                 say = v1_codec.decode(data)
                 if say is not None:

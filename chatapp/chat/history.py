@@ -49,16 +49,16 @@ class History:
     def append(self, message: ChatMessage) -> int:
         """Keep a message; the bytes this changed the history by."""
         messages = self.messages
-        change = held_bytes(message)
+        change = message.held = held_bytes(message)
         if len(messages) == messages.maxlen:
-            change -= held_bytes(messages[0])
+            change -= messages[0].held
         messages.append(message)
         self.bytes += change
         return change
 
     def drop_oldest(self) -> int:
         """Forget the oldest message; the bytes freed."""
-        freed = held_bytes(self.messages.popleft())
+        freed = self.messages.popleft().held
         self.bytes -= freed
         return freed
 

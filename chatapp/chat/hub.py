@@ -224,13 +224,15 @@ class Hub:
             self.metrics.rooms.set(len(self.rooms))
             self.metrics.members.set(self._memberships)
 
-    def _line_request(self, kind: int, peer: Peer | None, item: Any) -> None:
+    def _line_request(self, kind: int, peer: Any, item: Any) -> None:
+        """A say (its peer given) or lines the engine delivers."""
         self._request_time = item[1]
-        if kind == _SAY:
-            assert peer is not None
-            self._command(peer, item[0])
-        else:
+        if kind == _LINES:
             item[0]()
+        elif peer.pending or peer.waiting or peer not in self.peers:
+            self._command(peer, item[0])
+        else:  # (nothing before it: the say goes now; the common case, kept short)
+            self._publish(peer, item[0])
 
     def _take_lines(self, limit: int) -> None:
         """Handle up to limit line requests from the head of the inbox (never past another
@@ -294,7 +296,7 @@ class Hub:
         while waiting and peer in self.peers:
             if peer.pending and not self._pipelines(peer, waiting[0]):
                 break
-            self._carry_out(peer, waiting.popleft())
+            self._carry_out(peer, waiting.pop(0))
         peer.wake_reader()
 
     def _carry_out(self, peer: Peer, command: HubCommand) -> None:
@@ -317,7 +319,7 @@ class Hub:
         pending.frames, pending.count, pending.ready = frames, count, True
         queue = peer.pending
         while queue and queue[0].ready:
-            done = queue.popleft()
+            done = queue.pop(0)
             if done.count:
                 self._owe(peer, done.frames, done.count)
         if not queue and peer.waiting:
@@ -336,13 +338,13 @@ class Hub:
                 self._send(peer, V2Codec.error(CommandError("not_member", f"join {say.room} first", say.room, say.ref)))
             return  # (A v1 client is in the lobby until the hub drops it: then it is closing.)
         member = peer.member
-        line_id = 0
-        if peer.v2:
-            line_id = next(self._line_ids)
-            peer.pending.append(Pending(say.room, line_id, say.ref))
-            self._acks[line_id] = peer
-        nick, session = (member.nick, member.session) if member is not None else (None, None)
-        self.engine.publish(Line(line_id, say.room, nick, session, say.ref, say.text))
+        if member is None:  # (a v1 client: nobody waits on its lines)
+            self.engine.publish(Line(0, say.room, None, None, None, say.text))
+            return
+        line_id = next(self._line_ids)
+        peer.pending.append(Pending(say.room, line_id, say.ref))
+        self._acks[line_id] = peer
+        self.engine.publish(Line(line_id, say.room, member.nick, member.session, say.ref, say.text))
 
     def arrived(self, messages: list[ChatMessage]) -> None:
         """Sink: lines numbered by the engine, in each room's seq order."""
@@ -396,7 +398,7 @@ class Hub:
         for peer in room.peers:
             if not peer.v2:
                 try:
-                    peer.deliver(frame)
+                    peer.conn.deliver(frame)
                 except (Full, ShutDown):
                     failed.append(peer)
         self._drop(failed)
@@ -443,9 +445,9 @@ class Hub:
                                 last_codec, data = codec, room_burst.data(codec, start)
                             try:
                                 if owed and peer in owed:  # A sender: its acks go first, in the same send.
-                                    peer.deliver(*self._with_owed(peer, data, count))
+                                    peer.conn.deliver(*self._with_owed(peer, data, count))
                                 else:
-                                    peer.deliver(data, count)
+                                    peer.conn.deliver(data, count)
                             except (Full, ShutDown):
                                 failed.append(peer)
                             except Exception:
@@ -663,7 +665,7 @@ class Hub:
                     if other in self._owed:
                         data, count = self._with_owed(other, data, count)
                     try:
-                        other.deliver(data, count)
+                        other.conn.deliver(data, count)
                     except ShutDown:
                         pass
                     except Exception:  # Full, or a failure
@@ -707,7 +709,7 @@ class Hub:
         if not count:
             return
         try:
-            peer.deliver(frame, count)
+            peer.conn.deliver(frame, count)
         except ShutDown:
             pass  # Closing already; its unregister is on the way.
         except Full:
@@ -753,7 +755,7 @@ class Hub:
         failed = []
         for peer in self.peers:
             try:
-                peer.deliver(_PING)
+                peer.conn.deliver(_PING)
             except (Full, ShutDown):
                 failed.append(peer)
         self._drop(failed)

@@ -31,3 +31,5 @@ class ChatMessage:
     v1_frame: bytes | None = None
     # The v2 `message` object as JSON bytes (a frame's payload, or an item of a replay).
     v2_json: bytes | None = None
+    # What it costs a history that keeps it (chat/history.py), once one does.
+    held: int = 0

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..chat.commands import LISTING_LIMIT, LOBBY, CommandError, Position
 from ..chat.engine import JoinAnswer, Line, Sink
-from ..chat.history import Histories, new_epoch
+from ..chat.history import Histories, History, new_epoch
 from ..chat.message import ChatMessage
 from ..chat.presence import PRESENCE_LIMIT, Member, PresenceChange, Tally
 
@@ -27,12 +27,13 @@ REF_WINDOW = 120.0
 REF_MEMORY = 20000
 
 class _Room:
-    """What the engine holds of a room besides its history: its place in its sequence and
-    its members."""
+    """What the engine holds of a room: its place in its sequence, its history (kept within
+    the engine's byte budget) and its members."""
 
-    __slots__ = ("epoch", "seq", "members", "version")
+    __slots__ = ("epoch", "seq", "history", "members", "version")
 
-    def __init__(self) -> None:
+    def __init__(self, history: History) -> None:
+        self.history = history
         self.epoch = new_epoch()
         # The seq of the room's latest message; 0 before its first.
         self.seq = 0
@@ -72,8 +73,7 @@ class MemoryEngine:
         return True  # (this worker alone: nothing to be away)
 
     def _room(self, name: str) -> _Room:
-        room = self._rooms[name] = _Room()
-        self._histories.get(name)
+        room = self._rooms[name] = _Room(self._histories.get(name))
         return room
 
     # Lines
@@ -95,7 +95,7 @@ class MemoryEngine:
         if now > self._last_time:
             self._last_time = now
         message = ChatMessage(name, room.epoch, room.seq, self._last_time, line.nick, line.text, line.id)
-        self._histories.keep(name, self._histories.get(name), message)
+        self._histories.keep(name, room.history, message)
         if ref_key is not None:
             self._refs[ref_key] = (message.seq, monotonic())
             if len(self._refs) > REF_MEMORY:
@@ -127,8 +127,7 @@ class MemoryEngine:
             sink.answered(joiner, error)
             return
         self._histories.touch(room)
-        history = self._histories.get(room)
-        recovered, messages = history.replay(state.epoch, state.seq, since, self.history)
+        recovered, messages = state.history.replay(state.epoch, state.seq, since, self.history)
         members = state.members
         answer = JoinAnswer(
             room, state.epoch, state.seq, recovered, messages, members.listed(), len(members), state.version
@@ -164,11 +163,10 @@ class MemoryEngine:
 
     def list_rooms(self) -> None:
         """Rooms with members or history, busiest first, ties by name (and the lobby's entry)."""
-        histories = self._histories
         listed = (
             (len(state.members), name)
             for name, state in self._rooms.items()
-            if len(state.members) or len(histories.get(name)) or name == LOBBY
+            if len(state.members) or len(state.history) or name == LOBBY
         )
         top = heapq.nsmallest(LISTING_LIMIT, listed, key=lambda entry: (-entry[0], entry[1]))
         listing = [(name, count) for count, name in top]
