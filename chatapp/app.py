@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,14 +13,16 @@ from urllib.parse import urlsplit
 
 import bottle
 
+from .addresses import Addresses
 from .chat.codec import SUBPROTOCOL_V2, Codec, V1Codec, V2Codec
-from .chat.commands import CommandError, Hello, Say
+from .chat.commands import CommandError, Hello, Refresh, Say
 from .chat.engine import Engine
 from .chat.hub import Hub
 from .chat.peer import FLOODING, OVER, WITHIN, Peer
 from .config import Config, ConfigError
 from .engines.memory import MemoryEngine
 from .metrics import Metrics, NoMetrics
+from .token import Verifier
 from .transport import frames
 from .transport.conn import Conn
 from .transport.frames import ProtocolFailure
@@ -43,6 +47,8 @@ class Refusal(NamedTuple):
     status: int
     close_code: int
     reason: str
+    # Seconds the client should wait before it tries again (429, 503), if there is a rule.
+    retry_after: float | None = None
 
 
 # A WSGI environ, and the start_response a WSGI app is given.
@@ -50,11 +56,10 @@ Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 
 
-def peer_of(environ: Environ) -> str:
-    """The client's address for the logs: the proxy's X-Forwarded-For when it came through one."""
+def peer_of(environ: Environ, client: str) -> str:
+    """The client's address for the logs, and the proxy's when it came through one."""
     peer = f"{environ.get('REMOTE_ADDR', '?')}:{environ.get('REMOTE_PORT', '?')}"
-    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-    return f"{forwarded.split(',')[-1].strip()} via {peer}" if forwarded else peer
+    return peer if client == environ.get("REMOTE_ADDR") else f"{client} via {peer}"
 
 
 def offers_v2(environ: Environ) -> bool:
@@ -86,6 +91,7 @@ class Chat:
                 recovery_window=config.recovery_window,
                 max_rooms=config.max_rooms,
                 history_bytes=config.history_bytes,
+                max_connections_per_user=config.max_connections_per_user,
             )
             self.metrics.broker_up.set(1)  # (this worker alone: nothing to be away)
         self.hub = Hub(
@@ -94,17 +100,30 @@ class Chat:
             ping_period=config.ping_period,
             pong_wait=config.pong_wait,
             metrics=self.metrics,
+            private_rooms=config.private_rooms,
+            token_grace=config.token_grace,
+        )
+        # Token mode: what verifies hellos and refreshes (None in open mode).
+        self.verifier = Verifier(config) if config.auth == "token" else None
+        # Client addresses (trusted proxies) and the per-address limits.
+        self.addresses = Addresses(
+            config.trusted_proxies, config.max_connections_per_ip, config.connect_rate_per_ip
         )
         # The codecs every connection shares: they hold only the limits.
         self.v1 = V1Codec(config.max_message_size)
-        self.v2 = V2Codec(config.max_message_size, config.rate_limit)
+        self.v2 = V2Codec(config.max_message_size, config.rate_limit, token=config.auth == "token")
         # Open WebSocket connections in this process, for the connection cap.
         self.connections = 0
         self.shutting_down = False
         # Whether the log has said once that the stock gevent-websocket handler is serving us.
         self._stock_handler_noted = False
+        # What the page needs of the config, as a JSON object in its script ("</" escaped).
+        page_config = json.dumps({"auth": config.auth, "tokenUrl": config.token_url, "loginUrl": config.login_url})
         self._page: str = bottle.template(
-            "home", template_lookup=[str(VIEWS)], max_message_size=config.max_message_size
+            "home",
+            template_lookup=[str(VIEWS)],
+            max_message_size=config.max_message_size,
+            page_config=page_config.replace("</", "<\\/"),
         )
 
     def serve_home(self) -> str:
@@ -139,12 +158,17 @@ class Chat:
     def serve_ws(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
         """Upgrade to a WebSocket, then run the connection until it ends (Gorilla's serveWs)."""
         ws = environ["wsgi.websocket"]
-        config = self.config
-        refusal = self._refusal(environ)
+        address = self.addresses.client(environ)
+        refusal = self._refusal(environ, address)
+        if refusal is None:
+            refusal = self._over_limit(address, environ)
         if isinstance(ws, ChatWebSocket):
             if refusal is not None:
                 error = bottle.HTTPError(refusal.status, refusal.reason)
-                start_response(error.status_line, [("Content-Type", "text/plain; charset=utf-8")])
+                headers = [("Content-Type", "text/plain; charset=utf-8")]
+                if refusal.retry_after is not None:
+                    headers.append(("Retry-After", str(max(1, math.ceil(refusal.retry_after)))))
+                start_response(error.status_line, headers)
                 return [plain_text(error).encode()]
             codec = self.v2 if offers_v2(environ) else self.v1
             ws.accept(codec.frame_limit, SUBPROTOCOL_V2 if codec is self.v2 else None)
@@ -154,12 +178,21 @@ class Chat:
             if refusal is not None:
                 ws.refuse(refusal.close_code, refusal.reason, CLOSE_WAIT)
                 return []
+        try:
+            self._serve(ws, codec, environ, address)
+        finally:
+            self.addresses.release(address)
+        return []
+
+    def _serve(self, ws: ChatWebSocket, codec: Codec, environ: Environ, address: str) -> None:
+        """Run an accepted connection until it ends."""
+        config = self.config
         conn = Conn(
             ws,
             send_queue_size=config.send_queue_size,
             send_queue_bytes=config.send_queue_bytes,
             write_wait=config.write_wait,
-            address=peer_of(environ),
+            address=peer_of(environ, address),
             metrics=self.metrics,
         )
         peer = Peer(conn, codec, config.rate_limit)
@@ -178,11 +211,10 @@ class Chat:
             self.connections -= 1
             metrics.connections.labels(protocol).dec()
             metrics.closed.labels(str(conn.close_code)).inc()
-        return []
 
     def _reader(self, peer: Peer) -> Callable[[str | bytes], None]:
         """What the read pump does with each message: decode it, pace it, hand it to the hub."""
-        v1, v1_codec, v2_codec = not peer.v2, self.v1, self.v2
+        v1, v1_codec, v2_codec, verifier = not peer.v2, self.v1, self.v2, self.verifier
         hub = self.hub
         limit = self.config.rate_limit
         received = self.metrics.received.labels("v1" if v1 else "v2")
@@ -204,7 +236,7 @@ class Chat:
                     hub.say(peer, say)
                 return
             try:
-                command = v2_codec.decode(data, peer.member is not None)
+                command = v2_codec.decode(data, peer.greeted)
                 if pace is OVER:
                     raise CommandError(
                         "rate_limited",
@@ -212,28 +244,44 @@ class Chat:
                         getattr(command, "room", None),
                         getattr(command, "ref", None),
                     )
-                if isinstance(command, Hello):
-                    peer.identify(command.nick, command.session)
-                    hub.reply(peer, v2_codec.welcome(command.nick))
-                elif isinstance(command, Say):
+                if isinstance(command, Say):
                     hub.say(peer, command)
-                else:
-                    hub.command(peer, command)
+                    return
+                if isinstance(command, Hello | Refresh) and verifier is not None:
+                    command = self._verified(command, verifier)
+                if isinstance(command, Hello):
+                    peer.greeted = True  # (what comes after it is carried out after it, in the hub)
+                hub.command(peer, command)
             except CommandError as error:
                 log.debug("%r: %s", peer, error)
                 hub.reply(peer, V2Codec.error(error))
 
         return on_message
 
-    def _refusal(self, environ: Environ) -> Refusal | None:
-        """Why this handshake must be refused, or None (origin, shutdown, capacity)."""
+    def _verified(self, command: Hello | Refresh, verifier: Verifier) -> Hello | Refresh:
+        """A hello or refresh with the identity its token vouches for (in the read pump: the
+        signature's cost stays off the hub); the refusal, counted, if none."""
+        assert command.token is not None
+        try:
+            identity = verifier.verify(command.token)
+        except CommandError as error:
+            self.metrics.auth_refused.labels(error.code).inc()
+            log.info("token refused: %s", error.message)
+            raise
+        if isinstance(command, Hello):
+            return Hello(identity.name, command.session, None, identity)
+        return Refresh("", identity)
+
+    def _refusal(self, environ: Environ, address: str) -> Refusal | None:
+        """Why this handshake must be refused, or None (origin, shutdown, capacity, v1 in token
+        mode)."""
         if not self._origin_allowed(environ):
             origin, host = environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST")
             log.info(
                 "refused WebSocket from origin %r to Host %r (%s); if only a reverse proxy makes them "
                 "differ, have it pass the browser's Host (nginx: proxy_set_header Host $http_host;), "
                 "else list the origin in CHAT_ALLOWED_ORIGINS",
-                origin, host, peer_of(environ),
+                origin, host, peer_of(environ, address),
             )
             self.metrics.refused.labels("origin").inc()
             return Refusal(403, frames.CLOSE_POLICY_VIOLATION, "cross-origin WebSocket refused")
@@ -243,8 +291,22 @@ class Chat:
         if self.connections >= self.config.max_connections:
             log.warning("refused WebSocket: %d connections open (CHAT_MAX_CONNECTIONS)", self.connections)
             self.metrics.refused.labels("capacity").inc()
-            return Refusal(503, frames.CLOSE_TRY_AGAIN_LATER, "server full, try again later")
+            return Refusal(503, frames.CLOSE_TRY_AGAIN_LATER, "server full, try again later", 5.0)
+        if self.verifier is not None and not offers_v2(environ):
+            self.metrics.refused.labels("v1_in_token_mode").inc()
+            return Refusal(403, frames.CLOSE_POLICY_VIOLATION, "this chat needs signed identity: speak chat.v2")
         return None
+
+    def _over_limit(self, address: str, environ: Environ) -> Refusal | None:
+        """A per-address limit this handshake would pass (counted, when not), or None."""
+        over = self.addresses.admit(address)
+        if over is None:
+            return None
+        limit, wait = over
+        log.info("refused WebSocket from %s: %s", peer_of(environ, address), limit)
+        self.metrics.limit_refused.labels(limit).inc()
+        why = "too many connections from your address" if limit == "ip_connections" else "connecting too fast"
+        return Refusal(429, frames.CLOSE_TRY_AGAIN_LATER, why, wait)
 
     @staticmethod
     def _stock_chose_v2(stock: Any) -> bool:

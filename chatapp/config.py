@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -56,6 +58,29 @@ class Config:
     hub_inbox_size: int = 1024
     # The bearer token GET /metrics asks for; empty turns metrics off (404).
     metrics_token: str = ""
+    # "open": nicks are names; "token": the app's backend signs who each user is (a JWT).
+    auth: str = "open"
+    # Token keys: HMAC secrets by kid, and the path of a JWKS file of public keys.
+    token_keys: tuple[tuple[str, str], ...] = ()
+    token_jwks: str = ""
+    # Checked when set: the token's audience and issuer.
+    token_audience: str = ""
+    token_issuer: str = ""
+    # Seconds a connection whose token expired has to refresh it before it is closed (4001).
+    token_grace: float = 30.0
+    # Where the page gets a token (fetched with credentials), and where "sign in" links.
+    token_url: str = ""
+    login_url: str = ""
+    # Rooms only users with a matching `rooms` claim may join (patterns: name, or prefix*).
+    private_rooms: tuple[str, ...] = ("private-*",)
+    # Connections one user may have open in the whole chat (token mode).
+    max_connections_per_user: int = 20
+    # Connections one address may have open, and handshakes it may make a second (bursts of
+    # twice that), per worker.
+    max_connections_per_ip: int = 200
+    connect_rate_per_ip: float = 20.0
+    # Proxies whose X-Forwarded-For is believed (CIDRs): loopback, like gunicorn's default.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -86,7 +111,26 @@ class Config:
             room_ttl=_int(env, "CHAT_ROOM_TTL", cls.room_ttl, minimum=1),
             hub_inbox_size=_int(env, "CHAT_HUB_INBOX_SIZE", cls.hub_inbox_size, minimum=1),
             metrics_token=env.get("CHAT_METRICS_TOKEN", "").strip(),
+            auth=_choice(env, "CHAT_AUTH", ("open", "token")),
+            token_keys=_token_keys(env),
+            token_jwks=env.get("CHAT_TOKEN_JWKS", "").strip(),
+            token_audience=env.get("CHAT_TOKEN_AUDIENCE", "").strip(),
+            token_issuer=env.get("CHAT_TOKEN_ISSUER", "").strip(),
+            token_grace=_float(env, "CHAT_TOKEN_GRACE", cls.token_grace, minimum=0.0),
+            token_url=env.get("CHAT_TOKEN_URL", "").strip(),
+            login_url=env.get("CHAT_LOGIN_URL", "").strip(),
+            private_rooms=_patterns(env, "CHAT_PRIVATE_ROOMS", cls.private_rooms),
+            max_connections_per_user=_int(
+                env, "CHAT_MAX_CONNECTIONS_PER_USER", cls.max_connections_per_user, minimum=1
+            ),
+            max_connections_per_ip=_int(env, "CHAT_MAX_CONNECTIONS_PER_IP", cls.max_connections_per_ip, minimum=1),
+            connect_rate_per_ip=_float(
+                env, "CHAT_CONNECT_RATE_PER_IP", cls.connect_rate_per_ip, minimum=0.0, unit="handshakes per second"
+            ),
+            trusted_proxies=_networks(env, "CHAT_TRUSTED_PROXIES", cls.trusted_proxies),
         )
+        if config.auth == "token" and not (config.token_keys or config.token_jwks):
+            raise ConfigError("CHAT_AUTH=token needs CHAT_TOKEN_KEYS or CHAT_TOKEN_JWKS: keys to verify tokens with")
         if config.ping_period >= config.pong_wait:
             raise ConfigError(
                 f"CHAT_PING_PERIOD ({config.ping_period}) must be less than "
@@ -119,6 +163,52 @@ def _redis_url(env: Mapping[str, str]) -> str:
     except ValueError:
         raise ConfigError(f"REDIS_URL has a bad port: {url!r}") from None
     return url
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def _token_keys(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """CHAT_TOKEN_KEYS: kid:secret,kid:secret (a secret may hold colons, not commas)."""
+    keys = []
+    for entry in env.get("CHAT_TOKEN_KEYS", "").split(","):
+        if not entry.strip():
+            continue
+        kid, colon, secret = entry.strip().partition(":")
+        if not colon or not kid or len(secret) < 32:
+            # (RFC 7518 §3.2: an HS256 key of at least 256 bits)
+            raise ConfigError("CHAT_TOKEN_KEYS must be kid:secret pairs, comma-separated, each secret 32+ characters")
+        keys.append((kid, secret))
+    if len({kid for kid, _ in keys}) != len(keys):
+        raise ConfigError("CHAT_TOKEN_KEYS names a kid twice")
+    return tuple(keys)
+
+
+def _patterns(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Room patterns, comma-separated: a room name, or a prefix followed by *."""
+    if name not in env:
+        return default
+    patterns = tuple(p.strip() for p in env[name].split(",") if p.strip())
+    for pattern in patterns:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}|[a-z0-9_-]{0,31}\*", pattern):
+            raise ConfigError(f"{name}: {pattern!r} is not a room name or a prefix followed by *")
+    return patterns
+
+
+def _networks(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    if name not in env:
+        return default
+    networks = tuple(n.strip() for n in env[name].split(",") if n.strip())
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{name}: {network!r} is not an address or a CIDR") from None
+    return networks
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

@@ -73,6 +73,17 @@ class Metrics:
             "chat_redis_roundtrip_seconds", "Round trips to Redis to publish a batch of lines.", REDIS_BUCKETS
         )
         self.outbox_lost = counter("chat_outbox_lost", "Lines given up because the Redis outbox was full.")
+        self.auth_refused = counter(
+            "chat_auth_refused", "Tokens refused (token mode), by reason (bad_token, token_expired).", ("reason",)
+        )
+        self.moderation = counter(
+            "chat_moderation_actions", "Moderation commands carried out, by kind (kick, ban, ... delete).", ("action",)
+        )
+        self.limit_refused = counter(
+            "chat_limit_refused",
+            "Connections refused by a limit: ip_connections, ip_rate (handshakes), user_connections (hellos).",
+            ("limit",),
+        )
 
     def authorized(self, header: str) -> bool:
         """Whether an Authorization header carries the token (compared in constant time)."""

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from support import NGINX, RedisClusterProcess, RedisProcess, ServerProcess, free_port, shut_client_sockets
 
-# Settings every test server gets unless the test says otherwise: no flood control, which
-# would get in the way of tests that send fast (the rate limit has its own test).
-TEST_ENV = {"CHAT_RATE_LIMIT": "0"}
+# Settings every test server gets unless the test says otherwise: no flood control, and no
+# limits per address (every test client comes from 127.0.0.1), which would get in the way of
+# tests that send fast or open many connections (those limits have tests of their own).
+TEST_ENV = {"CHAT_RATE_LIMIT": "0", "CHAT_MAX_CONNECTIONS_PER_IP": "1000000", "CHAT_CONNECT_RATE_PER_IP": "0"}
 
 
 def unavailable(reason: str) -> None:

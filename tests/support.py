@@ -421,13 +421,20 @@ class V2Client:
     for assertions that nothing else came.
     """
 
-    def __init__(self, server: ServerProcess, nick: str | None = None, session: str | None = None, **options) -> None:  # type: ignore[no-untyped-def]
+    def __init__(  # type: ignore[no-untyped-def]
+        self, server: ServerProcess, nick: str | None = None, session: str | None = None,
+        token: str | None = None, **options,
+    ) -> None:
+        """nick: say hello with it (open mode); token: say hello with it (token mode)."""
         self.ws = connect(server, subprotocols=["chat.v2"], **options)
         assert self.ws.getsubprotocol() == "chat.v2"
         self.pending: list[dict] = []  # type: ignore[type-arg]
         self.welcome: dict | None = None  # type: ignore[type-arg]
         if nick is not None:
             self.send(type="hello", nick=nick, session=session or f"session-of-{nick}")
+            self.welcome = self.wait("welcome")
+        elif token is not None:
+            self.send(type="hello", token=token, session=session or f"session-{random.random()}")
             self.welcome = self.wait("welcome")
 
     def send(self, **command) -> None:  # type: ignore[no-untyped-def]

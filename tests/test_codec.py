@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from conftest import TEST_ENV
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import ServerProcess, V2Client, free_port, parse_server_frames, shut_client_sockets
@@ -81,7 +82,7 @@ def test_any_frame_decodes_to_a_valid_command_or_a_well_formed_error(frame: str,
 def live(tmp_path_factory) -> Iterator[tuple[ServerProcess, V2Client]]:  # type: ignore[no-untyped-def]
     """A running server and one welcomed client in a room, for the whole fuzz run."""
     log_path = tmp_path_factory.mktemp("fuzz") / "server.log"
-    server = ServerProcess(kind="wsgi", port=free_port(), env={"CHAT_RATE_LIMIT": "0"}, log_path=log_path).start()
+    server = ServerProcess(kind="wsgi", port=free_port(), env=TEST_ENV, log_path=log_path).start()
     client = V2Client(server, "fuzzer")
     client.join("ok-room")
     yield server, client

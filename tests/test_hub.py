@@ -283,11 +283,11 @@ def test_presence_is_per_nick_not_per_tab(hub: Hub) -> None:
     hub.command(alice1, Leave("tea"))
     settle(hub)
     presence = [e for e in events(bob) if e["type"] == "presence"]
-    assert presence == [{"type": "presence", "room": "tea", "joined": "Alice"}]
+    assert presence == [{"type": "presence", "room": "tea", "user": None, "joined": "Alice"}]
     hub.unregister(alice2)
     settle(hub)
     presence = [e for e in events(bob) if e["type"] == "presence"]
-    assert presence[-1] == {"type": "presence", "room": "tea", "left": "Alice"}
+    assert presence[-1] == {"type": "presence", "room": "tea", "user": None, "left": "Alice"}
     assert not [e for e in events(alice1) + events(alice2) if e["type"] == "presence"]
 
 

@@ -45,10 +45,10 @@ def scrape(server, token: str | None = TOKEN) -> tuple[int, str, str]:  # type: 
 
 
 def value(body: str, name: str) -> float:
-    """The sum of a metric's samples (all labels) in a scrape."""
+    """The sum of a metric's samples (all labels, or the labels named) in a scrape."""
     total = 0.0
     for line in body.splitlines():
-        if line.startswith(name) and line[len(name)] in " {":
+        if line.startswith(name) and line[len(name)] in " {,":
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -278,3 +278,35 @@ def test_frames_count_as_received(server) -> None:  # type: ignore[no-untyped-de
     sock.sendall(client_frame(0x2, b"\x00"))
     assert read_close(sock)[0] == 1003
     wait_until(lambda: sample(server, 'chat_messages_received_total{protocol="v1"}') == 1, 10, what="the frame")
+
+
+def test_token_refusals_moderation_and_limits_are_counted(start_server) -> None:  # type: ignore[no-untyped-def]
+    """chat_auth_refused_total by reason, chat_moderation_actions_total by action,
+    chat_limit_refused_total by limit: each moved by what it counts."""
+    from chatapp.token import make
+
+    secret = "a-test-secret-of-at-least-32-characters"
+    server = start_server(
+        "gunicorn", CHAT_METRICS_TOKEN=TOKEN, CHAT_AUTH="token", CHAT_TOKEN_KEYS=f"k1:{secret}",
+        CHAT_MAX_CONNECTIONS_PER_IP="3", CHAT_MAX_CONNECTIONS_PER_USER="1",
+    )
+    refused = V2Client(server)
+    refused.send(type="hello", token="not a token", session="s")
+    refused.wait("error")
+    refused.send(type="hello", token=make(("k1", secret), "u", ttl=-60), session="s")
+    refused.wait("error")
+    mod = V2Client(server, token=make(("k1", secret), "mod", mod=["*"]))
+    mod.join("tea")
+    mod.send(type="kick", room="tea", user="someone")
+    mod.wait("done")
+    refused.send(type="hello", token=make(("k1", secret), "mod"), session="s")  # mod's one connection is taken
+    assert refused.wait("error")["code"] == "too_many_connections"
+    heads = [raw_handshake(server.port, {"Sec-WebSocket-Protocol": "chat.v2"})[1] for _ in range(3)]
+    over = [head.split(b" ", 2)[1] for head in heads].count(b"429")  # past three open from 127.0.0.1
+    assert over
+    body = scrape(server)[2]
+    assert value(body, 'chat_auth_refused_total{reason="bad_token"}') == 1
+    assert value(body, 'chat_auth_refused_total{reason="token_expired"}') == 1
+    assert value(body, 'chat_moderation_actions_total{action="kick"}') == 1
+    assert value(body, 'chat_limit_refused_total{limit="user_connections"}') == 1
+    assert value(body, 'chat_limit_refused_total{limit="ip_connections"}') == over

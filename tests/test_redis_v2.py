@@ -56,7 +56,7 @@ def test_one_seq_and_one_member_list_across_hosts(hosts) -> None:  # type: ignor
     assert alice.join("tea")["members"] == ["alice"]
     joined = bob.join("tea")
     assert joined["members"] == ["alice", "bob"] and joined["member_count"] == 2
-    assert alice.wait("presence") == {"type": "presence", "room": "tea", "joined": "bob"}
+    assert alice.wait("presence") == {"type": "presence", "room": "tea", "user": None, "joined": "bob"}
     for i in range(6):
         (alice if i % 2 else bob).send(type="say", room="tea", text=f"line {i}")
     seen = [[(m["epoch"], m["seq"], m["text"]) for m in client.messages("tea", 6)] for client in (alice, bob)]

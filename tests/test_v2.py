@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 import websocket
+from conftest import TEST_ENV
 from support import (
     ServerProcess,
     V2Client,
@@ -35,7 +36,7 @@ def server(request, tmp_path_factory) -> Iterator[ServerProcess]:  # type: ignor
     """A server for the module's tests, under the Procfile's command and under `python wsgi.py`."""
     kind = request.param
     log_path = tmp_path_factory.mktemp("v2") / f"{kind}.log"
-    process = ServerProcess(kind=kind, port=free_port(), env={"CHAT_RATE_LIMIT": "0"}, log_path=log_path).start()
+    process = ServerProcess(kind=kind, port=free_port(), env=TEST_ENV, log_path=log_path).start()
     yield process
     shut_client_sockets()
     process.stop()
@@ -94,14 +95,14 @@ def test_join_then_live_messages(server, room) -> None:  # type: ignore[no-untyp
     joined = alice.join(room)
     assert joined == {
         "type": "joined", "room": room, "epoch": joined["epoch"], "seq": 0, "recovered": False,
-        "messages": [], "members": ["alice"], "member_count": 1,
+        "messages": [], "members": ["alice"], "users": [{"user": None, "nick": "alice"}], "member_count": 1,
     }
     bob.join(room)
     bob.say(room, "hello")
     message = alice.wait("message", room=room)
     assert message == {
         "type": "message", "room": room, "epoch": joined["epoch"], "seq": 1,
-        "time": message["time"], "nick": "bob", "text": "hello",
+        "time": message["time"], "nick": "bob", "user": None, "text": "hello",
     }
     assert abs(message["time"] - time.time() * 1000) < 60_000
 
@@ -483,14 +484,14 @@ def test_presence_joined_and_left_on_first_and_last_connection(server, room) -> 
     watcher.join(room)
     tab1, tab2 = V2Client(server, "alice", session="a"), V2Client(server, "alice", session="a")
     tab1.join(room)
-    assert watcher.wait("presence") == {"type": "presence", "room": room, "joined": "alice"}
+    assert watcher.wait("presence") == {"type": "presence", "room": room, "user": None, "joined": "alice"}
     assert tab2.join(room)["members"] == ["alice", "watcher"]
     tab1.ws.sock.shutdown(2)  # one tab closes (or reconnects): alice is still there
     tab3 = V2Client(server, "alice", session="a")
     tab3.join(room)
     tab2.close()
     tab3.close()
-    assert watcher.wait("presence") == {"type": "presence", "room": room, "left": "alice"}
+    assert watcher.wait("presence") == {"type": "presence", "room": room, "user": None, "left": "alice"}
     assert [e for e in watcher.settle() if e["type"] == "presence"] == []
     assert [e for e in tab2.pending + tab3.pending if e["type"] == "presence"] == []
 

@@ -13,7 +13,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
-from ..transport.frames import OP_TEXT, encode_frame, encode_text
+from ..transport.frames import OP_TEXT, encode_frame
 from .commands import (
     LOBBY,
     MAX_ID,
@@ -26,7 +26,9 @@ from .commands import (
     Join,
     Leave,
     ListRooms,
+    Moderate,
     Position,
+    Refresh,
     Say,
     one_line,
 )
@@ -34,6 +36,10 @@ from .message import ChatMessage
 from .presence import Member
 
 SUBPROTOCOL_V2 = "chat.v2"
+# The moderation commands, and those that name a user.
+MODERATION = ("kick", "ban", "unban", "mute", "unmute", "delete")
+# Longest reason a moderator may give, in characters.
+MAX_REASON = 200
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -55,8 +61,13 @@ class V1Codec:
     def message_frame(message: ChatMessage) -> bytes:
         frame = message.v1_frame
         if frame is None:
-            text = message.text if message.nick is None else f"{message.nick}: {message.text}"
-            frame = message.v1_frame = encode_text(text)
+            text = message.text
+            if text is None:
+                frame = b""  # A deletion, or a deleted line: v1 clients get nothing of it.
+            else:
+                text = text if message.nick is None else f"{message.nick}: {text}"
+                frame = encode_frame(OP_TEXT, text.encode())
+            message.v1_frame = frame
         return frame
 
 
@@ -65,10 +76,13 @@ class V2Codec:
 
     version = 2
 
-    def __init__(self, text_limit: int, rate: float) -> None:
+    def __init__(self, text_limit: int, rate: float, token: bool = False) -> None:
         self.text_limit = text_limit
-        # Room for JSON escaping of a whole text (\u00XX is 6 bytes) plus the other fields.
-        self.frame_limit = 6 * text_limit + 1024
+        # Whether hello carries a token (CHAT_AUTH=token).
+        self.token = token
+        # Room for JSON escaping of a whole text (\u00XX is 6 bytes) plus the other fields;
+        # in token mode at least room for a token (8 KB) in a hello.
+        self.frame_limit = max(6 * text_limit + 1024, 10240 if token else 0)
         self.limits = {
             "text": text_limit,
             "frame": self.frame_limit,
@@ -79,7 +93,7 @@ class V2Codec:
     # Decoding: one text frame into one command, or a CommandError.
 
     def decode(self, data: str, identified: bool) -> Command:
-        """The command in this frame. `identified`: whether this connection's hello was welcomed."""
+        """The command in this frame. `identified`: whether this connection's hello was taken."""
         try:
             obj = json.loads(data)
         except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
@@ -94,13 +108,17 @@ class V2Codec:
             if identified:
                 raise CommandError("bad_message", "hello comes once")
         elif not identified:
-            raise CommandError("not_hello", "say hello first", _named_room(obj), _ref(obj) if kind == "say" else None)
+            ref = _ref(obj) if kind == "say" or kind in MODERATION else None
+            raise CommandError("not_hello", "say hello first", _named_room(obj), ref)
         return parse(self, obj)
 
     def _hello(self, obj: dict[str, Any]) -> Hello:
-        nick, session = obj.get("nick"), obj.get("session")
+        session = obj.get("session")
         if not isinstance(session, str) or not 0 < len(session) <= MAX_ID:
             raise CommandError("bad_message", f"session must be a string of 1 to {MAX_ID} characters")
+        if self.token:
+            return Hello("", session, _token(obj))
+        nick = obj.get("nick")
         if not isinstance(nick, str):
             raise CommandError("bad_nick", "nick must be a string")
         nick = unicodedata.normalize("NFKC", nick)
@@ -109,6 +127,11 @@ class V2Codec:
                 "bad_nick", "a nick is 1 to 24 letters, digits, _ . or -, starting with a letter, digit or _"
             )
         return Hello(nick, session)
+
+    def _refresh(self, obj: dict[str, Any]) -> Refresh:
+        if not self.token:
+            raise CommandError("bad_message", "refresh is for token mode (CHAT_AUTH=token)")
+        return Refresh(_token(obj))
 
     def _join(self, obj: dict[str, Any]) -> Join:
         room = _room(obj)
@@ -121,9 +144,7 @@ class V2Codec:
         return Join(room, Position(epoch, seq))
 
     def _say(self, obj: dict[str, Any]) -> Say:
-        ref = obj.get("ref")
-        if ref is not None and _ref(obj) is None:
-            raise CommandError("bad_message", f"ref must be a string of up to {MAX_ID} characters", _named_room(obj))
+        ref = _checked_ref(obj)
         room = _room(obj, ref)
         text = obj.get("text")
         if not isinstance(text, str) or not _unicode(text):
@@ -141,30 +162,64 @@ class V2Codec:
     def _rooms(self, obj: dict[str, Any]) -> ListRooms:
         return ListRooms()
 
+    def _moderate(self, obj: dict[str, Any]) -> Moderate:
+        action: str = obj["type"]
+        ref = _checked_ref(obj)
+        room = _room(obj, ref)
+        if action == "delete":
+            seq = obj.get("seq")
+            if type(seq) is not int or seq < 1:
+                raise CommandError("bad_message", "seq must be an integer >= 1", room, ref)
+            return Moderate(action, room, seq=seq, ref=ref)
+        user = obj.get("user")
+        if not isinstance(user, str) or not 0 < len(user) <= MAX_ID or not user.isprintable():
+            raise CommandError("bad_message", f"user must be a string of 1 to {MAX_ID} characters", room, ref)
+        seconds = obj.get("seconds")
+        if action in ("ban", "mute") and seconds is not None:
+            if type(seconds) not in (int, float) or not 0 < seconds <= 10 * 365 * 86400:
+                raise CommandError("bad_message", "seconds must be a number from 0 to ten years", room, ref)
+        else:
+            seconds = None
+        reason = obj.get("reason")
+        if reason is not None:
+            if not isinstance(reason, str) or len(reason) > MAX_REASON or not _unicode(reason):
+                why = f"reason must be a string of up to {MAX_REASON} characters"
+                raise CommandError("bad_message", why, room, ref)
+            reason = one_line(reason) or None
+        return Moderate(action, room, user, 0, seconds, reason, ref)
+
     # Encoding: events into frames.
 
     @staticmethod
     def message_json(message: ChatMessage) -> bytes:
         encoded = message.v2_json
         if encoded is None:
-            encoded = message.v2_json = _dumps(
-                {
-                    "type": "message",
-                    "room": message.room,
-                    "epoch": message.epoch,
-                    "seq": message.seq,
-                    "time": message.time,
-                    "nick": message.nick,
-                    "text": message.text,
+            if message.target:
+                event: dict[str, Any] = {
+                    "type": "deleted", "room": message.room, "epoch": message.epoch, "seq": message.seq,
+                    "time": message.time, "target": message.target, "by": message.nick,
                 }
-            ).encode()
+            else:
+                event = {
+                    "type": "message", "room": message.room, "epoch": message.epoch, "seq": message.seq,
+                    "time": message.time, "nick": message.nick, "user": message.user, "text": message.text,
+                }
+                if message.text is None:
+                    event["deleted"] = True
+            encoded = message.v2_json = _dumps(event).encode()
         return encoded
 
     def message_frame(self, message: ChatMessage) -> bytes:
         return encode_frame(OP_TEXT, self.message_json(message))
 
-    def welcome(self, nick: str) -> bytes:
-        return _event({"type": "welcome", "nick": nick, "limits": self.limits})
+    def welcome(self, nick: str, user: str | None = None, expires: float | None = None) -> bytes:
+        event: dict[str, Any] = {"type": "welcome", "nick": nick}
+        if user is not None:
+            event["user"] = user
+        if expires is not None:
+            event["expires"] = int(expires * 1000)
+        event["limits"] = self.limits
+        return _event(event)
 
     @staticmethod
     def joined(
@@ -184,6 +239,7 @@ class V2Codec:
                 "seq": seq,
                 "recovered": recovered,
                 "members": [member.nick for member in members],
+                "users": [{"user": member.user, "nick": member.nick} for member in members],
                 "member_count": member_count,
             }
         ).encode()
@@ -200,17 +256,35 @@ class V2Codec:
         return encode_frame(OP_TEXT, ack)
 
     @staticmethod
-    def presence(room: str, change: str, nick: str) -> bytes:
+    def presence(room: str, change: str, member: Member) -> bytes:
         """change: "joined" or "left"."""
-        return _event({"type": "presence", "room": room, change: nick})
+        return _event({"type": "presence", "room": room, "user": member.user, change: member.nick})
 
     @staticmethod
-    def left(room: str) -> bytes:
-        return _event({"type": "left", "room": room})
+    def left(room: str, reason: str | None = None, **fields: object) -> bytes:
+        event: dict[str, Any] = {"type": "left", "room": room}
+        if reason is not None:
+            event["reason"] = reason
+            event.update(fields)
+        return _event(event)
 
     @staticmethod
     def rooms(listing: list[tuple[str, int]]) -> bytes:
         return _event({"type": "rooms", "rooms": [{"room": room, "members": n} for room, n in listing]})
+
+    @staticmethod
+    def refreshed(expires: float) -> bytes:
+        return _event({"type": "refreshed", "expires": int(expires * 1000)})
+
+    @staticmethod
+    def done(command: Moderate) -> bytes:
+        event: dict[str, Any] = {"type": "done", "command": command.action, "room": command.room}
+        if command.action == "delete":
+            event["seq"] = command.seq
+        else:
+            event["user"] = command.user
+        event["ref"] = command.ref
+        return _event(event)
 
     @staticmethod
     def error(error: CommandError) -> bytes:
@@ -219,6 +293,7 @@ class V2Codec:
             event["ref"] = error.ref
         if error.room is not None:
             event["room"] = error.room
+        event.update(error.fields)
         return _event(event)
 
 
@@ -226,10 +301,12 @@ Codec = V1Codec | V2Codec
 
 _PARSERS: dict[str, Callable[[V2Codec, dict[str, Any]], Command]] = {
     "hello": V2Codec._hello,
+    "refresh": V2Codec._refresh,
     "join": V2Codec._join,
     "say": V2Codec._say,
     "leave": V2Codec._leave,
     "rooms": V2Codec._rooms,
+    **{action: V2Codec._moderate for action in MODERATION},
 }
 
 
@@ -253,9 +330,23 @@ def _named_room(obj: dict[str, Any]) -> str | None:
 
 
 def _ref(obj: dict[str, Any]) -> str | None:
-    """A say's ref, to echo in an ack or error: a string of at most MAX_ID characters."""
+    """A command's ref, to echo in an answer: a string of at most MAX_ID characters."""
     ref = obj.get("ref")
     return ref if isinstance(ref, str) and len(ref) <= MAX_ID and _unicode(ref) else None
+
+
+def _checked_ref(obj: dict[str, Any]) -> str | None:
+    ref = obj.get("ref")
+    if ref is not None and _ref(obj) is None:
+        raise CommandError("bad_message", f"ref must be a string of up to {MAX_ID} characters", _named_room(obj))
+    return _ref(obj)
+
+
+def _token(obj: dict[str, Any]) -> str:
+    token = obj.get("token")
+    if not isinstance(token, str) or not token:
+        raise CommandError("bad_token", "token must be a non-empty string")
+    return token
 
 
 def _room(obj: dict[str, Any], ref: str | None = None) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .identity import Identity
+
 # The room v1 clients are in, and every page opens first.
 LOBBY = "lobby"
 # A nick after NFKC normalisation, and a room name (docs/protocol.md, "Identity", "Rooms").
@@ -23,18 +25,34 @@ LISTING_LIMIT = 100
 class CommandError(Exception):
     """A command the chat refuses: answered with an `error` event, never a closed connection."""
 
-    def __init__(self, code: str, message: str, room: str | None = None, ref: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, room: str | None = None, ref: str | None = None, **fields: object
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.room = room
         self.ref = ref
+        # More for the client, by name (`until` for banned and muted).
+        self.fields = fields
 
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    # open mode: the nick; token mode: the token, then (once the read pump verified it) who it
+    # says the connection is.
     nick: str
     session: str
+    token: str | None = None
+    identity: Identity | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """A new token for the connection (token mode); identity once the read pump verified it."""
+
+    token: str
+    identity: Identity | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +87,19 @@ class ListRooms:
 
 
 @dataclass(frozen=True, slots=True)
+class Moderate:
+    """A moderation command: kick, ban, unban, mute, unmute (naming a user) or delete (a seq)."""
+
+    action: str
+    room: str
+    user: str | None = None
+    seq: int = 0
+    seconds: float | None = None
+    reason: str | None = None
+    ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """An answer the read pump made itself (a refused command): sent in its turn, after the
     answers to the commands before it."""
@@ -76,10 +107,17 @@ class Reply:
     frame: bytes
 
 
-Command = Hello | Join | Say | Leave | ListRooms
+Command = Hello | Refresh | Join | Say | Leave | ListRooms | Moderate
+
+# Control characters a line may not carry: C0 and C1 but TAB (CR and LF become spaces first).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def one_line(text: str) -> str:
-    """A chat line as everyone sees it: CR and LF become spaces, then it is trimmed. So no
-    client can forge a second line for v1 readers."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ").strip()
+    """A chat line as everyone sees it: CR and LF become spaces, other control characters but
+    TAB go, then it is trimmed. So no client can forge a second line for v1 readers, or send
+    escape sequences to a reader's terminal."""
+    text = text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+    if not text.isprintable():  # (fast: most lines have no control character at all)
+        text = _CONTROL.sub("", text)
+    return text.strip()

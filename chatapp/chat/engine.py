@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .commands import CommandError, Position
+from .commands import CommandError, Moderate, Position
 from .message import ChatMessage
 from .presence import Member, PresenceChange
 
@@ -37,6 +37,31 @@ class Line:
     session: str | None
     ref: str | None
     text: str
+    # The speaker's user (token mode): a mute holds it back, and a delete checks it.
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Moderator:
+    """Who gives a moderation command: a user (None: the app's backend), and whether they
+    moderate the room (else only their own lines may they delete)."""
+
+    user: str | None
+    nick: str | None
+    moderates: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """A user taken out of a room everywhere (kick, ban): what their connections are told."""
+
+    room: str
+    user: str
+    # "kicked" or "banned", the moderator's words, and for a ban its end (ms since 1970, or
+    # None: no end).
+    reason: str
+    message: str | None = None
+    until: int | None = None
 
 
 @dataclass(slots=True)
@@ -82,6 +107,15 @@ class Sink(Protocol):
     def heard_here(self, room: str, text: str) -> None:
         """A v1 line the engine could not publish yet: this worker's v1 clients hear it now."""
 
+    def connected(self, peer: Peer, refusal: CommandError | None) -> None:
+        """The answer to connect(): None, or why the user may not have another connection."""
+
+    def moderated(self, moderator: Peer, refusal: CommandError | None) -> None:
+        """The answer to moderate(): None when done, or why not."""
+
+    def removed(self, removal: Removal) -> None:
+        """A user was kicked or banned from a room: every connection of theirs here leaves it."""
+
     def call(self, action: Callable[[], None], lines: bool = False) -> None:
         """From an engine's own greenlet: run action in the hub's greenlet, in order with
         everything else. lines: the action only delivers lines (the hub may take it along
@@ -111,3 +145,15 @@ class Engine(Protocol):
 
     def list_rooms(self) -> None:
         """The rooms of the whole chat, busiest first (listed)."""
+
+    def connect(self, peer: Peer, user: str) -> None:
+        """Count one more connection of a user in the whole chat, unless they have the most
+        allowed (connected)."""
+
+    def disconnect(self, user: str) -> None:
+        """One connection fewer of a user (one that connect() counted)."""
+
+    def moderate(self, asker: Peer, command: Moderate, moderator: Moderator) -> None:
+        """Carry out a moderation command (moderated), everywhere: a kick or ban takes the user
+        out of the room on every worker (removed), a delete becomes the next event of the room
+        (arrived), a ban or mute outlives this worker where the engine can keep it."""

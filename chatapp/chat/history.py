@@ -29,7 +29,7 @@ def held_bytes(message: ChatMessage) -> int:
     """What a message in a history costs in memory, its nick aside (shared with its sender).
     Both encodings are counted from the start, although each is made only when a client of
     its version first needs it: the budget holds whichever come."""
-    text = message.text
+    text = message.text or ""
     return _FIXED + getsizeof(text) + 2 * len(text)
 
 

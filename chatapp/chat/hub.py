@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable
 from itertools import count
-from time import monotonic
+from time import monotonic, time
 from typing import Any
 
 import gevent
@@ -15,11 +16,25 @@ from ..metrics import Metrics, NoMetrics
 from ..transport import frames
 from ..transport.frames import encode_text
 from .codec import V1Codec, V2Codec
-from .commands import LISTING_LIMIT, LOBBY, MAX_ROOMS_PER_CONN, CommandError, Join, Leave, ListRooms, Reply, Say
-from .engine import Engine, JoinAnswer, Line
+from .commands import (
+    LISTING_LIMIT,
+    LOBBY,
+    MAX_ROOMS_PER_CONN,
+    CommandError,
+    Hello,
+    Join,
+    Leave,
+    ListRooms,
+    Moderate,
+    Refresh,
+    Reply,
+    Say,
+)
+from .engine import Engine, JoinAnswer, Line, Moderator, Removal
+from .identity import matches
 from .message import ChatMessage
 from .peer import HubCommand, Peer, Pending
-from .presence import PRESENCE_LIMIT, Member, PresenceChange
+from .presence import PRESENCE_LIMIT, Member, PresenceChange, order
 from .room import Joining, Room
 
 log = logging.getLogger(__name__)
@@ -35,6 +50,7 @@ _ENGINE = 4
 _LINES = 5
 _SHUTDOWN = 6
 _TICK = 7
+_EXPIRE = 8
 # Requests whose lines a fan-out takes along, and those whose presence changes are told together.
 _BURSTABLE = (_SAY, _LINES)
 _PRESENCE_KINDS = (_COMMAND, _UNREGISTER, _ENGINE)
@@ -52,6 +68,10 @@ MAX_PENDING = 64
 # How old (seconds) a `rooms` listing may be: every client may ask, and listing thousands of
 # rooms is not free.
 LISTING_EVERY = 1.0
+# How often (seconds) the hub looks for tokens that expired.
+EXPIRY_CHECK = 1.0
+# Close codes of our own (docs/protocol.md): a token expired and not refreshed in time.
+CLOSE_TOKEN_EXPIRED = 4001
 
 
 class Hub:
@@ -83,6 +103,8 @@ class Hub:
         ping_period: float = 25.0,
         pong_wait: float = 60.0,
         metrics: Metrics | NoMetrics | None = None,
+        private_rooms: tuple[str, ...] = (),
+        token_grace: float = 30.0,
     ) -> None:
         # Registered connections. Only run() reads or writes this set, and the rooms.
         self.peers: set[Peer] = set()
@@ -122,6 +144,17 @@ class Hub:
         self._askers: list[tuple[Peer, Pending]] = []
         # v2 connections in rooms here (a connection in two rooms counts twice), for the metrics.
         self._memberships = 0
+        # Rooms only users whose token names them may join (patterns).
+        self.private_rooms = private_rooms
+        # Hellos and moderation commands the engine has yet to answer (one per connection at
+        # most: nothing of a connection's goes past them).
+        self._hellos: dict[Peer, Hello] = {}
+        self._moderating: dict[Peer, Moderate] = {}
+        # Token expiries: (when, tiebreak, connection, the expiry it is for, grace over?), and
+        # the seconds an expired connection has to refresh.
+        self._expiries: list[tuple[float, int, Peer, float, bool]] = []
+        self._expiry_ids = count()
+        self.token_grace = token_grace
         # When each line of the fan-out under way arrived in the inbox, if the metrics want it.
         self._timed = not isinstance(self.metrics, NoMetrics)
         self._arrivals: list[float] = []
@@ -130,7 +163,7 @@ class Hub:
 
     def start(self) -> None:
         self.engine.start(self)
-        self._greenlets = [gevent.spawn(self.run), gevent.spawn(self._tick_forever)]
+        self._greenlets = [gevent.spawn(self.run), gevent.spawn(self._tick_forever), gevent.spawn(self._watch_expiries)]
         self.metrics.greenlets.inc(len(self._greenlets))
         self.metrics.rooms.set(0)
 
@@ -142,6 +175,13 @@ class Hub:
         while True:
             gevent.sleep(self.ping_period)
             self._inbox.put((_TICK, None, None))
+
+    def _watch_expiries(self) -> None:
+        expiries = self._expiries
+        while True:
+            gevent.sleep(EXPIRY_CHECK)
+            if expiries and expiries[0][0] <= time():
+                self._inbox.put((_EXPIRE, None, None))
 
     # The doors: each waits while the inbox is full.
 
@@ -155,7 +195,7 @@ class Hub:
         """Publish a line to a room the connection is in."""
         self._inbox.put((_SAY, peer, (say, monotonic() if self._timed else 0.0)))
 
-    def command(self, peer: Peer, command: Join | Leave | ListRooms) -> None:
+    def command(self, peer: Peer, command: Hello | Refresh | Join | Leave | ListRooms | Moderate) -> None:
         self._inbox.put((_COMMAND, peer, command))
 
     def reply(self, peer: Peer, frame: bytes) -> None:
@@ -216,6 +256,8 @@ class Hub:
         elif kind == _TICK:
             self._ping_all()
             self.metrics.inbox.set(self._inbox.qsize())
+        elif kind == _EXPIRE:
+            self._expire()
         else:
             self._closed_with = code, reason = item
             for open_peer in self.peers:
@@ -277,7 +319,7 @@ class Hub:
         if peer not in self.peers:
             return  # Unregistered or dropped: what it said goes nowhere.
         if (peer.pending or peer.waiting) and not self._pipelines(peer, command):
-            peer.waiting.append(command)  # (a long wait holds its read pump back: Peer.wait_turn)
+            peer.defer(command)  # (a long wait holds its read pump back: Peer.wait_turn)
             return
         self._carry_out(peer, command)
 
@@ -285,9 +327,10 @@ class Hub:
     def _pipelines(peer: Peer, command: HubCommand) -> bool:
         """Whether the command may go while the peer's others are unanswered: a say to the
         room its unanswered says are in (their lines come back in the order said)."""
-        if type(command) is not Say or peer.waiting or len(peer.pending) >= MAX_PENDING:
+        pending = peer.pending
+        if type(command) is not Say or peer.waiting or not pending or len(pending) >= MAX_PENDING:
             return False
-        first = peer.pending[0]
+        first = pending[0]
         return bool(first.line) and first.room == command.room
 
     def _next(self, peer: Peer) -> None:
@@ -297,6 +340,8 @@ class Hub:
             if peer.pending and not self._pipelines(peer, waiting[0]):
                 break
             self._carry_out(peer, waiting.pop(0))
+        if not waiting:
+            peer.waiting = None
         peer.wake_reader()
 
     def _carry_out(self, peer: Peer, command: HubCommand) -> None:
@@ -310,6 +355,12 @@ class Hub:
             self._list_rooms(peer)
         elif isinstance(command, Reply):
             self._send(peer, command.frame)
+        elif isinstance(command, Hello):
+            self._hello(peer, command)
+        elif isinstance(command, Moderate):
+            self._moderate(peer, command)
+        elif isinstance(command, Refresh):
+            self._refresh(peer, command)
         else:
             raise TypeError(f"not a command: {command!r}")
 
@@ -322,8 +373,10 @@ class Hub:
             done = queue.pop(0)
             if done.count:
                 self._owe(peer, done.frames, done.count)
-        if not queue and peer.waiting:
-            self._resume[peer] = None
+        if not queue:
+            peer.pending = None
+            if peer.waiting:
+                self._resume[peer] = None
 
     def _owe(self, peer: Peer, frames: bytes, count: int) -> None:
         owed = self._owed.get(peer)
@@ -342,9 +395,9 @@ class Hub:
             self.engine.publish(Line(0, say.room, None, None, None, say.text))
             return
         line_id = next(self._line_ids)
-        peer.pending.append(Pending(say.room, line_id, say.ref))
+        peer.pend(Pending(say.room, line_id, say.ref))
         self._acks[line_id] = peer
-        self.engine.publish(Line(line_id, say.room, member.nick, member.session, say.ref, say.text))
+        self.engine.publish(Line(line_id, say.room, member.nick, member.session, say.ref, say.text, member.user))
 
     def arrived(self, messages: list[ChatMessage]) -> None:
         """Sink: lines numbered by the engine, in each room's seq order."""
@@ -376,14 +429,14 @@ class Hub:
         if isinstance(outcome, int):
             self._acked(sender, line_id, outcome)
             return
-        for pending in sender.pending:
+        for pending in sender.pending or ():
             if pending.line == line_id:
                 outcome.room, outcome.ref = pending.room, pending.ref
                 self._answer(sender, pending, V2Codec.error(outcome))
                 return
 
     def _acked(self, sender: Peer, line_id: int, seq: int) -> None:
-        for pending in sender.pending:
+        for pending in sender.pending or ():
             if pending.line == line_id:
                 self._answer(sender, pending, V2Codec.ack(pending.ref, pending.room, seq))
                 return
@@ -503,14 +556,24 @@ class Hub:
             error = CommandError("too_many_rooms", f"at most {MAX_ROOMS_PER_CONN} rooms per connection", name)
             self._send(peer, V2Codec.error(error))
             return
+        if peer.v2 and not self._may_join(peer, name):
+            self._send(peer, V2Codec.error(CommandError("forbidden", f"{name} is a private room", name)))
+            return
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = Room(name)
         self._exit(room, peer)  # Joining again: nothing live until the fresh `joined`.
         room.joining[peer] = Joining()
         peer.rooms.add(name)
-        peer.pending.append(Pending(name))
+        peer.pend(Pending(name))
         self.engine.join(peer, name, join.since, peer.member if fresh else None)
+
+    def _may_join(self, peer: Peer, room: str) -> bool:
+        """A private room only for a token that names it; any other room for everyone."""
+        if not matches(self.private_rooms, room):
+            return True
+        identity = peer.identity
+        return identity is not None and identity.may_join(room)
 
     def answered(self, joiner: Peer, answer: JoinAnswer | CommandError) -> None:
         """Sink: the answer to a join. The joiner enters the room's fan-out here, so not in
@@ -527,6 +590,7 @@ class Hub:
         room = self.rooms.get(pending.room)
         joining = room.joining.pop(peer, None) if room is not None else None
         if room is None or joining is None:
+            self._answer(peer, pending, b"", 0)  # Taken out of the room meanwhile (kicked): told so.
             return
         if isinstance(answer, CommandError):
             peer.rooms.discard(room.name)
@@ -621,12 +685,15 @@ class Hub:
 
     def _forget(self, peer: Peer) -> None:
         """Let go of what the hub holds for a connection that is gone."""
+        if peer.identity is not None:
+            self.engine.disconnect(peer.identity.user)
         self._owed.pop(peer, None)
         self._resume.pop(peer, None)
-        for pending in peer.pending:
+        self._hellos.pop(peer, None)
+        self._moderating.pop(peer, None)
+        for pending in peer.pending or ():
             self._acks.pop(pending.line, None)
-        peer.pending.clear()
-        peer.waiting.clear()
+        peer.pending = peer.waiting = None
         peer.wake_reader()
 
     # Presence
@@ -640,7 +707,7 @@ class Hub:
         for joining in room.joining.values():
             joining.changes.append(change)
         if room.peers:
-            frame = V2Codec.presence(room.name, change.change, change.member.nick)
+            frame = V2Codec.presence(room.name, change.change, change.member)
             self._presence.setdefault(room, []).append((change.member.key, frame))
 
     def _flush_presence(self) -> None:
@@ -676,10 +743,10 @@ class Hub:
 
     def _list_rooms(self, peer: Peer) -> None:
         if monotonic() - self._listed_at < LISTING_EVERY:
-            self._send(peer, V2Codec.rooms(self._listing))
+            self._send(peer, self._rooms_for(peer, self._listing, V2Codec.rooms(self._listing)))
             return
         pending = Pending("")
-        peer.pending.append(pending)
+        peer.pend(pending)
         self._askers.append((peer, pending))
         if len(self._askers) == 1:
             self.engine.list_rooms()
@@ -697,7 +764,13 @@ class Hub:
         askers, self._askers = self._askers, []
         for peer, pending in askers:
             if peer in self.peers:
-                self._answer(peer, pending, frame)
+                self._answer(peer, pending, self._rooms_for(peer, listing, frame))
+
+    def _rooms_for(self, peer: Peer, listing: list[tuple[str, int]], frame: bytes) -> bytes:
+        """The listing as this connection may see it: private rooms only if it may join them."""
+        if not self.private_rooms or not any(matches(self.private_rooms, room) for room, _ in listing):
+            return frame
+        return V2Codec.rooms([(room, n) for room, n in listing if self._may_join(peer, room)])
 
     # Delivery
 
@@ -761,6 +834,137 @@ class Hub:
         self._drop(failed)
 
 
+    # Who is who: hello, refresh, expiry (docs/protocol.md, "Signed identity")
+
+    def _hello(self, peer: Peer, hello: Hello) -> None:
+        identity = hello.identity
+        codec = peer.codec
+        assert isinstance(codec, V2Codec)
+        if identity is None:  # open mode: a nick is a name
+            peer.identify(hello.nick, hello.session)
+            self._send(peer, codec.welcome(hello.nick))
+            return
+        # Token mode: the user's connections are counted across the chat first.
+        peer.pend(Pending(""))
+        self._hellos[peer] = hello
+        self.engine.connect(peer, identity.user)
+
+    def connected(self, peer: Peer, refusal: CommandError | None) -> None:
+        """Sink: the engine counted (or refused) a token user's new connection."""
+        hello = self._hellos.pop(peer, None)
+        if hello is None or hello.identity is None or peer not in self.peers:
+            if refusal is None and hello is not None and hello.identity is not None:
+                self.engine.disconnect(hello.identity.user)  # It went meanwhile.
+            return
+        identity = hello.identity
+        pending = peer.oldest()
+        if refusal is not None:
+            self.metrics.limit_refused.labels("user_connections").inc()
+            self._answer(peer, pending, V2Codec.error(refusal))
+            self._send(peer, b"", 0)  # (the answer goes before the close frame)
+            peer.conn.close(frames.CLOSE_POLICY_VIOLATION, "too many connections for this user")
+            return
+        peer.identify(hello.nick, hello.session, identity)
+        self._expire_at(peer)
+        codec = peer.codec
+        assert isinstance(codec, V2Codec)
+        self._answer(peer, pending, codec.welcome(identity.name, identity.user, identity.expires))
+
+    def _refresh(self, peer: Peer, refresh: Refresh) -> None:
+        identity, old = refresh.identity, peer.identity
+        if identity is None or old is None:
+            return
+        if identity.user != old.user or identity.name != old.name:
+            error = CommandError("bad_token", "a refresh must be for the same user and name")
+            self.metrics.auth_refused.labels("bad_token").inc()
+            self._send(peer, V2Codec.error(error))
+            return
+        peer.identity = identity
+        self._expire_at(peer)
+        self._send(peer, V2Codec.refreshed(identity.expires))
+        for name in sorted(peer.rooms):  # Rooms the new token no longer lets it be in.
+            room = self.rooms.get(name)
+            if room is not None and not self._may_join(peer, name):
+                self._leave(peer, room)
+                self._send(peer, V2Codec.left(name, "forbidden"))
+
+    def _expire_at(self, peer: Peer) -> None:
+        identity = peer.identity
+        assert identity is not None
+        heapq.heappush(self._expiries, (identity.expires, next(self._expiry_ids), peer, identity.expires, False))
+
+    def _expire(self) -> None:
+        """Tokens whose exp passed: token_expired, then, after the grace, close 4001."""
+        now, expiries = time(), self._expiries
+        while expiries and expiries[0][0] <= now:
+            _, _, peer, expires, grace_over = heapq.heappop(expiries)
+            identity = peer.identity
+            if peer not in self.peers or identity is None or identity.expires != expires:
+                continue  # Gone, or refreshed since.
+            if not grace_over:
+                error = CommandError("token_expired", f"the token expired: refresh within {self.token_grace:g} s")
+                self._send(peer, V2Codec.error(error))
+                grace = (expires + self.token_grace, next(self._expiry_ids), peer, expires, True)
+                heapq.heappush(expiries, grace)
+            else:
+                log.info("%r: token expired and not refreshed: closing", peer.conn)
+                peer.conn.close(CLOSE_TOKEN_EXPIRED, "token expired")
+
+    # Moderation (docs/protocol.md, "Moderation")
+
+    def _moderate(self, peer: Peer, command: Moderate) -> None:
+        identity, room = peer.identity, command.room
+        refusal = None
+        if identity is None:
+            refusal = "moderation needs signed identity (CHAT_AUTH=token)"
+        elif command.action != "delete" and not identity.moderates(room):
+            refusal = f"you do not moderate {room}"
+        elif command.action in ("kick", "ban", "mute") and command.user == identity.user:
+            refusal = f"you may not {command.action} yourself"
+        if refusal is not None or identity is None:
+            self._send(peer, V2Codec.error(CommandError("forbidden", refusal or "", room, command.ref)))
+            return
+        peer.pend(Pending(room, ref=command.ref))
+        self._moderating[peer] = command
+        self.engine.moderate(peer, command, Moderator(identity.user, identity.name, identity.moderates(room)))
+
+    def moderated(self, moderator: Peer, refusal: CommandError | None) -> None:
+        """Sink: a moderation command was carried out (None) or refused."""
+        command = self._moderating.pop(moderator, None)
+        if command is None or moderator not in self.peers:
+            return
+        if refusal is None:
+            self.metrics.moderation.labels(command.action).inc()
+            frame = V2Codec.done(command)
+        else:
+            refusal.room, refusal.ref = command.room, command.ref
+            frame = V2Codec.error(refusal)
+        self._answer(moderator, moderator.oldest(), frame)
+
+    def removed(self, removal: Removal) -> None:
+        """Sink: a user was kicked or banned: every connection of theirs here leaves the room.
+        (Not in the middle of a fan-out: it changes who is in the room.)"""
+        if self._burst or self._fanning:
+            self._deferred.append(lambda: self._remove(removal))
+        else:
+            self._remove(removal)
+
+    def _remove(self, removal: Removal) -> None:
+        room = self.rooms.get(removal.room)
+        if room is None:
+            return
+        fields: dict[str, object] = {"message": removal.message} if removal.message else {}
+        if removal.reason == "banned":
+            fields["until"] = removal.until
+        frame = V2Codec.left(room.name, removal.reason, **fields)
+        for peer in [*room.peers, *room.joining]:
+            identity = peer.identity
+            if identity is not None and identity.user == removal.user:
+                self._leave(peer, room)
+                self._send(peer, frame)
+                room = self.rooms.get(removal.room) or room
+
+
 def _members_now(answer: JoinAnswer, changes: list[PresenceChange]) -> tuple[list[Member], int]:
     """The answer's members, brought up to date with the presence changes heard since."""
     if not changes:
@@ -777,7 +981,7 @@ def _members_now(answer: JoinAnswer, changes: list[PresenceChange]) -> tuple[lis
         elif change.change == "left" and key in members:
             del members[key]
             count -= 1
-    return [members[key] for key in sorted(members)][:PRESENCE_LIMIT], count
+    return sorted(members.values(), key=order)[:PRESENCE_LIMIT], count
 
 
 def _with_lobby(listing: list[tuple[str, int]]) -> list[tuple[str, int]]:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from gevent.event import Event
 
 from .codec import Codec, V2Codec
-from .commands import Join, Leave, ListRooms, Reply, Say
+from .commands import Hello, Join, Leave, ListRooms, Moderate, Refresh, Reply, Say
+from .identity import Identity
 from .presence import Member
 from .ratelimit import TokenBucket
 
@@ -33,7 +34,7 @@ class Pace(Enum):
 WITHIN, OVER, FLOODING = Pace.WITHIN, Pace.OVER, Pace.FLOODING
 
 # A command the hub carries out for a peer.
-HubCommand = Join | Say | Leave | ListRooms | Reply
+HubCommand = Hello | Refresh | Join | Say | Leave | ListRooms | Moderate | Reply
 
 # Commands that may wait behind a connection's unanswered ones before its read pump waits
 # too (backpressure, as for the hub's inbox: TCP then holds the client back).
@@ -58,12 +59,14 @@ class Pending:
 class Peer:
     """The chat's state for one connection.
 
-    The read pump sets the identity (at hello) and spends the rate; the hub alone changes
-    everything else, so that a join and a say queued behind it are judged in order.
+    The read pump marks the hello taken and spends the rate; the hub alone changes everything
+    else (who the connection is, once welcomed, its rooms), so that a join and a say queued
+    behind it are judged in order.
     """
 
     __slots__ = (
-        "conn", "codec", "v2", "member", "rooms", "pending", "waiting", "_turn", "_rate", "_flood",
+        "conn", "codec", "v2", "greeted", "member", "identity", "rooms", "pending", "waiting", "_turn", "_rate",
+        "_flood",
     )
 
     def __init__(self, conn: Conn, codec: Codec, rate_limit: float) -> None:
@@ -72,15 +75,19 @@ class Peer:
         # The protocol this connection speaks, chosen in the handshake, and whether it is v2.
         self.codec = codec
         self.v2 = isinstance(codec, V2Codec)
-        # Set when a v2 hello is welcomed: who the connection is, as presence counts it.
+        # Set by the read pump when it hands the hub a hello: later frames are not `not_hello`.
+        self.greeted = False
+        # Set when a v2 hello is welcomed: who the connection is, as presence counts it, and in
+        # token mode what its token vouches for (refresh replaces it).
         self.member: Member | None = None
+        self.identity: Identity | None = None
         # Names of the rooms the connection is in or joining (v1 clients: only the lobby).
         self.rooms: set[str] = set()
         # Commands the engine has yet to answer, oldest first: a join, a listing, or says to
-        # one room (see Hub._command). And the commands waiting behind them. (Lists: short,
-        # and an empty one costs 56 bytes where a deque costs 624, on every connection.)
-        self.pending: list[Pending] = []
-        self.waiting: list[HubCommand] = []
+        # one room (see Hub._command). And the commands waiting behind them. None while there
+        # are none: most connections, most of the time (an empty list is 56 bytes on each).
+        self.pending: list[Pending] | None = None
+        self.waiting: list[HubCommand] | None = None
         # Set while the read pump waits for the commands before its next to be carried out.
         self._turn: Event | None = None
         self._rate = TokenBucket(rate_limit, 2 * rate_limit) if rate_limit else None
@@ -93,19 +100,44 @@ class Peer:
     def nick(self) -> str | None:
         return self.member.nick if self.member is not None else None
 
-    def identify(self, nick: str, session: str) -> None:
-        self.member = Member(nick.casefold(), nick, session)
+    def identify(self, nick: str, session: str, identity: Identity | None = None) -> None:
+        """Who the connection is, once welcomed: a nick (open mode), or a verified token's user."""
+        self.greeted = True
+        self.identity = identity
+        if identity is None:
+            self.member = Member(nick.casefold(), nick, session)
+        else:
+            self.member = Member(identity.user, identity.name, session, identity.user)
+
+    def pend(self, pending: Pending) -> None:
+        """A command the engine will answer: its answer waits its turn (Hub._answer)."""
+        if self.pending is None:
+            self.pending = [pending]
+        else:
+            self.pending.append(pending)
+
+    def oldest(self) -> Pending:
+        """The command the engine is to answer first (there is one)."""
+        assert self.pending
+        return self.pending[0]
+
+    def defer(self, command: HubCommand) -> None:
+        """A command that waits for those before it to be answered (Hub._command)."""
+        if self.waiting is None:
+            self.waiting = [command]
+        else:
+            self.waiting.append(command)
 
     def wait_turn(self) -> None:
         """In the read pump: wait while MAX_WAITING commands wait in the hub already."""
-        while len(self.waiting) >= MAX_WAITING:
+        while len(self.waiting or ()) >= MAX_WAITING:
             self._turn = Event()
             self._turn.wait()
 
     def wake_reader(self) -> None:
         """In the hub: the commands waiting went down (or the connection is gone)."""
         turn = self._turn
-        if turn is not None and len(self.waiting) < MAX_WAITING // 2:
+        if turn is not None and len(self.waiting or ()) < MAX_WAITING // 2:
             self._turn = None
             turn.set()
 

@@ -20,12 +20,14 @@ PRESENCE_LIMIT = 1000
 class Member:
     """One member of the chat as presence counts it."""
 
-    # What presence counts by: the casefolded nick.
+    # What presence counts by: the user in token mode, the casefolded nick in open mode.
     key: str
     # As shown.
     nick: str
-    # The client's session: within a room a nick belongs to one session.
+    # The client's session: in open mode, within a room a nick belongs to one session.
     session: str
+    # The user (token mode), else None.
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +50,9 @@ class Tally:
     def __init__(self) -> None:
         self._members: dict[str, Member] = {}
         self._counts: dict[str, int] = {}
-        # The keys, sorted, for `joined.members` (a big room's list would cost a sort per join).
-        self._sorted: list[str] = []
+        # The members' sort keys, sorted, for `joined.members` (a big room's list would cost a
+        # sort per join).
+        self._sorted: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         return len(self._members)
@@ -66,7 +69,7 @@ class Tally:
         held = self._members.get(member.key)
         if held is None:
             return member
-        if held.session != member.session:
+        if held.session != member.session and member.user is None:
             raise CommandError("nick_taken", f"{held.nick} is someone else's nick in {room}", room)
         return held
 
@@ -79,7 +82,7 @@ class Tally:
         if count:
             return None
         self._members[member.key] = held
-        bisect.insort(self._sorted, member.key)
+        bisect.insort(self._sorted, order(held))
         return held
 
     def remove(self, key: str) -> Member | None:
@@ -91,10 +94,16 @@ class Tally:
         if count < 0:
             return None
         del self._counts[key]
-        del self._sorted[bisect.bisect_left(self._sorted, key)]
-        return self._members.pop(key)
+        member = self._members.pop(key)
+        del self._sorted[bisect.bisect_left(self._sorted, order(member))]
+        return member
 
     def listed(self) -> list[Member]:
-        """The members sorted by key, at most PRESENCE_LIMIT."""
+        """The members sorted by casefolded nick, at most PRESENCE_LIMIT."""
         members = self._members
-        return [members[key] for key in self._sorted[:PRESENCE_LIMIT]]
+        return [members[key] for _, key in self._sorted[:PRESENCE_LIMIT]]
+
+
+def order(member: Member) -> tuple[str, str]:
+    """Where a member is listed: by casefolded nick, then (nicks need not be unique) user."""
+    return member.nick.casefold(), member.key

@@ -12,8 +12,8 @@ from collections import OrderedDict
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING
 
-from ..chat.commands import LISTING_LIMIT, LOBBY, CommandError, Position
-from ..chat.engine import JoinAnswer, Line, Sink
+from ..chat.commands import LISTING_LIMIT, LOBBY, CommandError, Moderate, Position
+from ..chat.engine import JoinAnswer, Line, Moderator, Removal, Sink
 from ..chat.history import Histories, History, new_epoch
 from ..chat.message import ChatMessage
 from ..chat.presence import PRESENCE_LIMIT, Member, PresenceChange, Tally
@@ -50,7 +50,10 @@ class MemoryEngine:
     new room is refused. At most `history_bytes` of history in all (chat/history.py).
     """
 
-    def __init__(self, *, history: int, recovery_window: int, max_rooms: int, history_bytes: int) -> None:
+    def __init__(
+        self, *, history: int, recovery_window: int, max_rooms: int, history_bytes: int,
+        max_connections_per_user: int = 20,
+    ) -> None:
         # Messages a joiner without `since` gets.
         self.history = history
         self.max_rooms = max_rooms
@@ -60,6 +63,12 @@ class MemoryEngine:
         self._refs: OrderedDict[tuple[str, str, str | None, str], tuple[int, float]] = OrderedDict()
         # The chat's clock: milliseconds since 1970, never running backwards.
         self._last_time = 0
+        # Connections per user (token mode), and how many one user may have.
+        self._connections: dict[str, int] = {}
+        self.max_connections_per_user = max_connections_per_user
+        # Bans and mutes: (room, user) -> when they end (ms since 1970), or None: never.
+        self._bans: dict[tuple[str, str], int | None] = {}
+        self._mutes: dict[tuple[str, str], int | None] = {}
         self._sink: Sink | None = None
 
     def start(self, sink: Sink) -> None:
@@ -83,6 +92,11 @@ class MemoryEngine:
         assert sink is not None
         name = line.room
         room = self._rooms.get(name) or self._room(name)
+        if line.user is not None and self._mutes:
+            until = _in_force(self._mutes, (name, line.user))
+            if until is not False:
+                sink.settled(line.id, CommandError("muted", f"you are muted in {name}", until=until))
+                return
         ref_key = None
         if line.ref is not None:
             ref_key = (name, room.epoch, line.session, line.ref)
@@ -91,16 +105,20 @@ class MemoryEngine:
                 sink.settled(line.id, known)
                 return
         room.seq += 1
-        now = time_ns() // 1_000_000
-        if now > self._last_time:
-            self._last_time = now
-        message = ChatMessage(name, room.epoch, room.seq, self._last_time, line.nick, line.text, line.id)
+        message = ChatMessage(name, room.epoch, room.seq, self._now(), line.nick, line.text, line.id, line.user)
         self._histories.keep(name, room.history, message)
         if ref_key is not None:
             self._refs[ref_key] = (message.seq, monotonic())
             if len(self._refs) > REF_MEMORY:
                 self._refs.popitem(last=False)
         sink.arrived([message])
+
+    def _now(self) -> int:
+        """The chat's clock (ms since 1970), never running backwards."""
+        now = time_ns() // 1_000_000
+        if now > self._last_time:
+            self._last_time = now
+        return self._last_time
 
     def _known_ref(self, key: tuple[str, str, str | None, str]) -> int | None:
         """The seq a ref was published with, if it was within REF_WINDOW."""
@@ -117,6 +135,10 @@ class MemoryEngine:
         sink = self._sink
         assert sink is not None
         try:
+            if member is not None and member.user is not None and self._bans:
+                until = _in_force(self._bans, (room, member.user))
+                if until is not False:
+                    raise CommandError("banned", f"you are banned from {room}", room, until=until)
             state = self._rooms.get(room) or self._new_room(room)
             if member is not None:
                 added = state.members.add(member, room)
@@ -174,3 +196,82 @@ class MemoryEngine:
             listing.append((LOBBY, len(self._rooms[LOBBY].members)))
         assert self._sink is not None
         self._sink.listed(listing)
+
+    # Limits and moderation
+
+    def connect(self, peer: Peer, user: str) -> None:
+        assert self._sink is not None
+        count = self._connections.get(user, 0)
+        if count >= self.max_connections_per_user:
+            limit = self.max_connections_per_user
+            self._sink.connected(peer, CommandError("too_many_connections", f"{user} has {limit} connections open"))
+            return
+        self._connections[user] = count + 1
+        self._sink.connected(peer, None)
+
+    def disconnect(self, user: str) -> None:
+        count = self._connections.get(user, 0) - 1
+        if count > 0:
+            self._connections[user] = count
+        else:
+            self._connections.pop(user, None)
+
+    def moderate(self, asker: Peer, command: Moderate, moderator: Moderator) -> None:
+        sink = self._sink
+        assert sink is not None
+        room, user = command.room, command.user
+        try:
+            if command.action == "delete":
+                self._delete(room, command.seq, moderator)
+            elif user is None:
+                raise CommandError("bad_message", "moderation names a user")
+            elif command.action in ("kick", "ban"):
+                until = None
+                if command.action == "ban":
+                    until = self._until(command.seconds)
+                    self._bans[(room, user)] = until
+                reason = "kicked" if command.action == "kick" else "banned"
+                sink.removed(Removal(room, user, reason, command.reason, until))
+            elif command.action == "mute":
+                self._mutes[(room, user)] = self._until(command.seconds)
+            elif command.action == "unban":
+                self._bans.pop((room, user), None)
+            elif command.action == "unmute":
+                self._mutes.pop((room, user), None)
+        except CommandError as error:
+            sink.moderated(asker, error)
+            return
+        sink.moderated(asker, None)
+
+    def _until(self, seconds: float | None) -> int | None:
+        return None if seconds is None else self._now() + int(seconds * 1000)
+
+    def _delete(self, name: str, seq: int, moderator: Moderator) -> None:
+        """Make a kept line a tombstone, and tell the room with the next event of its sequence."""
+        state = self._rooms.get(name)
+        kept = state.history.after(seq - 1)[:1] if state is not None else []
+        if state is None or not kept or kept[0].seq != seq or kept[0].target:
+            raise CommandError("bad_message", f"{name} keeps no line {seq}")
+        line = kept[0]
+        if not moderator.moderates and (line.user is None or line.user != moderator.user):
+            raise CommandError("forbidden", "only its author or a moderator may delete a line")
+        if line.text is None:
+            return  # Deleted already.
+        line.delete()
+        state.seq += 1
+        deletion = ChatMessage(name, state.epoch, state.seq, self._now(), moderator.nick, None, target=seq)
+        self._histories.keep(name, state.history, deletion)
+        assert self._sink is not None
+        self._sink.arrived([deletion])
+
+
+def _in_force(restrictions: dict[tuple[str, str], int | None], key: tuple[str, str]) -> int | None | bool:
+    """When a ban or mute ends (None: never), or False when there is none in force (an ended
+    one is forgotten)."""
+    if key not in restrictions:
+        return False
+    until = restrictions[key]
+    if until is not None and until <= time_ns() // 1_000_000:
+        del restrictions[key]
+        return False
+    return until

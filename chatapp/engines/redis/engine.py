@@ -11,12 +11,18 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
     {chat:tea}:sorted       the member list, sorted
     {chat:tea}:here:<w>     casefolded nick -> connections on worker w
     {chat:tea}:pver         the presence version: each joined or left gets the next number
+    {chat:tea}:deleted      seqs of deleted lines (tombstones)
+    {chat:tea}:ban:<user>   a ban: when it ends (ms, "0": never), expiring then
+    {chat:tea}:mute:<user>  a mute, likewise
     {chat:tea}:live         the room's shard channel: its lines and presence changes
     {chat}:workers          worker -> last heartbeat (ms): a silent worker's members are evicted
     {chat}:rooms-of:<w>     the rooms worker w has members in
     {chat}:rooms            room -> minus its member count: the `rooms` listing
     {chat}:active           room -> when its members last changed (ms)
     {chat}:generation       a random id: when it is gone, Redis lost its data
+    {chat}:users            user -> connections in all workers (token mode)
+    {chat}:users-of:<w>     user -> connections on worker w
+    {chat}:control          shard channel every worker follows: kicks and bans
 
 Redis keeps only what is alive: a room's keys expire CHAT_ROOM_TTL seconds after its last
 line, join or leave (refreshed while it has members), its entry leaves the listing as long
@@ -45,8 +51,8 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Empty, Full, Queue
 
-from ...chat.commands import LISTING_LIMIT, LOBBY, CommandError, Position
-from ...chat.engine import JoinAnswer, Line, Sink
+from ...chat.commands import LISTING_LIMIT, LOBBY, CommandError, Moderate, Position
+from ...chat.engine import JoinAnswer, Line, Moderator, Removal, Sink
 from ...chat.history import Histories, new_epoch
 from ...chat.message import ChatMessage
 from ...chat.presence import PRESENCE_LIMIT, Member, PresenceChange
@@ -92,6 +98,13 @@ class RedisEngine:
         self.recovery_window = config.recovery_window
         # Seconds a quiet room's keys live.
         self.room_ttl = config.room_ttl
+        # Token mode: members are users (and a nick belongs to no session); a user's
+        # connections in the whole chat are counted.
+        self.token_mode = config.auth == "token"
+        self.max_connections_per_user = config.max_connections_per_user
+        # What Redis holds of this worker's connections per user (touched by the controller
+        # only: it tells Redis absolute counts, in order).
+        self._user_counts: dict[str, int] = {}
         # This worker's name in Redis.
         self.worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._sink: Sink | None = None
@@ -127,6 +140,8 @@ class RedisEngine:
             gevent.spawn(forever)
         self.metrics.greenlets.inc(3)
         self.metrics.broker_up.set(1)
+        control = self.link.chat_key("control")
+        self._control.put((lambda: self.link.subscriptions.subscribe(control), None))
         self.resync(self._follow(LOBBY))
 
     def stop(self) -> None:
@@ -282,9 +297,14 @@ class RedisEngine:
 
     def _published(self, batch: list[tuple[Line, str]], results: list[Any]) -> None:
         assert self._sink is not None
-        for (line, _), (epoch, seq, repeated) in zip(batch, results):
+        for (line, _), result in zip(batch, results):
             if not line.id:
                 continue
+            if result[0] == b"muted":
+                until = int(result[1]) or None
+                self._sink.settled(line.id, CommandError("muted", f"you are muted in {line.room}", until=until))
+                continue
+            epoch, seq, repeated = result
             seq = int(seq)
             follower = self._followers.get(line.room)
             if repeated or follower is None:
@@ -293,9 +313,11 @@ class RedisEngine:
                 follower.published(line.id, epoch.decode(), seq)
 
     def _redis_back(self) -> None:
-        """Redis answers again, or lost its data: say again who is here, room by room."""
+        """Redis answers again, or lost its data: say again who is here, room by room, and
+        how many connections each user has here."""
         for follower in list(self._followers.values()):
             self.resync(follower)
+        self._control.put((self._say_user_counts, None))
 
     # The publisher: lines, pipelined, in order.
 
@@ -357,9 +379,9 @@ class RedisEngine:
                     pipe,
                     "publish",
                     [link.room_key(room, "meta"), link.room_key(room, "history"), link.room_key(room, ref or "ref"),
-                     link.room_key(room, "pver")],
+                     link.room_key(room, f"mute:{line.user or ''}")],
                     [new_epoch(), line.nick or "", line.text, self.recovery_window, self.room_ttl, link.channel(room),
-                     "1" if ref else "0", REF_TTL, self.worker, tag],
+                     "1" if ref else "0", REF_TTL, self.worker, tag, line.user or ""],
                 )
             for index, result in zip(indexes, pipe.execute()):
                 results[index] = result
@@ -368,18 +390,38 @@ class RedisEngine:
     # What the subscription readers hear.
 
     def _heard_raw(self, channel: bytes, data: bytes) -> None:
-        room = self.link.room_of(channel)
         kind, rest = data[:1], data[2:].decode()
+        sink = self._sink
+        assert sink is not None
+        if kind == b"k":  # (on the control channel)
+            room, user, reason, until, words = rest.split("\n", 4)
+            removal = Removal(room, user, reason, words or None, int(until) if until else None)
+            self._post(lambda: sink.removed(removal))
+            return
+        room = self.link.room_of(channel)
         if kind == b"m":
-            epoch, seq, time, nick, worker, tag, text = rest.split("\n", 6)
+            epoch, seq, time, nick, user, worker, tag, text = rest.split("\n", 7)
             mine = worker == self.worker
             origin = int(tag) if mine and tag.isdigit() else 0
-            message = ChatMessage(room, epoch, int(seq), int(time), nick or None, text, origin)
+            message = ChatMessage(room, epoch, int(seq), int(time), nick or None, text, origin, user or None)
             self._post(lambda: self._heard(room, message, tag if mine else ""), lines=True)
+        elif kind == b"d":
+            epoch, seq, time, nick, target = rest.split("\n", 4)
+            deletion = ChatMessage(room, epoch, int(seq), int(time), nick or None, None, target=int(target))
+            self._post(lambda: self._heard(room, deletion, ""), lines=True)
         elif kind == b"p":
             version, change, key, nick = rest.split("\n", 3)
-            presence = PresenceChange(room, int(version), change, Member(key, nick, ""))
+            presence = PresenceChange(room, int(version), change, self._member(key, nick))
             self._post(lambda: self._presence_heard(presence), lines=True)
+
+    def _member(self, key: str, nick: str) -> Member:
+        """A member as Redis names it: by user in token mode, by casefolded nick in open mode."""
+        return Member(key, nick, "", key if self.token_mode else None)
+
+    def _members(self, result: Any) -> tuple[list[Member], int, int]:
+        """(members, count, presence version) from the presence script's answer."""
+        listed = [self._member(*entry.decode().split("\t", 1)) for entry in result[3]]
+        return listed, int(result[2]), int(result[4])
 
     def _presence_heard(self, change: PresenceChange) -> None:
         if change.room in self._followers:
@@ -414,7 +456,12 @@ class RedisEngine:
                 error = CommandError("nick_taken", f"{result[1].decode()} is someone else's nick in {room}", room)
                 self._post(lambda: self._refused_join(follower, joiner, member, error))
                 return
-            members = _members(result)
+            if result[0] == b"banned":
+                until = int(result[1]) or None
+                error = CommandError("banned", f"you are banned from {room}", room, until=until)
+                self._post(lambda: self._refused_join(follower, joiner, member, error))
+                return
+            members = self._members(result)
         answer = self._replay(room, since.epoch if since else "", since.seq if since else 0, "newest")
         answer.members, answer.member_count, answer.presence_version = members
         self._came_back()
@@ -435,15 +482,19 @@ class RedisEngine:
         "newest" CHAT_HISTORY messages, or "all" those kept."""
         link = self.link
         result = link.script(
-            link.client, "replay", [link.room_key(room, "meta"), link.room_key(room, "history")],
+            link.client, "replay",
+            [link.room_key(room, "meta"), link.room_key(room, "history"), link.room_key(room, "deleted")],
             [new_epoch(), epoch, seq, self.history, otherwise, self.room_ttl],
         )
         answer_epoch = result[0].decode()
-        messages = [self._entry(room, answer_epoch, entry) for entry in result[3]]
+        messages = [
+            self._entry(room, answer_epoch, entry, bool(deleted)) for entry, deleted in zip(result[3], result[4])
+        ]
         return JoinAnswer(room, answer_epoch, int(result[1]), bool(result[2]), messages, [], 0)
 
-    def _entry(self, room: str, epoch: str, entry: Any) -> ChatMessage:
-        """A history entry as a message (origin set when this worker said it)."""
+    def _entry(self, room: str, epoch: str, entry: Any, deleted: bool) -> ChatMessage:
+        """A history entry as a message (origin set when this worker said it), a tombstone if
+        the line was deleted, or a deletion."""
         entry_id, fields = entry
         if isinstance(fields, list):  # (what a script returns: a flat list)
             fields = dict(zip(fields[::2], fields[1::2]))
@@ -451,9 +502,12 @@ class RedisEngine:
         mine = fields.get(b"o", b"").decode() == self.worker
         message = ChatMessage(
             room, epoch, int(entry_id.split(b"-", 1)[0]), int(fields[b"t"]), fields[b"n"].decode() or None,
-            fields[b"x"].decode(), int(tag) if mine and tag.isdigit() else 0,
+            fields[b"x"].decode(), int(tag) if mine and tag.isdigit() else 0, fields.get(b"u", b"").decode() or None,
+            int(fields.get(b"g", 0)),
         )
-        if mine and tag in self._shown_here:
+        if message.target or deleted:
+            message.delete()
+        elif mine and tag in self._shown_here:
             message.v1_frame = b""  # (read in the controller: a stale answer shows a line twice at worst)
         return message
 
@@ -464,9 +518,10 @@ class RedisEngine:
             link.client,
             "presence",
             [link.room_key(room, "owners"), link.room_key(room, "totals"), link.room_key(room, "sorted"),
-             link.room_key(room, f"here:{self.worker}"), link.room_key(room, "pver")],
+             link.room_key(room, f"here:{self.worker}"), link.room_key(room, "pver"),
+             link.room_key(room, f"ban:{member.user or ''}")],
             [member.key, member.nick, member.session, here, link.channel(room), PRESENCE_LIMIT, PRESENCE_LIMIT,
-             self.room_ttl],
+             self.room_ttl, member.nick.casefold(), "0" if self.token_mode else "1"],
         )
         if result[0] == b"ok":
             rooms_of = link.chat_key(f"rooms-of:{self.worker}")
@@ -493,9 +548,12 @@ class RedisEngine:
         self._post(lambda: sink.listed(listing))
 
     def _fill(self, follower: Follower, first: int, last: int) -> None:
-        room, epoch = follower.room, follower.epoch
-        entries = self.link.client.xrange(self.link.room_key(room, "history"), f"{first}-0", f"{last}-0")
-        messages = [self._entry(room, epoch, entry) for entry in entries]
+        room, epoch, link = follower.room, follower.epoch, self.link
+        pipe = link.client.pipeline(transaction=False)
+        pipe.xrange(link.room_key(room, "history"), f"{first}-0", f"{last}-0")
+        pipe.hgetall(link.room_key(room, "deleted"))
+        entries, deleted = pipe.execute()
+        messages = [self._entry(room, epoch, entry, entry[0].split(b"-", 1)[0] in deleted) for entry in entries]
 
         def heard() -> None:
             if self._current(follower):
@@ -512,11 +570,11 @@ class RedisEngine:
         for member, here in counts:
             result = self._presence(room, member, here, room_empty_here=False)
             if result[0] == b"ok":
-                members = _members(result)
+                members = self._members(result)
         if not counts:  # (v1 clients only: no member to say again; the list is read as it is)
             listed = link.client.zrange(link.room_key(room, "sorted"), 0, PRESENCE_LIMIT - 1)
             members = (
-                [_member(entry.decode()) for entry in listed],
+                [self._member(*entry.decode().split("\t", 2)[1:]) for entry in listed],
                 link.client.zcard(link.room_key(room, "sorted")),
                 int(link.client.get(link.room_key(room, "pver")) or 0),
             )
@@ -613,14 +671,101 @@ class RedisEngine:
             client.zadd(link.chat_key("active"), {room: time_ns() // 1_000_000})
             log.info("worker %s went silent: %d members left %s", dead, gone, room)
         client.delete(rooms_of)
+        users = [link.chat_key("users"), link.chat_key(f"users-of:{dead}")]
+        link.script(client, "users", users, ["evict", "", 0, 0, 0])
 
+    # Limits and moderation: the hub's greenlet asks, the controller does.
 
-def _member(entry: str) -> Member:
-    """A member from the sorted list's "casefolded TAB nick"."""
-    key, nick = entry.split("\t", 1)
-    return Member(key, nick, "")
+    def connect(self, peer: Peer, user: str) -> None:
+        sink = self._sink
+        assert sink is not None
 
+        def connect() -> None:
+            here = self._user_counts.get(user, 0) + 1
+            if self._set_user_count(user, here, self.max_connections_per_user):
+                self._post(lambda: sink.connected(peer, None))
+            else:
+                limit = self.max_connections_per_user
+                refusal = CommandError("too_many_connections", f"{user} has {limit} connections open in the chat")
+                self._post(lambda: sink.connected(peer, refusal))
 
-def _members(result: Any) -> tuple[list[Member], int, int]:
-    """(members, count, presence version) from the presence script's answer."""
-    return [Member(nick.decode().casefold(), nick.decode(), "") for nick in result[3]], int(result[2]), int(result[4])
+        def anyway() -> None:  # Redis away: the chat goes on (the count is said again when it is back).
+            self._user_counts[user] = self._user_counts.get(user, 0) + 1
+            sink.connected(peer, None)
+
+        self._control.put((connect, anyway))
+
+    def disconnect(self, user: str) -> None:
+        def disconnect() -> None:
+            self._set_user_count(user, self._user_counts.get(user, 0) - 1, 0)
+
+        def anyway() -> None:
+            self._user_counts[user] = max(0, self._user_counts.get(user, 0) - 1)
+
+        self._control.put((disconnect, anyway))
+
+    def _set_user_count(self, user: str, here: int, limit: int) -> bool:
+        """Tell Redis this worker's connections of a user; False if that grows the user's
+        total past limit (nothing changed then)."""
+        link = self.link
+        keys = [link.chat_key("users"), link.chat_key(f"users-of:{self.worker}")]
+        if not link.script(link.client, "users", keys, ["set", user, max(here, 0), limit, int(3 * WORKER_TIMEOUT)]):
+            return False
+        if here > 0:
+            self._user_counts[user] = here
+        else:
+            self._user_counts.pop(user, None)
+        return True
+
+    def _say_user_counts(self) -> None:
+        for user, here in list(self._user_counts.items()):
+            self._set_user_count(user, here, 1 << 30)
+
+    def moderate(self, asker: Peer, command: Moderate, moderator: Moderator) -> None:
+        sink = self._sink
+        assert sink is not None
+        if not self._up:
+            sink.moderated(asker, unavailable())
+            return
+
+        def moderate() -> None:
+            refusal = self._moderate(command, moderator)
+            self._post(lambda: sink.moderated(asker, refusal))
+
+        self._control.put((moderate, lambda: sink.moderated(asker, unavailable())))
+
+    def _moderate(self, command: Moderate, moderator: Moderator) -> CommandError | None:
+        """Carry out a moderation command in Redis (the controller's greenlet)."""
+        link, room, user = self.link, command.room, command.user or ""
+        client = link.client
+        if command.action == "delete":
+            result = link.script(
+                client, "delete",
+                [link.room_key(room, "meta"), link.room_key(room, "history"), link.room_key(room, "deleted")],
+                [command.seq, moderator.user or "", "1" if moderator.moderates else "0", moderator.nick or "",
+                 link.channel(room), self.room_ttl, self.worker],
+            )
+            outcome = result[0].decode()
+            if outcome == "missing":
+                return CommandError("bad_message", f"{room} keeps no line {command.seq}")
+            if outcome == "forbidden":
+                return CommandError("forbidden", "only its author or a moderator may delete a line")
+            return None
+        kind = command.action.removeprefix("un")
+        key = link.room_key(room, f"{kind}:{user}")
+        if command.action.startswith("un"):
+            client.delete(key)
+            return None
+        until = None
+        if command.action in ("ban", "mute"):
+            if command.seconds is None:
+                client.set(key, 0)
+            else:
+                seconds, micros = client.time()
+                until = seconds * 1000 + micros // 1000 + int(command.seconds * 1000)
+                client.set(key, until, pxat=until)
+        if command.action in ("kick", "ban"):
+            reason = "kicked" if command.action == "kick" else "banned"
+            fields = (room, user, reason, "" if until is None else str(until), command.reason or "")
+            client.spublish(link.chat_key("control"), "k\n" + "\n".join(fields))
+        return None

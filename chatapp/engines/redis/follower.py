@@ -222,6 +222,10 @@ class Follower:
         history = histories.get(room)
         while message is not None:
             self.seq = message.seq
+            if message.target:  # A deletion: the line it names is a tombstone here too.
+                for kept in history.after(message.target - 1)[:1]:
+                    if kept.seq == message.target:
+                        kept.delete()
             histories.keep(room, history, message)
             ready.append(message)
             message = self.early.pop(self.seq + 1, None)

@@ -3,7 +3,7 @@
 -- KEYS: 1 owners, 2 totals, 3 sorted, 4 the silent worker's counts, 5 the presence version
 --       (as in presence.lua)
 -- ARGV: 1 the shard channel, 2 rooms past this many members announce nothing
--- Returns the number of nicks that left.
+-- Returns the number of members that left.
 local counts = redis.call('HGETALL', KEYS[4])
 local gone = 0
 for i = 1, #counts, 2 do
@@ -16,8 +16,8 @@ for i = 1, #counts, 2 do
     redis.call('HDEL', KEYS[2], key)
     redis.call('HDEL', KEYS[1], key)
     if owner then
-      local nick = string.match(owner, '\t(.*)$')
-      redis.call('ZREM', KEYS[3], key .. '\t' .. nick)
+      local _, sortkey, nick = string.match(owner, '^(.-)\t(.-)\t(.*)$')
+      redis.call('ZREM', KEYS[3], sortkey .. '\t' .. key .. '\t' .. nick)
       local version = redis.call('INCR', KEYS[5])
       if redis.call('ZCARD', KEYS[3]) <= tonumber(ARGV[2]) then
         redis.call('SPUBLISH', ARGV[1], 'p\n' .. version .. '\nleft\n' .. key .. '\n' .. nick)
