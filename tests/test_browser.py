@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import websocket
 from conftest import unavailable
-from support import connect, wait_until
+from support import connect, free_port, wait_until
+from token_app import TokenApp
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Locator, Page, WebSocketRoute
@@ -42,6 +43,18 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 TIMEOUT_MS = 10_000
 # After a server restart or a cut the page's backoff may be a few seconds into its schedule.
 RECONNECT_TIMEOUT_MS = 20_000
+
+# Token mode (docs/protocol.md, "Signed identity"): the key the test servers verify with, and
+# the app's backend signs with.
+TOKEN_KEY = ("k1", "a-test-secret-of-more-than-32-characters")
+TOKEN_ENV = {"CHAT_AUTH": "token", "CHAT_TOKEN_KEYS": ":".join(TOKEN_KEY)}
+
+
+def make_token(sub: str, name: str | None = None, **claims: Any) -> str:
+    """A token for `sub`, as the app's backend signs one (chatapp.token.make's arguments)."""
+    from chatapp.token import make
+
+    return make(TOKEN_KEY, sub, name, **claims)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +81,11 @@ def open_page(browser: Browser, start_server: Any) -> Iterator[Callable[..., Pag
     does, and waits until the page is connected and in `room` (room=None: connected only).
     route: a handler for Playwright's route_web_socket, to play a misbehaving server.
 
+    Token mode (CHAT_AUTH=token), where there is no nick to choose: token="…" opens the page
+    with the token in its URL (url + "#token=…"); signed_in=True lets the page get its own from
+    the server's CHAT_TOKEN_URL, `cookies` (for the context's add_cookies) being the app's
+    sign-in. wait=False: open the page and wait for nothing.
+
     Depends on start_server so that the pages close before the servers stop. A script error
     on any page fails the test.
     """
@@ -80,18 +98,29 @@ def open_page(browser: Browser, start_server: Any) -> Iterator[Callable[..., Pag
         nick: str | None = None,
         room: str | None = "lobby",
         route: Callable[[WebSocketRoute], None] | None = None,
+        token: str | None = None,
+        signed_in: bool = False,
+        cookies: list[dict[str, str]] | None = None,
+        wait: bool = True,
         **options: Any,
     ) -> Page:
         context = browser.new_context(**options)
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)
+        if cookies:
+            context.add_cookies(cookies)
         page = context.new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
         record_frames(page)
         if route is not None:  # the test stands between the page and the server
             page.route_web_socket("**/ws", route)
+        if token is not None:
+            url = (url or server.url + "/") + "#token=" + token
         page.goto(url or server.url)
-        choose_nick(page, nick or f"user{len(contexts)}")
+        if token is None and not signed_in:
+            choose_nick(page, nick or f"user{len(contexts)}")
+        if not wait:
+            return page
         wait_open(page)
         if room is not None:
             wait_joined(page, room)
@@ -1053,3 +1082,494 @@ def test_text_is_readable_in_both_color_schemes(start_server: Any, open_page: An
         expect(page.locator(selector).first).to_be_attached()
         ratio = page.eval_on_selector(selector, CONTRAST)
         assert ratio >= 4.5, f"{selector} in {scheme} mode: contrast {ratio:.2f}:1"
+
+
+# ---- Token mode (CHAT_AUTH=token): signed identity and moderation
+
+
+@pytest.fixture
+def token_app() -> Iterator[Callable[..., TokenApp]]:
+    """token_app(origins, ttl=3600) starts an app's backend that hands out tokens (tests/token_app.py)."""
+    apps: list[TokenApp] = []
+
+    def start(origins: list[str], ttl: float = 3600) -> TokenApp:
+        app = TokenApp(TOKEN_KEY, origins, ttl)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
+
+
+def start_token_chat(
+    start_server: Any, token_app: Any, ttl: float = 3600, **env: str
+) -> tuple[ServerProcess, TokenApp]:
+    """A chat in token mode whose pages get their tokens from an app on another origin
+    (CHAT_TOKEN_URL), tokens that live `ttl` seconds, and that app's CHAT_LOGIN_URL."""
+    port = free_port()
+    app = token_app([f"http://127.0.0.1:{port}"], ttl)
+    server = start_server(
+        "gunicorn", port=port, **TOKEN_ENV, CHAT_TOKEN_URL=app.token_url, CHAT_LOGIN_URL=app.login_url, **env
+    )
+    return server, app
+
+
+def frames_of(page: Page, way: str) -> Iterator[tuple[float, dict[str, Any]]]:
+    """(time, event) of every frame the page received (way "<") or sent (">"), oldest first."""
+    for line in list(FRAMES.get(page, [])):
+        when, rest = line.split(" ", 1)
+        if rest.startswith(way + " "):
+            yield float(when), json.loads(rest[2:])
+
+
+def received(page: Page, kind: str) -> list[dict[str, Any]]:
+    """The events of this type the page has received, oldest first."""
+    return [event for _, event in frames_of(page, "<") if event.get("type") == kind]
+
+
+def sockets_opened(page: Page) -> int:
+    return sum(1 for line in list(FRAMES.get(page, [])) if line.split(" ", 1)[1].startswith("open "))
+
+
+def moderate_member(
+    page: Page, member: str, action: str, room: str = "lobby", reason: str = "", duration: str | None = None
+) -> None:
+    """As a moderator does with the mouse: the member's name, a reason, a duration, the action."""
+    members_box = page.locator(f"#room-{room} .members")
+    if not members_box.locator("ul").is_visible():  # folded on a phone
+        members_box.locator("summary").click()
+    members_box.get_by_role("button", name=f"Moderate {member}").click()
+    if reason:
+        page.fill(f"#mod-{room} .reason", reason)
+    if duration is not None:
+        page.select_option(f"#mod-{room} .duration", label=duration)
+    page.locator(f"#mod-{room}").get_by_role("button", name=f"{action} {member}", exact=True).click()
+
+
+def assert_contrast(page: Page, selectors: list[str]) -> None:
+    """Each selector's first element has WCAG AA contrast (4.5:1), light and dark."""
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        for selector in selectors:
+            expect(page.locator(selector).first).to_be_attached()
+            ratio = page.eval_on_selector(selector, CONTRAST)
+            assert ratio >= 4.5, f"{selector} in {scheme} mode: contrast {ratio:.2f}:1"
+    page.emulate_media(color_scheme="light")
+
+
+def mod_lines(page: Page, room: str = "lobby") -> Locator:
+    """The quiet lines telling a moderator what was done."""
+    return page.locator(f"#log-{room} .line.mod")
+
+
+def removed_lines(page: Page, room: str = "lobby") -> Locator:
+    """The lines telling a user the server took them out of a room, or keeps them out or quiet."""
+    return page.locator(f"#log-{room} .line.removed")
+
+
+def test_token_url_signs_in_and_a_401_asks_to_sign_in(start_server: Any, open_page: Any, token_app: Any) -> None:
+    """With CHAT_TOKEN_URL a page signed in to the app gets its token there (its cookie sent
+    across origins), says hello with it, and chats under the token's name, without a nick
+    form; a page not signed in (401) shows "Sign in to chat" with the app's sign-in link, opens
+    no WebSocket and asks no more, until the user tries again."""
+    server, app = start_token_chat(start_server, token_app)
+    app.sign_in("s-alice", "u-alice", "Alice Liddell")
+    app.sign_in("s-bob", "u-bob", "bob")
+    alice = open_page(server, signed_in=True, cookies=[app.cookie("s-alice")])
+    bob = open_page(server, signed_in=True, cookies=[app.cookie("s-bob")])
+
+    for page, name in ((alice, "Alice Liddell"), (bob, "bob")):
+        expect(page.locator("#my-nick")).to_have_text(name)
+        expect(page.locator("#nick-form")).to_be_hidden()
+        expect(page.locator("#change-nick")).to_be_hidden()
+        expect(page.locator("#my-role")).to_be_hidden()  # nobody moderates here
+    hello = sent_commands(alice, "hello")[0]
+    assert "nick" not in hello and hello["token"] and hello["session"], hello
+    assert app.served("s-alice") == [200], app.requests
+    assert received(alice, "welcome")[0]["user"] == "u-alice"
+    expect(members(alice)).to_have_text(["Alice Liddell (you)", "bob"])
+
+    say(alice, "signed in")
+    for page in (alice, bob):
+        expect_last_line(page, "signed in")
+        expect(lines(page).last.locator(".nick")).to_have_text("Alice Liddell")
+    expect(lines(alice).last).to_have_class(re.compile(r"\bown\b"))
+    expect(lines(bob).last).not_to_have_class(re.compile(r"\bown\b"))
+    # One's own lines can be deleted (the button is there, for the pointer or the keyboard);
+    # nobody else's, without moderating.
+    expect(lines(alice).last.get_by_role("button", name="Delete your message")).to_have_css("display", "inline-block")
+    expect(lines(bob).last.locator(".del")).to_be_hidden()
+
+    stranger = open_page(server, signed_in=True, wait=False)  # no cookie: the app answers 401
+    expect(stranger.locator("body")).to_have_attribute("data-state", "signed-out")
+    expect(stranger.locator("#status")).to_have_text("Sign in to chat")
+    expect(stranger.locator("#signin")).to_be_visible()
+    expect(stranger.locator("#signin")).to_contain_text("Sign in to chat")
+    expect(stranger.get_by_role("link", name="Sign in")).to_have_attribute("href", app.login_url)
+    assert_contrast(stranger, ["#signin h2", "#signin-link", "#signin-retry", "#status"])
+    stranger.wait_for_timeout(1500)  # (a negative: give a retry the time to happen)
+    assert app.served(None) == [401], app.requests
+    assert sockets_opened(stranger) == 0, FRAMES[stranger]
+
+    # Signed in at the app meanwhile (another tab, say), the user tries again: in.
+    app.sign_in("s-carol", "u-carol", "carol")
+    stranger.context.add_cookies([app.cookie("s-carol")])
+    stranger.get_by_role("button", name="Try again").click()
+    wait_open(stranger)
+    wait_joined(stranger)
+    expect(stranger.locator("#signin")).to_be_hidden()
+    expect(stranger.locator("#my-nick")).to_have_text("carol")
+    expect(members(alice)).to_have_text(["Alice Liddell (you)", "bob", "carol"])
+
+
+def test_token_is_refreshed_before_it_expires_on_the_same_connection(
+    start_server: Any, open_page: Any, token_app: Any
+) -> None:
+    """A short-lived token (12 s) is fetched again and handed over with `refresh` before it
+    expires, again and again, on the one WebSocket: the page never leaves "open", and lines
+    flow on past the first token's end (where, unrefreshed, the server would have said
+    token_expired and closed with 4001 after its 2 s of grace)."""
+    server, app = start_token_chat(start_server, token_app, ttl=12, CHAT_TOKEN_GRACE="2")
+    app.sign_in("s-alice", "u-alice", "alice")
+    app.sign_in("s-bob", "u-bob", "bob")
+    alice = open_page(server, signed_in=True, cookies=[app.cookie("s-alice")])
+    bob = open_page(server, signed_in=True, cookies=[app.cookie("s-bob")])
+    alice.evaluate(
+        """() => {
+            window.__states = [];
+            new MutationObserver(() => window.__states.push(document.body.dataset.state))
+                .observe(document.body, {attributes: true, attributeFilter: ["data-state"]});
+        }"""
+    )
+    first_expiry = received(alice, "welcome")[0]["expires"] / 1000
+
+    said: list[str] = []
+    deadline = time.monotonic() + 45
+    with explained(alice):
+        while len(received(alice, "refreshed")) < 2:
+            assert time.monotonic() < deadline, "the page did not refresh its token twice"
+            said.append(f"line {len(said)}")
+            say(alice, said[-1])
+            expect_last_line(bob, said[-1])
+            alice.wait_for_timeout(1000)  # a line a second, all along
+        assert time.time() > first_expiry + 2, "past the first token's end and its grace"
+        said.append("after the refreshes")
+        say(alice, said[-1])
+        expect(texts(bob)).to_have_text(said)
+
+    refreshes = sent_commands(alice, "refresh")
+    tokens = [sent_commands(alice, "hello")[0]["token"], *(r["token"] for r in refreshes)]
+    assert len(set(tokens)) == len(tokens), "each refresh hands over a new token"
+    expiries = [first_expiry * 1000] + [e["expires"] for e in received(alice, "refreshed")]
+    assert expiries == sorted(expiries) and expiries[1] > expiries[0], expiries
+    assert not received(alice, "error"), received(alice, "error")  # no token_expired
+    assert sockets_opened(alice) == 1, "one WebSocket all along"
+    assert alice.evaluate("window.__states") == [], "the status never changed"
+    expect(alice.locator("#status")).to_have_text("Connected")
+    assert app.served("s-alice") == [200] * (1 + len(refreshes)), app.requests
+
+
+def test_refused_token_is_replaced_a_few_times_then_sign_in(start_server: Any, open_page: Any, token_app: Any) -> None:
+    """A hello refused (bad_token, token_expired) gets a new token from the token URL and a new
+    hello on the same connection; refused again and again, the page stops after a few tries
+    and says to sign in."""
+    server, app = start_token_chat(start_server, token_app)
+    app.sign_in("s-alice", "u-alice", "alice")
+    app.sign_in("s-bob", "u-bob", "bob")
+    from chatapp.token import make
+
+    forged = make(("k1", "not-the-chat-s-secret-but-32-characters-long"), "u-alice", "alice")
+    expired = make_token("u-alice", "alice", ttl=-60)  # (beyond the server's 5 s of leeway)
+    app.bad_tokens = [expired]
+    alice = open_page(server, signed_in=True, cookies=[app.cookie("s-alice")])
+    with explained(alice):
+        assert [e["code"] for e in received(alice, "error")] == ["token_expired"]
+        assert [h["token"] == expired for h in sent_commands(alice, "hello")] == [True, False]
+        assert sockets_opened(alice) == 1, "a refused hello closes nothing"
+    assert app.served("s-alice") == [200, 200], app.requests
+
+    app.always_bad = forged
+    bob = open_page(server, signed_in=True, cookies=[app.cookie("s-bob")], wait=False)
+    expect(bob.locator("body")).to_have_attribute("data-state", "signed-out")
+    expect(bob.locator("#signin-why")).to_contain_text("did not accept")
+    bob.wait_for_timeout(1500)  # (a negative: give a retry the time to happen)
+    with explained(bob):
+        assert [e["code"] for e in received(bob, "error")] == ["bad_token"] * 3
+        assert len(sent_commands(bob, "hello")) == 3
+    assert app.served("s-bob") == [200] * 3, app.requests
+
+
+def test_moderator_deletes_and_kicks(start_server: Any, open_page: Any, make_proxy: Any) -> None:
+    """A moderator (mod ["*"]) is shown as one and has controls on the others' names and on
+    every line, usable by keyboard. A deleted line disappears from every page, also from one
+    that was offline then (its rejoin's replay deletes it); a kicked user's page says it was
+    removed and why, keeps the tab, and may join again."""
+    server = start_server("gunicorn", **TOKEN_ENV)
+    proxy = make_proxy(server)
+    mod = open_page(server, token=make_token("u-mod", "Morgan", mod=["*"]))
+    alice = open_page(server, token=make_token("u-alice", "alice"))
+    carol = open_page(server, proxy.url, token=make_token("u-carol", "<i>carol</i>"))  # names are text
+    expect(carol).to_have_url(proxy.url + "#lobby")  # the token is off the address bar
+
+    expect(mod.locator("#my-role")).to_be_visible()
+    expect(alice.locator("#my-role")).to_be_hidden()
+    expect(members(mod)).to_have_text(["<i>carol</i>", "alice", "Morgan (you) moderator"])
+    expect(members(alice)).to_have_text(["<i>carol</i>", "alice (you)", "Morgan"])
+    expect(alice.locator("#room-lobby .members button")).to_have_count(0)  # no controls for her
+
+    say(alice, "a line to delete")
+    expect_last_line(mod, "a line to delete")
+    say(alice, "a line that stays")
+    for page in (mod, alice, carol):
+        expect(texts(page)).to_have_text(["a line to delete", "a line that stays"])
+    expect(lines(carol).first.locator(".del")).to_be_hidden()  # not hers, not her room to moderate
+
+    proxy.down()  # carol is offline while it happens
+    expect(carol.locator("body")).to_have_attribute("data-state", "reconnecting")
+    delete = lines(mod).first.get_by_role("button", name="Delete message from alice")
+    delete.focus()
+    mod.keyboard.press("Enter")
+    for page in (mod, alice):
+        expect(texts(page)).to_have_text(["a line that stays"])
+        expect(page.locator("#log-lobby .line.deleted")).to_have_text(["Message deleted by Morgan."])
+    expect(mod.locator("#log-lobby")).to_be_focused()  # the keyboard's place, not the page's top
+    proxy.up()
+    with explained(carol):
+        wait_open(carol, timeout=RECONNECT_TIMEOUT_MS)
+        wait_joined(carol)
+        expect(texts(carol)).to_have_text(["a line that stays"])
+        expect(carol.locator("#log-lobby .line.deleted")).to_have_count(1)
+        assert "since" in sent_commands(carol, "join")[-1]  # it was the replay that deleted it
+    expect(carol.locator("#panels i")).to_have_count(0)
+    # A page that joins afresh: its replay holds the tombstone, shown as nothing at all.
+    late = open_page(server, token=make_token("u-dave", "dave"))
+    expect(texts(late)).to_have_text(["a line that stays"])
+    expect(late.locator("#log-lobby .line.deleted")).to_have_count(0)
+    replay = received(late, "joined")[-1]["messages"]
+    assert {"type": "message", "seq": 1, "text": None, "deleted": True}.items() <= replay[0].items(), replay
+
+    # The kick, by keyboard: the member's name opens the controls, the reason is typed, Tab
+    # goes past the duration to Kick.
+    who = mod.locator("#room-lobby .members").get_by_role("button", name="Moderate alice")
+    who.focus()
+    mod.keyboard.press("Enter")
+    expect(who).to_have_attribute("aria-expanded", "true")
+    expect(mod.locator("#mod-lobby .reason")).to_be_focused()
+    mod.keyboard.type("off-topic, twice")
+    mod.keyboard.press("Tab")
+    mod.keyboard.press("Tab")
+    expect(mod.get_by_role("button", name="Kick alice", exact=True)).to_be_focused()
+    mod.keyboard.press("Enter")
+
+    with explained(alice):
+        expect(alice.locator("#room-lobby")).to_have_attribute("data-removed", "kicked")
+        expect(removed_lines(alice).last).to_contain_text("A moderator removed you from #lobby: off-topic, twice.")
+    expect(alice.locator("#tab-lobby")).to_contain_text("removed")  # the tab stays and says so
+    expect(members(alice)).to_have_count(0)
+    expect(mod_lines(mod).last).to_have_text("You removed alice from the room.")
+    expect(members(mod)).to_have_text(["<i>carol</i>", "dave", "Morgan (you) moderator"])
+    for page in (mod, carol):  # (for the moderator, before or after the `done`: either way)
+        expect(page.locator("#log-lobby .line.sys").filter(has_text=re.compile("^alice left$"))).to_have_count(1)
+
+    say(alice, "still here?")
+    expect(alice.locator("#notice")).to_contain_text("You are not in #lobby: a moderator removed you")
+    alice.get_by_role("button", name="Join #lobby again").click()  # a kick is not a ban
+    wait_joined(alice)
+    expect(alice.locator("#tab-lobby .note")).to_be_hidden()
+    expect(members(mod)).to_have_text(["<i>carol</i>", "alice", "dave", "Morgan (you) moderator"])
+    alice.press("#msg", "Enter")  # the kept line
+    expect_last_line(mod, "still here?")
+
+
+def test_banned_and_muted_users_are_told_why(start_server: Any, open_page: Any) -> None:
+    """A moderator of the lobby only (mod ["lobby"]) mutes one user and bans another. The muted
+    user's line is refused once, said to be, and kept; the banned user's page says why and
+    until when, a join attempt, and a new page of theirs, say banned; unban lets them in."""
+    server = start_server("gunicorn", **TOKEN_ENV)
+    mod = open_page(server, token=make_token("u-mod", "Morgan", mod=["lobby"]))
+    bob_token = make_token("u-bob", "bob")
+    bob = open_page(server, token=bob_token)
+    carol = open_page(server, token=make_token("u-carol", "carol"))
+
+    open_room(mod, "dev")  # not a room Morgan moderates
+    expect(mod.locator("#my-role")).to_be_hidden()
+    expect(mod.locator("#room-dev .members button")).to_have_count(0)
+    show_room(mod, "lobby")
+    expect(mod.locator("#my-role")).to_be_visible()
+
+    moderate_member(mod, "carol", "Mute")  # for the first duration offered: 10 minutes
+    expect(mod_lines(mod).last).to_contain_text("You muted carol for 10 minutes.")
+    say(carol, "can you hear me?")
+    with explained(carol):
+        expect(removed_lines(carol).last).to_contain_text("A moderator muted you here until")
+        expect(carol.locator("#msg")).to_have_value("can you hear me?")  # kept, not resent
+        expect(pending(carol)).to_have_count(0)
+        errors = received(carol, "error")
+        assert errors[-1]["code"] == "muted" and errors[-1]["ref"] == sent_commands(carol, "say")[-1]["ref"], errors
+        assert errors[-1]["until"] > time.time() * 1000 + 500_000, errors
+    carol.wait_for_timeout(1000)  # (a negative: give a resend the time to happen)
+    assert len(sent_commands(carol, "say")) == 1
+    mod.get_by_role("button", name="Unmute carol", exact=True).click()  # on the line saying it was done
+    expect(mod_lines(mod).last).to_have_text("You unmuted carol.")
+    carol.press("#msg", "Enter")
+    expect_last_line(mod, "can you hear me?")
+
+    moderate_member(mod, "bob", "Ban", reason="flooding", duration="1 hour")
+    with explained(bob):
+        expect(bob.locator("#room-lobby")).to_have_attribute("data-removed", "banned")
+        until = received(bob, "left")[-1]["until"]
+        assert abs(until / 1000 - (time.time() + 3600)) < 60, until
+        shown = bob.evaluate("ms => new Date(ms).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'})", until)
+        expect(removed_lines(bob).last).to_contain_text(f"A moderator banned you from #lobby until {shown}")
+        expect(removed_lines(bob).last).to_contain_text(": flooding.")
+    expect(bob.locator("#tab-lobby .note")).to_have_text("banned")
+    expect(mod_lines(mod).last).to_contain_text("You banned bob from the room for 1 hour.")
+
+    bob.get_by_role("button", name="Join #lobby again").click()
+    with explained(bob):
+        expect(removed_lines(bob).last).to_contain_text(f"You are banned from #lobby until {shown}.")
+        assert received(bob, "error")[-1]["code"] == "banned"
+    again = open_page(server, token=bob_token, room=None)  # bob in a new tab: kept out as well
+    expect(again.locator("#room-lobby")).to_have_attribute("data-removed", "banned")
+    expect(removed_lines(again).last).to_contain_text("You are banned from #lobby until")
+    expect(again.locator("#tab-lobby .note")).to_have_text("banned")
+
+    mod.get_by_role("button", name="Unban bob").click()
+    expect(mod_lines(mod).last).to_have_text("You lifted bob’s ban.")
+    bob.get_by_role("button", name="Join #lobby again").last.click()
+    wait_joined(bob)
+    expect(bob.locator("#tab-lobby .note")).to_be_hidden()
+
+
+def test_close_codes_of_token_mode(start_server: Any, open_page: Any) -> None:
+    """4001 (the token expired) makes the page say hello again on a new connection; 4003 (the
+    app disconnected the user) ends it, said so, with no retry. A token in the URL that has
+    expired is not even tried: "sign in"."""
+    server = start_server("gunicorn", **TOKEN_ENV)
+    routes: list[WebSocketRoute] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        ws.connect_to_server()
+        routes.append(ws)
+
+    page = open_page(server, token=make_token("u-alice", "alice"), route=route)
+    routes[-1].close(code=4001, reason="token expired")
+    with explained(page):
+        wait_open(page, timeout=RECONNECT_TIMEOUT_MS)
+        wait_joined(page)
+        assert len(routes) == 2 and len(sent_commands(page, "hello")) == 2
+
+    routes[-1].close(code=4003, reason="disconnected")
+    expect(page.locator("body")).to_have_attribute("data-state", "closed")
+    expect(page.locator("#status")).to_contain_text("Disconnected by the app (4003)")
+    page.wait_for_timeout(1500)  # (a negative: give a retry the time to happen)
+    assert len(routes) == 2
+    page.reload()  # as the page advises: the tab kept its token (not in the URL any more)
+    wait_open(page)
+    wait_joined(page)
+    expect(page.locator("#my-nick")).to_have_text("alice")
+
+    stale = open_page(server, token=make_token("u-alice", "alice", ttl=-60), wait=False)
+    expect(stale.locator("body")).to_have_attribute("data-state", "signed-out")
+    expect(stale.locator("#signin-why")).to_have_text("Your sign-in link has expired.")
+    expect(stale.get_by_role("link", name="Sign in")).to_be_hidden()  # no CHAT_LOGIN_URL here
+    assert sockets_opened(stale) == 0
+
+
+def test_too_many_connections_is_shown_and_final(start_server: Any, open_page: Any) -> None:
+    """Over CHAT_MAX_CONNECTIONS_PER_USER the server answers too_many_connections and closes with
+    1008: the page says why, and does not retry."""
+    server = start_server("gunicorn", **TOKEN_ENV, CHAT_MAX_CONNECTIONS_PER_USER="1")
+    token = make_token("u-alice", "alice")
+    first = open_page(server, token=token)
+    second = open_page(server, token=token, wait=False)
+    expect(second.locator("body")).to_have_attribute("data-state", "closed")
+    expect(second.locator("#status")).to_contain_text("(1008)")
+    with explained(second):
+        error = received(second, "error")[-1]
+        assert error["code"] == "too_many_connections", error
+    expect(second.locator("#status")).to_contain_text(error["message"])
+    second.wait_for_timeout(1000)  # (a negative: give a retry the time to happen)
+    assert sockets_opened(second) == 1
+    expect(first.locator("body")).to_have_attribute("data-state", "open")
+
+
+def test_screenshots_of_moderation(start_server: Any, open_page: Any) -> None:
+    """The moderator's view and a kicked user's view, desktop (1280x720) and phone (390x700),
+    are captured to tests/artifacts/; on the phone nothing is wider than the screen and the
+    moderation controls fit."""
+    server = start_server("gunicorn", **TOKEN_ENV)
+    desktop = {"viewport": {"width": 1280, "height": 720}}
+    phone = {"viewport": {"width": 390, "height": 700}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
+    mod_token = make_token("u-mod", "Morgan", mod=["*"])
+    mod_desktop = open_page(server, token=mod_token, **desktop)
+    mod_phone = open_page(server, token=mod_token, **phone)  # the same moderator, on a phone too
+    sam = open_page(server, token=make_token("u-sam", "Sam Okafor"), **desktop)
+    kim = open_page(server, token=make_token("u-kim", "kim"), **phone)
+    for page in (mod_desktop, mod_phone, sam, kim):
+        open_room(page, "support")
+
+    conversation = [
+        (sam, "the export has been stuck at 99% for an hour"),
+        (mod_desktop, "which browser? I'll look at the logs"),
+        (kim, "BUY CHEAP FOLLOWERS at totally-legit.example"),
+        (sam, "firefox, on a laptop — " + "a-very-long-word-without-spaces-" * 3 + "end"),
+        (kim, "BUY CHEAP FOLLOWERS at totally-legit.example!!!"),
+    ]
+    for page, text in conversation:
+        say(page, text)
+        expect_last_line(mod_desktop, text, "support")
+    spam = lines(mod_desktop, "support").filter(has_text="BUY CHEAP FOLLOWERS at totally-legit.example!!!")
+    spam.get_by_role("button", name="Delete message from kim").click()
+    for page in (mod_desktop, mod_phone, sam, kim):
+        expect(page.locator("#log-support .line.deleted")).to_have_count(1)
+
+    # The moderator about to act on kim: controls open under her name.
+    moderate_members = mod_desktop.locator("#room-support .members")
+    moderate_members.get_by_role("button", name="Moderate kim").click()
+    mod_desktop.fill("#mod-support .reason", "spam")
+    mod_phone.locator("#room-support .members summary").click()
+    mod_phone.locator("#room-support .members").get_by_role("button", name="Moderate kim").click()
+    expect(mod_phone.locator("#mod-support")).to_be_visible()
+    for button in mod_phone.locator("#mod-support button").all():
+        button.scroll_into_view_if_needed()
+        box = button.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+
+    assert_contrast(
+        mod_phone,
+        [
+            "#my-role",
+            ".members .role",
+            ".members .who",
+            "#mod-support label",
+            "#mod-support button",
+            "#log-support .line .del",
+            "#log-support .line.deleted",
+        ],
+    )
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shots = [("moderator-desktop", mod_desktop), ("moderator-phone", mod_phone)]
+    for name, page in shots:
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+    mod_desktop.locator("#mod-support").get_by_role("button", name="Kick kim", exact=True).click()
+    moderate_member(mod_desktop, "Sam Okafor", "Kick", room="support", reason="please take it to #help")
+    for page in (kim, sam):
+        expect(page.locator("#room-support")).to_have_attribute("data-removed", "kicked")
+        expect(page.locator("#tab-support .note")).to_have_text("removed")
+        expect(page.locator("#log-support .line .del")).to_have_count(4)
+        for button in page.locator("#log-support .line .del").all():
+            expect(button).to_be_hidden()  # out of the room: nothing to act on there
+    assert_contrast(kim, ["#tab-support .note", "#log-support .line.sys.removed", "#log-support .line.sys button"])
+    shots = [("kicked-desktop", sam), ("kicked-phone", kim)]
+    for name, page in shots:
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+    for name in ("moderator-desktop", "moderator-phone", "kicked-desktop", "kicked-phone"):
+        path = ARTIFACTS / f"{name}.png"
+        assert path.stat().st_size > 5 * 1024, f"{path} is only {path.stat().st_size} bytes"
+    for page in (mod_phone, kim):
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")

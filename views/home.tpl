@@ -35,6 +35,15 @@
   body[data-state="open"] #status { color: var(--ok); }
   body[data-state="reconnecting"] #status { color: var(--warn); }
   body[data-state="closed"] #status { color: var(--bad); }
+  body[data-state="signed-out"] #status { color: var(--warn); }
+  .role { display: inline-block; padding: 0 .4em; margin-left: .4em; border: 1px solid var(--accent); border-radius: 1em;
+          font-size: .75em; font-weight: 600; font-style: normal; color: var(--fg); vertical-align: middle; }
+
+  #signin { padding: .6em 1em; border-bottom: 1px solid var(--line); background: var(--panel); }
+  #signin h2 { font-size: 1em; margin: 0 0 .2em; }
+  #signin p { margin: 0 0 .4em; }
+  #signin .row { flex-wrap: wrap; }
+  #signin a { color: var(--accent); font-weight: 600; }
 
   #nick-form { display: flex; flex-wrap: wrap; align-items: center; gap: .3em .5em; padding: .6em 1em;
                border-bottom: 1px solid var(--line); background: var(--panel); }
@@ -61,6 +70,7 @@
   .tab [role="tab"][aria-selected="true"] { color: var(--fg); background: var(--bg); box-shadow: inset 0 -3px 0 var(--accent); }
   .tab .close { padding: .45em .6em; }
   .tab:only-child .close { display: none; }
+  .tab .note { margin-left: .3em; font-size: .8em; color: var(--bad); }
   .badge { display: inline-block; min-width: 1.4em; padding: 0 .35em; margin-left: .3em; border-radius: 1em;
            background: var(--accent); color: var(--on-accent); font-size: .8em; text-align: center; }
 
@@ -79,6 +89,19 @@
   .line.sys { color: var(--muted); font-size: .85em; font-style: italic; }
   .line.gap { color: var(--warn); font-weight: 600; font-style: normal; margin: .3em 0;
               border-top: 1px dashed var(--warn); border-bottom: 1px dashed var(--warn); }
+  .line.sys.removed { color: var(--bad); font-style: normal; }
+  .line.sys button { margin-left: .5em; padding: 0 .5em; font-size: .95em; font-style: normal; }
+  button[aria-disabled="true"] { opacity: .6; cursor: default; }
+  /* Delete: in token mode every line has one, shown on one's own lines and in rooms one
+     moderates (the class on the room, so that a refreshed token's `mod` applies at once). */
+  .line .del { display: none; margin-left: .5em; padding: 0 .45em; font-size: .8em; color: var(--muted); }
+  .line.own .del, .room.moderated .line .del { display: inline-block; }
+  .room[data-removed] .line .del { display: none; }   /* out of the room: nothing to act on */
+  /* With a mouse they wait for the pointer (or keyboard focus); on a touch screen they show. */
+  @media (hover: hover) {
+    .line .del { opacity: 0; }
+    .line:hover .del, .line .del:focus-visible { opacity: 1; }
+  }
   .pending { grid-area: 2 / 1 / 3 / 2; list-style: none; margin: 0; padding: 0 1em; color: var(--muted); font-size: .9em; }
   .pending li { white-space: pre-wrap; overflow-wrap: anywhere; }
   .pending .state { font-style: italic; margin-left: .5em; }
@@ -86,6 +109,15 @@
   .members ul { list-style: none; margin: 0; padding: 0 1em .5em; }
   .members li { overflow-wrap: anywhere; }
   .members .you { color: var(--muted); font-size: .85em; }
+  .members .who { padding: 0; border: 0; background: none; text-align: left; overflow-wrap: anywhere;
+                  text-decoration: underline dotted; text-underline-offset: .2em; }
+  .members .who[aria-expanded="true"] { font-weight: 600; }
+  .mod-panel { display: flex; flex-wrap: wrap; gap: .3em; margin: .3em 0 .5em; padding: .4em;
+               border: 1px solid var(--line); border-radius: 6px; background: var(--bg); font-size: .9em; }
+  .mod-panel label { flex: 1 1 100%; display: flex; flex-direction: column; }
+  .mod-panel input, .mod-panel select { width: 100%; min-width: 0; font: inherit; color: inherit; background: var(--bg);
+                                        border: 1px solid var(--line); border-radius: 6px; padding: .3em .4em; }
+  .mod-panel button { flex: 1 1 auto; padding: .3em .5em; }
 
   #notice { min-height: 1.4em; padding: 0 1em; font-size: .85em; color: var(--bad); }
   #form { display: flex; gap: .5em; padding: .5em 1em calc(.5em + env(safe-area-inset-bottom));
@@ -106,7 +138,7 @@
 <body data-state="connecting">
 <header>
   <h1>Chat</h1>
-  <div id="me" hidden>You are <strong id="my-nick"></strong><button type="button" id="change-nick">Change</button></div>
+  <div id="me" hidden>You are <strong id="my-nick"></strong><span id="my-role" class="role" hidden>moderator</span><button type="button" id="change-nick">Change</button></div>
   <div id="status" role="status">Connecting…</div>
 </header>
 <form id="nick-form" autocomplete="off" hidden>
@@ -116,6 +148,14 @@
   <button type="button" id="cancel-nick">Cancel</button>
   <div id="nick-error" class="error" aria-live="polite"></div>
 </form>
+<section id="signin" aria-labelledby="signin-title" hidden>
+  <h2 id="signin-title">Sign in to chat</h2>
+  <p id="signin-why"></p>
+  <div class="row">
+    <a id="signin-link" href="" hidden>Sign in</a>
+    <button type="button" id="signin-retry">Try again</button>
+  </div>
+</section>
 <div id="main">
   <aside id="side">
     <details id="rooms-box">
@@ -152,9 +192,20 @@
    reconnect, and the rule that keeps every log free of duplicates and in order: a message
    is shown only if its seq follows the last one shown in the same epoch. Lines the user
    sends wait in the outbox, each with a `ref`, until their `ack`; after a reconnect they are
-   sent again with the same ref, and the server publishes a ref at most once. */
+   sent again with the same ref, and the server publishes a ref at most once.
+
+   Two ways to be someone (PAGE.auth, the server's CHAT_AUTH): "open", a nickname the user
+   chooses; "token", a token the app's backend signed (hello carries it, the welcome names the
+   user; see "Signed identity" in the protocol document). The token comes from PAGE.tokenUrl
+   when the server has one, fetched again before it expires and handed over with `refresh` on
+   the same connection; else from the URL: /#token=… (a fragment never reaches a server),
+   optionally /#token=…&room=dev to open a room, or /?room=dev#token=…. The page then keeps
+   it for the tab in sessionStorage, so that the address bar, history and a reload do not show
+   it, and rewrites the fragment to the room shown (/#dev) as always. */
 (function () {
   "use strict";
+  var PAGE = {{!page_config}};             // {auth: "open" | "token", tokenUrl, loginUrl}
+  var TOKEN_MODE = PAGE.auth === "token";
   var textLimit = {{max_message_size}};   // bytes of UTF-8; the welcome's limits.text replaces it
   var roomLimit = 16;                     // rooms at once; the welcome's limits.rooms replaces it
   var MAX_LINES = 1000;                   // per log
@@ -162,6 +213,13 @@
   var BASE_DELAY = 500, MAX_DELAY = 10000;
   var ROOMS_REFRESH = 30000;              // ms between `rooms` listings while connected
   var NO_RETRY = { 1008: "policy violation", 1009: "message too big" };
+  var TOKEN_EXPIRED = 4001, DISCONNECTED = 4003;   // close codes: get a new token; the app said go
+  var HELLO_TRIES = 2;                    // new tokens fetched for one refused hello, then "sign in"
+  var TOKEN_MIN_LEFT = 30;                // s: a token kept for a new hello must have this much left
+  var REFRESH_LEAD = 60000;               // ms before `expires` to refresh (a quarter of short tokens)
+  var REFRESH_RETRY = 5000;               // ms between refreshes the token URL could not answer
+  // How long a ban or a mute lasts: the moderator picks one of these (seconds; "" = no end).
+  var DURATIONS = [["600", "10 minutes"], ["3600", "1 hour"], ["86400", "1 day"], ["", "no end"]];
   // The server's rules, checked here too so that a typo is explained before anything is sent.
   var NICK = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,23}$/;
   var ROOM = /^[a-z0-9][a-z0-9_-]{0,31}$/;
@@ -179,6 +237,11 @@
     get: function (key) { try { return localStorage.getItem(key); } catch (e) { return null; } },
     set: function (key, value) { try { localStorage.setItem(key, value); } catch (e) { /* not kept */ } }
   };
+  // A token from the URL is kept for this tab only (sessionStorage), never across tabs.
+  var tabStore = {
+    get: function (key) { try { return sessionStorage.getItem(key); } catch (e) { return null; } },
+    set: function (key, value) { try { sessionStorage.setItem(key, value); } catch (e) { /* not kept */ } }
+  };
   function randomId(bytes) {
     var a = new Uint8Array(bytes);
     crypto.getRandomValues(a);   // (crypto.randomUUID needs https; this works on plain http too)
@@ -188,16 +251,29 @@
   // tabs and reconnects may hold the same nick at once, and nobody else can.
   var session = store.get("chat.session");
   if (!session) { session = randomId(16); store.set("chat.session", session); }
-  var nick = store.get("chat.nick");      // as the user chose it (the welcome normalises it)
+  // As the user chose it (the welcome normalises it); in token mode, the welcome's name.
+  var nick = TOKEN_MODE ? null : store.get("chat.nick");
 
   var conn = null, welcomed = false, attempts = 0, stopped = false;
   var retryTimer = null, tickTimer = null, roomsTimer = null, noticeTimer = null;
   var rooms = new Map();                  // name → room state, in tab order
   var active = null;                      // name of the room shown
   var outbox = [];                        // lines said but not yet acknowledged, oldest first
+  var closeWhy = "";                      // the error that came just before a close (too_many_connections)
+
+  // Token mode: the token the next hello or refresh gives, who it makes us, until when.
+  var token = TOKEN_MODE && !PAGE.tokenUrl ? tabStore.get("chat.token") : null;
+  var myUser = null, expires = 0, modPatterns = [];
+  var helloTries = 0;                     // new tokens tried for this connection's hello
+  var signedOut = false;                  // showing "Sign in to chat": connect no more by ourselves
+  var connecting = 0;                     // which connect() a fetched token is for (a newer one wins)
+  var refreshTimer = null, refreshing = null;   // refreshing: the token a `refresh` in flight gives
+  var refreshFetch = null;                // the connection a token fetch for `refresh` is for
+  var modPending = new Map();             // ref → the moderation command it was sent with
 
   function setState(state, text) {
-    document.body.dataset.state = state;  // test hook: connecting | open | reconnecting | closed
+    // Test hook: connecting | open | reconnecting | closed | signed-out (token mode).
+    document.body.dataset.state = state;
     statusEl.textContent = text;
   }
 
@@ -237,8 +313,10 @@
       epoch: null, seq: 0,        // where this log ends: the `since` of the next join
       joined: false,              // true from our `joined` until the connection ends
       failed: null,               // why the server refused to let us in (an error's message)
-      members: new Map(),         // casefolded nick → nick as shown
-      count: 0, unread: 0, carry: 0, retry: null
+      removed: null,              // kicked | banned | forbidden: out until the user joins again
+      members: new Map(),         // memberKey → {user, nick}
+      count: 0, unread: 0, carry: 0, retry: null,
+      modTarget: null, modPanel: null   // the member whose moderation controls are open, and they
     };
     var tab = document.createElement("div");
     tab.className = "tab";
@@ -253,7 +331,10 @@
     room.badge = document.createElement("span");
     room.badge.className = "badge";
     room.badge.hidden = true;
-    select.appendChild(room.badge);
+    room.note = document.createElement("span");   // "removed", "banned": the tab says we are out
+    room.note.className = "note";
+    room.note.hidden = true;
+    select.append(room.badge, room.note);
     select.addEventListener("click", function () { activate(name); });
     var close = document.createElement("button");
     close.type = "button";
@@ -292,7 +373,8 @@
     members.append(summary, room.memberList);
     panel.append(log, pending, members);
     panelsEl.appendChild(panel);
-    Object.assign(room, { tab: tab, select: select, panel: panel, log: log, pendingList: pending });
+    Object.assign(room, { tab: tab, select: select, panel: panel, log: log, pendingList: pending, membersBox: members });
+    panel.classList.toggle("moderated", moderates(name));
     return room;
   }
 
@@ -307,6 +389,8 @@
     });
     room.unread = 0;
     room.badge.hidden = true;
+    $("my-role").hidden = !moderates(name);
+    $("my-role").title = "You moderate #" + name;
     document.title = "#" + name + " – Chat";
     if (location.hash !== "#" + name) history.replaceState(null, "", "#" + name);
   }
@@ -378,6 +462,34 @@
     div.className = "line sys" + (extra ? " " + extra : "");
     div.textContent = text;
     appendLine(room, div);
+    return div;
+  }
+
+  // A button that has done its work, or waits for an answer: aria-disabled, not disabled,
+  // which would drop the keyboard's focus to the top of the page.
+  function setBusy(button, busy) {
+    if (busy) button.setAttribute("aria-disabled", "true");
+    else button.removeAttribute("aria-disabled");
+  }
+
+  function isBusy(button) {
+    return button.getAttribute("aria-disabled") === "true";
+  }
+
+  // A button at the end of a quiet line (join again, unban…): its name says what and whom.
+  function lineButton(div, label, name, action) {
+    var button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.setAttribute("aria-label", name);
+    button.addEventListener("click", function () {
+      if (isBusy(button)) return;
+      if (!welcomed) { showNotice("Not connected: try again once connected."); return; }
+      setBusy(button, true);               // once is enough
+      action();
+    });
+    div.append(" ", button);
+    return button;
   }
 
   function sameNick(a, b) {
@@ -385,11 +497,46 @@
     return a !== null && b !== null && a.toLowerCase() === b.toLowerCase();
   }
 
+  // Whether a line is this user's: by user in token mode (names need not be unique), by nick
+  // in open mode.
+  function isOwn(m) {
+    return TOKEN_MODE ? m.user !== null && m.user !== undefined && m.user === myUser : sameNick(m.nick, nick);
+  }
+
+  // An event of the room's sequence (a line, a tombstone, a deletion), in order: show it.
+  function showEvent(room, ev) {
+    if (ev.type === "deleted") {
+      removeLine(room, ev.epoch, ev.target, ev.by);
+    } else if (ev.text === null || ev.deleted) {
+      // A tombstone (a deleted line, in a replay): nothing to show, but it counts.
+    } else {
+      showMessage(room, ev);
+      return;
+    }
+    room.seq = ev.seq;
+  }
+
+  // A deleted line gives way to a quiet note in its place, so replies to it still make sense
+  // and nothing jumps; a line not shown (before this log began, past the cap) needs nothing.
+  function removeLine(room, epoch, target, by) {
+    var line = Array.prototype.find.call(room.log.querySelectorAll(".line.msg"), function (div) {
+      return div.dataset.epoch === epoch && Number(div.dataset.seq) === target;
+    });
+    if (!line) return;
+    var note = document.createElement("div");
+    note.className = "line sys deleted";
+    note.textContent = "Message deleted" + (by ? " by " + by : "") + ".";
+    var hadFocus = line.contains(document.activeElement);
+    line.replaceWith(note);
+    if (hadFocus) room.log.focus();       // not lost to the page's top
+  }
+
   // Only textContent, never HTML: what people type is shown as typed.
   function showMessage(room, m) {
     var div = document.createElement("div");
-    div.className = "line msg" + (sameNick(m.nick, nick) ? " own" : "");
+    div.className = "line msg" + (isOwn(m) ? " own" : "");
     div.dataset.seq = m.seq;
+    div.dataset.epoch = m.epoch;
     var when = new Date(m.time);
     var time = document.createElement("time");
     time.dateTime = when.toISOString();
@@ -406,6 +553,8 @@
     text.className = "text";
     text.textContent = m.text;
     div.append(text);
+    // Token mode: delete, shown on one's own lines and, by the room's class, to its moderators.
+    if (TOKEN_MODE) div.append(deleteButton(room, m, div));
     appendLine(room, div);
     room.seq = m.seq;
     if (room.name !== active) {
@@ -415,29 +564,297 @@
     }
   }
 
+  function deleteButton(room, m, div) {
+    var button = document.createElement("button");
+    button.type = "button";
+    button.className = "del";
+    button.textContent = "Delete";
+    button.setAttribute("aria-label", isOwn(m) ? "Delete your message" : "Delete message from " + (m.nick || "an old client"));
+    button.addEventListener("click", function () {
+      if (isBusy(button)) return;
+      if (!welcomed || !room.joined) { showNotice("Not connected: try again once connected."); return; }
+      setBusy(button, true);               // until the `deleted` replaces the line, or an error
+      moderate({ type: "delete", room: room.name, seq: m.seq }, { button: button, div: div });
+    });
+    return button;
+  }
+
   // ---- Members
 
-  function setMembers(room, nicks, count) {
-    room.members = new Map(nicks.map(function (n) { return [n.toLowerCase(), n]; }));
-    room.count = count;
+  // A member is a user in token mode (two may share a name), a casefolded nick in open mode.
+  function memberKey(user, name) {
+    return user !== null && user !== undefined ? "u:" + user : "n:" + name.toLowerCase();
+  }
+
+  function isMe(member) {
+    return TOKEN_MODE ? member.user === myUser : sameNick(member.nick, nick);
+  }
+
+  // joined.users pairs each member's user and name; a server without it sends names only.
+  function setMembers(room, ev) {
+    var users = ev.users || ev.members.map(function (n) { return { user: null, nick: n }; });
+    room.members = new Map(users.map(function (u) { return [memberKey(u.user, u.nick), u]; }));
+    room.count = ev.member_count;
     renderMembers(room);
   }
 
   function renderMembers(room) {
-    var keys = Array.from(room.members.keys()).sort();
-    room.memberList.replaceChildren.apply(room.memberList, keys.map(function (key) {
+    // Re-rendering (a presence, a refresh) must not take the keyboard's place away: a member's
+    // button is made anew, the panel is moved (which blurs what is focused in it).
+    var focused = room.memberList.contains(document.activeElement) ? document.activeElement : null;
+    var refocus = focused && focused.classList.contains("who") ? focused.dataset.member : null;
+    var mod = moderates(room.name);
+    if (room.modTarget && (!mod || !room.members.has(room.modTarget))) closeModPanel(room, false);
+    var entries = Array.from(room.members.entries()).sort(function (a, b) {
+      var x = a[1].nick.toLowerCase(), y = b[1].nick.toLowerCase();
+      return x < y ? -1 : x > y ? 1 : a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0;
+    });
+    room.memberList.replaceChildren.apply(room.memberList, entries.map(function (entry) {
+      var key = entry[0], member = entry[1];
       var li = document.createElement("li");
-      li.textContent = room.members.get(key);
-      if (sameNick(key, nick)) {
+      var me = isMe(member);
+      if (mod && !me && member.user !== null) {
+        li.appendChild(memberButton(room, key, member));
+        if (room.modTarget === key) li.appendChild(room.modPanel);
+      } else {
+        li.append(member.nick);
+      }
+      if (me) {
         var you = document.createElement("span");
         you.className = "you";
         you.textContent = " (you)";
         li.appendChild(you);
+        if (mod) li.append(" ", roleBadge(room.name));
       }
       return li;
     }));
+    if (refocus) {
+      var again = Array.prototype.find.call(room.memberList.querySelectorAll(".who"), function (b) {
+        return b.dataset.member === refocus;
+      });
+      if (again) again.focus();
+    } else if (focused && focused.isConnected && focused !== document.activeElement) {
+      focused.focus();                     // in the panel, moved along with its member
+    } else if (focused && !focused.isConnected) {
+      room.membersBox.querySelector("summary").focus();   // the panel closed: its member left
+    }
     // Past 1,000 members the server lists only the first 1,000 and sends no presence.
-    room.memberCount.textContent = "(" + room.count + (room.count > keys.length ? ", " + keys.length + " listed" : "") + ")";
+    var keys = room.members.size;
+    room.memberCount.textContent = "(" + room.count + (room.count > keys ? ", " + keys + " listed" : "") + ")";
+  }
+
+  function roleBadge(name) {
+    var badge = document.createElement("span");
+    badge.className = "role";
+    badge.textContent = "moderator";
+    badge.title = "You moderate #" + name;
+    return badge;
+  }
+
+  // ---- Moderation (token mode). The page reads its own token's `mod` patterns to know where
+  // to offer the controls; the server decides (an error `forbidden` otherwise).
+
+  function tokenClaims(t) {
+    try {
+      var part = t.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");   // base64url → base64
+      var bytes = Uint8Array.from(atob(part), function (c) { return c.charCodeAt(0); });
+      var claims = JSON.parse(new TextDecoder().decode(bytes));
+      return claims && typeof claims === "object" ? claims : {};
+    } catch (e) {
+      return {};                           // not ours to judge: the server says bad_token
+    }
+  }
+
+  function patternsOf(claim) {
+    if (typeof claim === "string") return [claim];
+    return Array.isArray(claim) ? claim.filter(function (p) { return typeof p === "string"; }) : [];
+  }
+
+  // A pattern is a room name, or a prefix followed by *.
+  function moderates(name) {
+    return modPatterns.some(function (p) {
+      return p === name || (p.slice(-1) === "*" && name.indexOf(p.slice(0, -1)) === 0);
+    });
+  }
+
+  // After a welcome or a refresh: the token's `mod` may have changed; every room follows.
+  function applyRoles() {
+    modPatterns = TOKEN_MODE && token ? patternsOf(tokenClaims(token).mod) : [];
+    rooms.forEach(function (room) {
+      room.panel.classList.toggle("moderated", moderates(room.name));
+      renderMembers(room);
+    });
+    $("my-role").hidden = !(active && moderates(active));
+  }
+
+  function memberButton(room, key, member) {
+    var button = document.createElement("button");
+    button.type = "button";
+    button.className = "who";
+    button.dataset.member = key;
+    button.textContent = member.nick;
+    button.setAttribute("aria-label", "Moderate " + member.nick);
+    button.setAttribute("aria-expanded", room.modTarget === key ? "true" : "false");
+    button.setAttribute("aria-controls", "mod-" + room.name);
+    button.addEventListener("click", function () {
+      if (room.modTarget === key) closeModPanel(room, true);
+      else openModPanel(room, key);
+    });
+    return button;
+  }
+
+  // One panel per room, shown under the member it acts on: a reason, a duration, the actions.
+  function modPanel(room) {
+    if (room.modPanel) return room.modPanel;
+    var panel = document.createElement("div");
+    panel.className = "mod-panel";
+    panel.id = "mod-" + room.name;
+    panel.setAttribute("role", "group");
+    var reasonLabel = document.createElement("label");
+    reasonLabel.append("Reason (optional)");
+    var reason = document.createElement("input");
+    reason.type = "text";
+    reason.className = "reason";
+    reason.maxLength = 200;
+    reasonLabel.append(reason);
+    var forLabel = document.createElement("label");
+    forLabel.append("Ban or mute for");
+    var duration = document.createElement("select");
+    duration.className = "duration";
+    DURATIONS.forEach(function (d) {
+      var option = document.createElement("option");
+      option.value = d[0];
+      option.textContent = d[1];
+      duration.appendChild(option);
+    });
+    forLabel.append(duration);
+    panel.append(reasonLabel, forLabel);
+    ["kick", "ban", "mute", "unmute"].forEach(function (command) {
+      var button = document.createElement("button");
+      button.type = "button";
+      button.dataset.command = command;
+      button.textContent = command.charAt(0).toUpperCase() + command.slice(1);
+      button.addEventListener("click", function () { modAction(room, command); });
+      panel.appendChild(button);
+    });
+    panel.addEventListener("keydown", function (e) {
+      if (e.key === "Escape") { closeModPanel(room, true); e.preventDefault(); }
+    });
+    room.modPanel = panel;
+    return panel;
+  }
+
+  function openModPanel(room, key) {
+    var panel = modPanel(room);
+    var member = room.members.get(key);
+    room.modTarget = key;
+    panel.setAttribute("aria-label", "Moderate " + member.nick);
+    panel.querySelector(".reason").value = "";
+    panel.querySelectorAll("button").forEach(function (b) {
+      b.setAttribute("aria-label", b.textContent + " " + member.nick);
+    });
+    room.membersBox.open = true;
+    renderMembers(room);
+    panel.querySelector(".reason").focus();
+  }
+
+  function closeModPanel(room, focusMember) {
+    var key = room.modTarget;
+    room.modTarget = null;
+    if (room.modPanel) room.modPanel.remove();
+    var button = Array.prototype.find.call(room.memberList.querySelectorAll(".who"), function (b) {
+      return b.dataset.member === key;
+    });
+    if (button) {
+      button.setAttribute("aria-expanded", "false");
+      if (focusMember) button.focus();
+    }
+  }
+
+  function modAction(room, command) {
+    var member = room.members.get(room.modTarget);
+    if (!member) return;
+    var panel = room.modPanel;
+    var reason = panel.querySelector(".reason").value.trim();
+    var select = panel.querySelector(".duration");
+    var sent = { type: command, room: room.name, user: member.user };
+    var what = { nick: member.nick };
+    if (reason && (command === "kick" || command === "ban")) sent.reason = reason;
+    if (command === "ban" || command === "mute") {
+      if (select.value) sent.seconds = Number(select.value);
+      what.duration = select.value ? "for " + select.selectedOptions[0].textContent : "with no end";
+    }
+    if (!welcomed || !room.joined) { showNotice("Not connected: try again once connected."); return; }
+    moderate(sent, what);
+    closeModPanel(room, true);
+  }
+
+  // Every moderation command carries a ref: its `done` or error says which one it answers.
+  function moderate(command, what) {
+    command.ref = "mod-" + randomId(6);
+    what.command = command;
+    modPending.set(command.ref, what);
+    send(command);
+  }
+
+  var DONE = {
+    kick: function (w) { return "You removed " + w.nick + " from the room."; },
+    ban: function (w) { return "You banned " + w.nick + " from the room " + w.duration + "."; },
+    unban: function (w) { return "You lifted " + w.nick + "’s ban."; },
+    mute: function (w) { return "You muted " + w.nick + " " + w.duration + "."; },
+    unmute: function (w) { return "You unmuted " + w.nick + "."; }
+  };
+  var UNDO = { ban: "unban", mute: "unmute" };
+
+  function moderated(ev, what) {
+    var room = rooms.get(ev.room);
+    var command = what.command;
+    if (!room || command.type === "delete") return;   // the `deleted` event shows a delete
+    var line = sysLine(room, DONE[command.type](what), "mod");
+    var undo = UNDO[command.type];
+    if (undo) {
+      var label = undo.charAt(0).toUpperCase() + undo.slice(1);
+      lineButton(line, label, label + " " + what.nick, function () {
+        moderate({ type: undo, room: room.name, user: command.user }, { nick: what.nick });
+      });
+    }
+  }
+
+  function moderationFailed(ev, what) {
+    if (what.button) setBusy(what.button, false);
+    var command = what.command;
+    var subject = command.type === "delete" ? "delete the message" : command.type + " " + what.nick;
+    showNotice("Could not " + subject + ": " + ev.message + ".");
+  }
+
+  // "until 14:05", "until 3 Jan, 14:05", or "with no end" (until null).
+  function untilText(until) {
+    if (until === null || until === undefined) return "with no end";
+    var when = new Date(until);
+    var time = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    if (when.toDateString() === new Date().toDateString()) return "until " + time;
+    return "until " + when.toLocaleDateString([], { day: "numeric", month: "short" }) + ", " + time;
+  }
+
+  // The server took this connection out of a room (`left` with a reason), or would not let it
+  // in (banned, forbidden): the tab stays and says so; joining again is the user's choice.
+  function removedFrom(room, reason, text) {
+    room.joined = false;
+    room.removed = reason;
+    room.failed = { kicked: "a moderator removed you", banned: "you are banned here" }[reason] || "you may not join it";
+    room.panel.dataset.joined = "no";
+    room.panel.dataset.removed = reason;  // test hook
+    room.note.textContent = { kicked: "removed", banned: "banned", forbidden: "no access" }[reason] || reason;
+    room.note.hidden = false;
+    closeModPanel(room, false);
+    room.members = new Map();
+    room.count = 0;
+    renderMembers(room);
+    var line = sysLine(room, text, "removed");
+    lineButton(line, "Join again", "Join #" + room.name + " again", function () { join(room); });
+    outbox.forEach(function (entry) {
+      if (entry.room === room.name && !entry.sent) showPending(entry, "not sent: you are not in this room");
+    });
   }
 
   // ---- The outbox: each line keeps its ref until acknowledged, and is resent with it.
@@ -474,19 +891,39 @@
 
   // ---- Events from the server
 
+  // A line or a deletion, live: shown only if it is the next of its room's sequence.
+  function sequenced(ev) {
+    var room = rooms.get(ev.room);
+    // Before our `joined` (a rejoin in flight) the events are in its replay: skip them here.
+    if (!room || !room.joined) return;
+    if (ev.epoch !== room.epoch) { join(room); return; }  // a new history: rejoin, be told
+    if (ev.seq <= room.seq) return;                      // shown already
+    if (ev.seq > room.seq + 1) { join(room); return; }   // a gap: ask for what is missing
+    showEvent(room, ev);
+  }
+
   var handlers = {
     welcome: function (ev) {
       welcomed = true;
       attempts = 0;                        // a welcomed connection resets the backoff
+      helloTries = 0;
       nick = ev.nick;
-      store.set("chat.nick", nick);
+      if (TOKEN_MODE) {
+        myUser = ev.user;                  // the token's sub: who "own" and "(you)" are
+        expires = ev.expires;
+        applyRoles();
+        scheduleRefresh();
+      } else {
+        store.set("chat.nick", nick);
+      }
       textLimit = ev.limits.text;
       roomLimit = ev.limits.rooms;
       $("my-nick").textContent = nick;
       $("me").hidden = false;
       setState("open", "Connected");
       notice.textContent = "";
-      rooms.forEach(join);
+      // A room we were put out of waits for the user's "Join again".
+      rooms.forEach(function (room) { if (!room.removed) join(room); });
       send({ type: "rooms" });
       roomsTimer = setInterval(function () { send({ type: "rooms" }); }, ROOMS_REFRESH);
     },
@@ -502,26 +939,25 @@
       var sameEpoch = room.epoch === ev.epoch;
       if (!sameEpoch) room.seq = 0;        // seqs count again from a new epoch
       room.epoch = ev.epoch;
+      // Lines, tombstones and deletions, as live: a deletion removes its line if shown here.
       ev.messages.forEach(function (m) {
-        if (m.seq > room.seq) showMessage(room, m);   // not shown yet (the replay may overlap)
+        if (m.seq > room.seq) showEvent(room, m);     // not shown yet (the replay may overlap)
       });
       // Live messages continue from the room's latest seq, even if history showed less.
       room.seq = Math.max(room.seq, ev.seq);
       room.joined = true;
       room.panel.dataset.joined = "yes";
-      setMembers(room, ev.members, ev.member_count);
+      if (room.removed) {                  // in again after a kick (or a ban that ended)
+        room.removed = null;
+        room.note.hidden = true;
+        delete room.panel.dataset.removed;
+      }
+      setMembers(room, ev);
       outbox.forEach(function (entry) { if (entry.room === room.name) sendEntry(entry); });
     },
 
-    message: function (m) {
-      var room = rooms.get(m.room);
-      // Before our `joined` (a rejoin in flight) the lines are in its replay: skip them here.
-      if (!room || !room.joined) return;
-      if (m.epoch !== room.epoch) { join(room); return; }  // a new history: rejoin, be told
-      if (m.seq <= room.seq) return;                      // shown already
-      if (m.seq > room.seq + 1) { join(room); return; }   // a gap: ask for what is missing
-      showMessage(room, m);
-    },
+    message: function (m) { sequenced(m); },
+    deleted: function (ev) { sequenced(ev); },   // in the room's sequence like a line
 
     ack: function (ev) {
       var entry = outbox.find(function (e) { return e.ref === ev.ref; });
@@ -532,8 +968,13 @@
       var room = rooms.get(ev.room);
       if (!room || !room.joined) return;   // the coming `joined` lists the members
       var who = ev.joined || ev.left;
-      if (ev.joined) { room.members.set(who.toLowerCase(), who); room.count++; }
-      else { room.members.delete(who.toLowerCase()); room.count = Math.max(0, room.count - 1); }
+      var key = memberKey(ev.user, who);
+      if (ev.joined) {
+        if (!room.members.has(key)) room.count++;
+        room.members.set(key, { user: ev.user === undefined ? null : ev.user, nick: who });
+      } else {
+        if (room.members.delete(key)) room.count = Math.max(0, room.count - 1);
+      }
       renderMembers(room);
       sysLine(room, who + (ev.joined ? " joined" : " left"));
     },
@@ -561,11 +1002,46 @@
       }));
     },
 
-    left: function () { /* the tab is gone already */ },
+    // Our own `leave` is answered when the tab is gone already; a reason means the server took
+    // us out: kicked or banned by a moderator, or a private room a new token no longer allows.
+    left: function (ev) {
+      var room = rooms.get(ev.room);
+      if (!room || !ev.reason) return;
+      var why = ev.message ? ": " + ev.message : "";
+      var text = ev.reason === "kicked" ? "A moderator removed you from #" + room.name + why + "."
+        : ev.reason === "banned" ? "A moderator banned you from #" + room.name + " " + untilText(ev.until) + why + "."
+        : "You may no longer be in #" + room.name + why + ".";
+      removedFrom(room, ev.reason, text);
+    },
+
+    done: function (ev) {
+      var what = modPending.get(ev.ref);
+      if (!what) return;
+      modPending.delete(ev.ref);
+      moderated(ev, what);
+    },
+
+    refreshed: function (ev) {
+      // Nothing visible changes: same connection, same rooms; only the clock and the roles.
+      if (refreshing) { token = refreshing; refreshing = null; }
+      expires = ev.expires;
+      applyRoles();
+      scheduleRefresh();
+    },
 
     error: function (ev) {
       var room = ev.room ? rooms.get(ev.room) : null;
       var retry = ev.code === "unavailable" || ev.code === "rate_limited";
+      if (modPending.has(ev.ref)) {        // it answers a moderation command
+        var what = modPending.get(ev.ref);
+        modPending.delete(ev.ref);
+        moderationFailed(ev, what);
+        return;
+      }
+      if (TOKEN_MODE && (ev.code === "bad_token" || ev.code === "token_expired")) {
+        tokenRefused(ev);
+        return;
+      }
       if (ev.ref !== undefined) {          // it answers a say
         var entry = outbox.find(function (e) { return e.ref === ev.ref; });
         if (!entry) return;
@@ -574,8 +1050,17 @@
           // Nothing was published: the same say, same ref, after a while.
           showPending(entry, "server busy, retrying…");
           entry.timer = setTimeout(function () { sendEntry(entry); }, backoff(entry.tries++));
+        } else if (ev.code === "not_member" && room && room.removed) {
+          showPending(entry, "not sent: you are not in this room");   // kept for "Join again"
         } else if (ev.code === "not_member" && room) {
           join(room);                      // the server forgot us there: the join resends it
+        } else if (ev.code === "muted" && room) {
+          // Not published, and it would not be if sent again before the mute ends: keep the
+          // text for later, say why where it was said.
+          dropEntry(entry);
+          if (!msg.value) msg.value = entry.text;
+          sysLine(room, "A moderator muted you here " + untilText(ev.until) + ": your line was not sent.", "removed");
+          showNotice("Not sent: you are muted in #" + room.name + " " + untilText(ev.until) + ".");
         } else {
           dropEntry(entry);
           if (!msg.value) msg.value = entry.text;   // back where it can be fixed
@@ -590,6 +1075,13 @@
         room.failed = ev.message;
         sysLine(room, "You are not in this room: " + ev.message + ".");
         askNick("“" + nick + "” is taken in #" + room.name + " by someone else. Choose another nickname.");
+      } else if (ev.code === "banned" && room && !room.joined) {   // answers our join
+        removedFrom(room, "banned", "You are banned from #" + room.name + " " + untilText(ev.until) + ".");
+      } else if (ev.code === "forbidden" && room && !room.joined) {
+        removedFrom(room, "forbidden", "You may not join #" + room.name + ": " + ev.message + ".");
+      } else if (ev.code === "too_many_connections") {
+        closeWhy = ev.message;             // the close (1008) that follows says it
+        showNotice(ev.message);
       } else if ((ev.code === "bad_room" || ev.code === "too_many_rooms") && room) {
         room.failed = ev.message;
         if (rooms.size > 1) closeRoom(room.name);
@@ -614,6 +1106,10 @@
   function disconnected() {
     welcomed = false;
     clearInterval(roomsTimer);
+    clearTimeout(refreshTimer);
+    refreshing = null;
+    modPending.forEach(function (what) { if (what.button) setBusy(what.button, false); });
+    modPending.clear();                    // unanswered: the moderator may give them again
     rooms.forEach(function (room) {
       room.joined = false;
       room.panel.dataset.joined = "no";
@@ -645,9 +1141,21 @@
 
   function connect() {
     clearTimers();
-    if (stopped) return;
-    if (!nick) { setState("connecting", "Choose a nickname to start"); askNick(""); return; }
+    if (stopped || signedOut) return;
+    if (!TOKEN_MODE && !nick) { setState("connecting", "Choose a nickname to start"); askNick(""); return; }
     setState(attempts ? "reconnecting" : "connecting", attempts ? "Reconnecting…" : "Connecting…");
+    if (!TOKEN_MODE) { openSocket(); return; }
+    // The token first, then the socket: no connection idles while the token URL answers.
+    var ticket = ++connecting;
+    obtainToken().then(function (got) {
+      if (ticket !== connecting || stopped || signedOut) return;   // a newer connect() took over
+      if (got.token) openSocket();
+      else if (got.signIn !== undefined) signIn(got.signIn);
+      else scheduleReconnect(false);       // the token URL is away: again later, backing off
+    });
+  }
+
+  function openSocket() {
     var proto = location.protocol === "https:" ? "wss://" : "ws://";
     var ws;
     try {
@@ -657,9 +1165,10 @@
       return;
     }
     conn = ws;
+    closeWhy = "";
     ws.onopen = function () {
-      // hello comes first, once per connection: a new nick needs a new connection.
-      send({ type: "hello", nick: nick, session: session });
+      helloTries = 0;
+      sayHello();                          // hello comes first, once per connection
     };
     ws.onmessage = function (evt) {
       if (conn !== ws) return;
@@ -672,26 +1181,184 @@
       if (conn !== ws) return;
       conn = null;
       disconnected();
-      if (stopped) return;
-      // 1008/1009: the server rejected us on purpose; retrying would just repeat it.
-      if (NO_RETRY[evt.code]) {
-        setState("closed", "Connection closed: " + (evt.reason || NO_RETRY[evt.code]) + " (" + evt.code + ")");
+      if (stopped || signedOut) return;
+      // 4003: the app's backend ended this user's chat; coming back is for the user to decide.
+      if (evt.code === DISCONNECTED) {
+        setState("closed", "Disconnected by the app (" + evt.code + "). Reload the page to chat again.");
         outbox.forEach(function (entry) { showPending(entry, "not sent"); });
         return;
       }
-      scheduleReconnect(evt.code === 1001);
+      // 1008/1009: the server rejected us on purpose; retrying would just repeat it.
+      if (NO_RETRY[evt.code]) {
+        var why = closeWhy || evt.reason || NO_RETRY[evt.code];
+        setState("closed", "Connection closed: " + why + " (" + evt.code + ")");
+        outbox.forEach(function (entry) { showPending(entry, "not sent"); });
+        return;
+      }
+      // 4001: the token ran out before a refresh: a new one (if the URL gives one), a new hello.
+      if (evt.code === TOKEN_EXPIRED && PAGE.tokenUrl) token = null;
+      scheduleReconnect(evt.code === 1001 || evt.code === TOKEN_EXPIRED);
     };
+  }
+
+  function sayHello() {
+    send(TOKEN_MODE ? { type: "hello", token: token, session: session } : { type: "hello", nick: nick, session: session });
+  }
+
+  // Close this connection, if any, without a retry of its own.
+  function hangUp(reason) {
+    var old = conn;
+    conn = null;
+    if (old) { old.close(1000, reason); disconnected(); }
   }
 
   // A new hello needs a new connection: close this one (the server lets our rooms go) and
   // connect at once; the welcome rejoins every open room from where its log ends.
-  function reconnectNow() {
-    var old = conn;
-    conn = null;
-    if (old) { old.close(1000, "new nickname"); disconnected(); }
+  function reconnectNow(reason) {
+    hangUp(reason);
     stopped = false;
     attempts = 0;
     connect();
+  }
+
+  // ---- The token (token mode)
+
+  // Seconds the token has left by its own `exp` (our clock); Infinity when it does not say.
+  function tokenLeft(t) {
+    var exp = tokenClaims(t).exp;
+    return typeof exp === "number" ? exp - Date.now() / 1000 : Infinity;
+  }
+
+  // The token for a hello: the one we have while it lasts, else a new one from the token URL.
+  // Resolves to {token}, {signIn: why} (nobody to be: stop and say so) or {} (try again later).
+  function obtainToken() {
+    if (!PAGE.tokenUrl) {
+      if (token && tokenLeft(token) > 0) return Promise.resolve({ token: token });
+      return Promise.resolve({ signIn: token ? "Your sign-in link has expired." : "Open the chat from the app to sign in." });
+    }
+    if (token && tokenLeft(token) > TOKEN_MIN_LEFT) return Promise.resolve({ token: token });
+    return fetchToken().then(function (t) {
+      token = t;
+      return { token: t };
+    }, function (error) {
+      return error && error.signIn ? { signIn: "" } : {};
+    });
+  }
+
+  // GET the token URL with the app's cookies (it may be another origin: CORS with
+  // credentials): {"token": "…"}. 401 or 403: not signed in there. Rejects with {signIn}.
+  function fetchToken() {
+    return fetch(PAGE.tokenUrl, { credentials: "include", cache: "no-store", headers: { Accept: "application/json" } })
+      .then(function (response) {
+        if (response.status === 401 || response.status === 403) throw { signIn: true };
+        if (!response.ok) throw { signIn: false };
+        return response.json();
+      })
+      .then(function (body) {
+        if (!body || typeof body.token !== "string" || !body.token) throw { signIn: false };
+        return body.token;
+      });
+  }
+
+  // Before `expires` (the server's clock, taken to agree with ours): a minute before the end of
+  // a long token, a quarter of its life before the end of a short one.
+  function scheduleRefresh() {
+    clearTimeout(refreshTimer);
+    if (!PAGE.tokenUrl) return;           // a token from the URL cannot be renewed: it runs out
+    var left = expires - Date.now();
+    refreshTimer = setTimeout(refreshToken, Math.max(1000, left - Math.min(REFRESH_LEAD, left / 4)));
+  }
+
+  // A new token handed over on the same connection: nothing is left or joined again.
+  function refreshToken() {
+    clearTimeout(refreshTimer);
+    var ws = conn;
+    if (!welcomed || refreshFetch === ws) return;
+    refreshFetch = ws;
+    fetchToken().then(function (t) {
+      refreshFetch = null;
+      if (conn !== ws || !welcomed) return;   // gone: the next hello fetches its own
+      refreshing = t;
+      send({ type: "refresh", token: t });
+    }, function (error) {
+      refreshFetch = null;
+      if (conn !== ws) return;
+      // Signed out in the app: chat on until the token runs out; the close (4001) then finds
+      // no token and says "sign in". Else the token URL is away for now: ask again soon.
+      if (!(error && error.signIn)) refreshTimer = setTimeout(refreshToken, REFRESH_RETRY);
+    });
+  }
+
+  // bad_token or token_expired. Before the welcome the hello was refused, and the connection
+  // stays open for another: try new tokens, a few times only. After it, either our `refresh`
+  // was refused or the connection's token just ran out.
+  function tokenRefused(ev) {
+    if (!welcomed) {
+      var expired = ev.code === "token_expired";
+      if (!PAGE.tokenUrl || helloTries >= HELLO_TRIES) {
+        signIn(expired ? "Your sign-in has expired." : "The chat did not accept your sign-in: " + ev.message + ".");
+        return;
+      }
+      helloTries++;
+      token = null;
+      var ws = conn;
+      fetchToken().then(function (t) {
+        if (conn !== ws) return;
+        token = t;
+        sayHello();
+      }, function (error) {
+        if (conn !== ws) return;
+        if (error && error.signIn) { signIn(""); return; }
+        hangUp("no token");
+        scheduleReconnect(false);
+      });
+      return;
+    }
+    if (refreshing) {
+      var offered = refreshing;
+      refreshing = null;
+      if (ev.code === "bad_token") {
+        // The app now signs in someone else (or under another name): that needs a new hello.
+        token = offered;
+        reconnectNow("new identity");
+      } else {
+        refreshTimer = setTimeout(refreshToken, REFRESH_RETRY);   // a stale token: ask again
+      }
+      return;
+    }
+    // Our token just ran out: the server waits CHAT_TOKEN_GRACE seconds for a refresh.
+    if (PAGE.tokenUrl) refreshToken();
+    else showNotice("Your sign-in has expired: open the chat from the app again to go on.");
+  }
+
+  // Nobody to be: say so, link to the app's sign-in, and wait for the user (no retries).
+  function signIn(why) {
+    signedOut = true;
+    connecting++;                          // a token fetch under way is for nothing now
+    hangUp("sign in");
+    clearTimers();
+    $("signin-why").textContent = why;
+    var link = $("signin-link");
+    link.hidden = !PAGE.loginUrl;
+    if (PAGE.loginUrl) link.href = PAGE.loginUrl;
+    $("signin").hidden = false;
+    setState("signed-out", "Sign in to chat");
+  }
+
+  $("signin-retry").addEventListener("click", function () {
+    signedOut = false;
+    $("signin").hidden = true;
+    attempts = 0;
+    connect();
+  });
+
+  // A token from the URL (#token=…): kept for the tab, a new hello with it.
+  function takeToken(t, now) {
+    token = t;
+    tabStore.set("chat.token", t);
+    signedOut = false;
+    $("signin").hidden = true;
+    if (now) reconnectNow("new token");
   }
 
   // ---- The nickname
@@ -722,7 +1389,7 @@
     nickError.textContent = "";
     nickInput.setAttribute("aria-invalid", "false");
     if (changed || !welcomed) {
-      reconnectNow();
+      reconnectNow("new nickname");
     } else {
       rooms.forEach(function (room) { if (room.failed) join(room); });  // try the same nick again
     }
@@ -736,11 +1403,20 @@
 
   // ---- Rooms: the URL, the form, the listing
 
-  // A room from the URL: /#room or /?room=room; lobby by default.
-  function roomFromUrl() {
+  // The fragment: a room (/#dev), or parameters (/#token=…&room=dev: a token link).
+  function urlParams() {
     var hash = location.hash.slice(1);
+    if (hash.indexOf("=") >= 0) {
+      var params = new URLSearchParams(hash);
+      return { token: params.get("token"), room: params.get("room") };
+    }
     try { hash = decodeURIComponent(hash); } catch (e) { /* a stray %: taken as typed */ }
-    var wanted = hash || new URLSearchParams(location.search).get("room") || "lobby";
+    return { token: null, room: hash || null };
+  }
+
+  // A room from the URL: /#room, /#token=…&room=room or /?room=room; lobby by default.
+  function roomFromUrl() {
+    var wanted = urlParams().room || new URLSearchParams(location.search).get("room") || "lobby";
     return wanted.trim().toLowerCase();
   }
 
@@ -770,6 +1446,11 @@
   $("refresh-rooms").addEventListener("click", function () { send({ type: "rooms" }); });
   roomsBox.addEventListener("toggle", function () { if (roomsBox.open) send({ type: "rooms" }); });
   window.addEventListener("hashchange", function () {
+    var params = urlParams();
+    if (params.token !== null) {
+      if (TOKEN_MODE && !PAGE.tokenUrl) takeToken(params.token, true);
+      if (params.room === null) { activate(active); return; }   // (which takes the token off the URL)
+    }
     var name = roomFromUrl();
     if (ROOM.test(name)) openRoom(name, true);
     else roomFailed("“" + name + "” is not a room name.");
@@ -807,6 +1488,11 @@
 
   // ---- Start
 
+  // A token in the fragment is read before the first room's tab rewrites the fragment.
+  var fromUrl = urlParams().token;
+  if (TOKEN_MODE && !PAGE.tokenUrl && fromUrl) takeToken(fromUrl, false);
+  $("change-nick").hidden = TOKEN_MODE;    // the token names the user
+
   var first = roomFromUrl();
   if (!ROOM.test(first)) {
     roomFailed("“" + first + "” is not a room name; here is the lobby.");
@@ -827,7 +1513,7 @@
   window.addEventListener("pagehide", function () { stopped = true; clearTimers(); if (conn) conn.close(); });
   window.addEventListener("pageshow", function (e) { if (e.persisted) { stopped = false; attempts = 0; connect(); } });
 
-  if (nick) msg.focus();
+  if (nick || TOKEN_MODE) msg.focus();
   connect();
 })();
 </script>
