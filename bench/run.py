@@ -88,6 +88,9 @@ PATHS = {"socketio": "/socket.io/?EIO=4&transport=websocket"}
 SERVER_ENV = {
     "CHAT_MAX_CONNECTIONS": "20000",
     "CHAT_RATE_LIMIT": "0",
+    # Every client of the load generator comes from 127.0.0.1.
+    "CHAT_MAX_CONNECTIONS_PER_IP": "1000000",
+    "CHAT_CONNECT_RATE_PER_IP": "0",
     **{k: v for k, v in os.environ.items() if k.startswith("CHAT_")},
 }
 SCENARIOS = {  # name -> (description, load generator flags)

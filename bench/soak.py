@@ -79,7 +79,7 @@ class Soak:
         # A recovery window of 100: the rooms' history in Redis is full within the warm-up.
         env = dict(os.environ, PORT=str(self.port), REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
                    WEB_CONCURRENCY="1", CHAT_METRICS_TOKEN=TOKEN, CHAT_RATE_LIMIT="0",
-                   CHAT_RECOVERY_WINDOW="100")
+                   CHAT_MAX_CONNECTIONS_PER_IP="1000000", CHAT_CONNECT_RATE_PER_IP="0", CHAT_RECOVERY_WINDOW="100")
         self.log = open(logs / "soak.log", "w")
         self.server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
                                        cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)

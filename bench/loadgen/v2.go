@@ -218,16 +218,17 @@ func parseMessage(data []byte) (room, epoch []byte, seq int64, text []byte, ok b
 	return room, epoch, seq, text, ok
 }
 
-// parseTail reads a `message` event from its seq on: N,"time":T,"nick":null|S,"text":S}.
+// parseTail reads a `message` event from its seq on:
+// N,"time":T,"nick":null|S[,"user":null|S],"text":S}.
 func parseTail(data []byte) (seq int64, text []byte, ok bool) {
 	s := scanner{data}
 	seq, ok = s.num(true)
 	ok = ok && s.lit(`,"time":`)
 	_, ok = s.num(ok)
 	ok = ok && s.lit(`,"nick":`)
-	if ok && !s.lit("null") {
-		ok = s.lit(`"`)
-		_, ok = s.str(ok)
+	ok = ok && s.nullOrStr()
+	if ok && s.lit(`,"user":`) {
+		ok = s.nullOrStr()
 	}
 	ok = ok && s.lit(`,"text":"`)
 	text, ok = s.str(ok)
@@ -238,6 +239,15 @@ func parseTail(data []byte) (seq int64, text []byte, ok bool) {
 // scanner reads JSON of a known layout in place; each step takes the previous
 // step's ok and does nothing once one failed.
 type scanner struct{ rest []byte }
+
+// nullOrStr reads null or a whole string.
+func (s *scanner) nullOrStr() bool {
+	if s.lit("null") {
+		return true
+	}
+	_, ok := s.str(s.lit(`"`))
+	return ok
+}
 
 func (s *scanner) lit(l string) bool {
 	if len(s.rest) < len(l) || string(s.rest[:len(l)]) != l {
