@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import bottle
 
 from .addresses import Addresses
+from .api import ServerApi
 from .chat.codec import SUBPROTOCOL_V2, Codec, V1Codec, V2Codec
 from .chat.commands import CommandError, Hello, Refresh, Say
 from .chat.engine import Engine
@@ -102,7 +103,10 @@ class Chat:
             metrics=self.metrics,
             private_rooms=config.private_rooms,
             token_grace=config.token_grace,
+            token_mode=config.auth == "token",
         )
+        # The door for the app's backend (off without CHAT_API_KEY).
+        self.api = ServerApi(self.hub, config, self.metrics)
         # Token mode: what verifies hellos and refreshes (None in open mode).
         self.verifier = Verifier(config) if config.auth == "token" else None
         # Client addresses (trusted proxies) and the per-address limits.
@@ -381,6 +385,9 @@ def create_app(config: Config | None = None) -> ChatApp:
     app.route(WS_PATH, "GET", chat.serve_plain_ws)
     app.route("/healthz", "GET", chat.serve_health)
     app.route("/metrics", "GET", chat.serve_metrics)
+    app.route("/api/openapi.json", "GET", chat.api.serve_document)
+    app.route("/api/<method>", "POST", chat.api.serve)
+    app.route("/api/<method>", ["GET", "PUT", "DELETE", "PATCH", "HEAD"], chat.api.refuse_method)
     app.default_error_handler = plain_error
     app.chat = chat
     # gevent-websocket's stock handler asks the application which subprotocol it speaks.

@@ -81,6 +81,10 @@ class Config:
     connect_rate_per_ip: float = 20.0
     # Proxies whose X-Forwarded-For is believed (CIDRs): loopback, like gunicorn's default.
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # The server API's bearer key (empty: the API is off, 404), and its requests a second per
+    # worker (bursts of twice that).
+    api_key: str = ""
+    api_rate: float = 100.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -128,6 +132,8 @@ class Config:
                 env, "CHAT_CONNECT_RATE_PER_IP", cls.connect_rate_per_ip, minimum=0.0, unit="handshakes per second"
             ),
             trusted_proxies=_networks(env, "CHAT_TRUSTED_PROXIES", cls.trusted_proxies),
+            api_key=env.get("CHAT_API_KEY", "").strip(),
+            api_rate=_float(env, "CHAT_API_RATE", cls.api_rate, minimum=0.0, unit="requests per second"),
         )
         if config.auth == "token" and not (config.token_keys or config.token_jwks):
             raise ConfigError("CHAT_AUTH=token needs CHAT_TOKEN_KEYS or CHAT_TOKEN_JWKS: keys to verify tokens with")

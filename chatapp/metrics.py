@@ -79,6 +79,9 @@ class Metrics:
         self.moderation = counter(
             "chat_moderation_actions", "Moderation commands carried out, by kind (kick, ban, ... delete).", ("action",)
         )
+        self.api_requests = counter(
+            "chat_api_requests", "Server API requests, by method and HTTP status.", ("method", "status")
+        )
         self.limit_refused = counter(
             "chat_limit_refused",
             "Connections refused by a limit: ip_connections, ip_rate (handshakes), user_connections (hellos).",

@@ -19,7 +19,7 @@ class Out:
         self.resyncs = 0
         self.answers: list[tuple[str, JoinAnswer]] = []
         self.restarts: list[JoinAnswer] = []
-        self.settled: list[tuple[int, int]] = []
+        self.settled: list[tuple[int, str, int]] = []
 
     def deliver(self, follower: Follower, messages: list[ChatMessage]) -> None:
         self.delivered += [(m.epoch, m.seq) for m in messages]
@@ -36,8 +36,8 @@ class Out:
     def restart(self, follower: Follower, answer: JoinAnswer) -> None:
         self.restarts.append(answer)
 
-    def settle(self, line_id: int, seq: int) -> None:
-        self.settled.append((line_id, seq))
+    def settle(self, line_id: int, epoch: str, seq: int) -> None:
+        self.settled.append((line_id, epoch, seq))
 
 
 def line(seq: int, epoch: str = "e1", origin: int = 0) -> ChatMessage:
@@ -105,7 +105,7 @@ def test_lines_the_history_lost_are_skipped_and_their_senders_acked() -> None:
     room.heard(line(5))
     room.filled()  # (nothing was read back)
     assert [seq for _, seq in out.delivered] == [5] and room.seq == 5
-    assert out.settled == [(41, 3)]
+    assert out.settled == [(41, "e1", 3)]
 
 
 def test_a_line_said_here_is_acked_by_its_delivery_or_settled() -> None:
@@ -118,7 +118,7 @@ def test_a_line_said_here_is_acked_by_its_delivery_or_settled() -> None:
     assert out.settled == [] and room.own == {}
     room.heard(line(2, origin=8))
     room.published(line_id=8, epoch="e1", seq=2)
-    assert out.settled == [(8, 2)]
+    assert out.settled == [(8, "e1", 2)]
 
 
 def test_a_new_epoch_restarts_the_room() -> None:
@@ -135,7 +135,7 @@ def test_a_new_epoch_restarts_the_room() -> None:
     new = answer(1, epoch="e2", messages=[line(1, epoch="e2")])
     room.resynced(new)
     assert out.restarts == [new] and room.epoch == "e2"
-    assert out.settled == [(9, 4)]
+    assert out.settled == [(9, "e1", 4)]
     assert [j for j, _ in out.answers] == ["joiner", "waiting"] and out.answers[-1][1] is new
     assert [m.seq for m in new.messages] == [1, 2, 3] and new.seq == 3 and out.delivered == []
     room.heard(line(4, epoch="e2"))

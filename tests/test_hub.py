@@ -493,3 +493,20 @@ def test_ref_memory_is_bounded_in_count_and_time(hub: Hub, monkeypatch) -> None:
     settle(hub)
     assert [e["seq"] for e in events(alice) if e["type"] == "ack"][-1] == 52
     assert len(engine._refs) == 1
+
+
+def test_token_expiries_of_connections_gone_are_let_go(hub: Hub) -> None:
+    """A connection's token expiry stays queued until its time, but not its memory: with many
+    connections coming and going, the queue holds about the connections there are."""
+    from chatapp.chat.commands import Hello
+    from chatapp.chat.identity import Identity
+
+    for i in range(300):
+        peer = client(nick="x")
+        registered(hub, peer)
+        hub.command(peer, Hello("", f"s{i}", None, Identity(f"u{i}", f"U{i}", (), (), time.time() + 3600)))
+        settle(hub)
+        assert events(peer)[-1]["type"] == "welcome"
+        hub.unregister(peer)
+        settle(hub)
+    assert len(hub._expiries) <= 2 * len(hub.peers) + 65

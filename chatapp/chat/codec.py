@@ -17,12 +17,15 @@ from ..transport.frames import OP_TEXT, encode_frame
 from .commands import (
     LOBBY,
     MAX_ID,
+    MAX_PAGE,
     MAX_ROOMS_PER_CONN,
     NICK,
+    PAGE,
     ROOM,
     Command,
     CommandError,
     Hello,
+    History,
     Join,
     Leave,
     ListRooms,
@@ -30,6 +33,7 @@ from .commands import (
     Position,
     Refresh,
     Say,
+    Typing,
     one_line,
 )
 from .message import ChatMessage
@@ -162,6 +166,18 @@ class V2Codec:
     def _rooms(self, obj: dict[str, Any]) -> ListRooms:
         return ListRooms()
 
+    def _typing(self, obj: dict[str, Any]) -> Typing:
+        return Typing(_room(obj))
+
+    def _history(self, obj: dict[str, Any]) -> History:
+        room = _room(obj)
+        before, limit = obj.get("before"), obj.get("limit", PAGE)
+        if before is not None and (type(before) is not int or before < 1):
+            raise CommandError("bad_message", "before must be an integer >= 1", room)
+        if type(limit) is not int or not 0 < limit <= MAX_PAGE:
+            raise CommandError("bad_message", f"limit must be an integer from 1 to {MAX_PAGE}", room)
+        return History(room, before, limit)
+
     def _moderate(self, obj: dict[str, Any]) -> Moderate:
         action: str = obj["type"]
         ref = _checked_ref(obj)
@@ -256,6 +272,16 @@ class V2Codec:
         return encode_frame(OP_TEXT, ack)
 
     @staticmethod
+    def typing(room: str, member: Member) -> bytes:
+        return _event({"type": "typing", "room": room, "nick": member.nick, "user": member.user})
+
+    @staticmethod
+    def history(room: str, epoch: str, messages: list[ChatMessage], more: bool) -> bytes:
+        head = _dumps({"type": "history", "room": room, "epoch": epoch, "more": more}).encode()
+        events = b",".join(V2Codec.message_json(message) for message in messages)
+        return encode_frame(OP_TEXT, head[:-1] + b',"messages":[' + events + b"]}")
+
+    @staticmethod
     def presence(room: str, change: str, member: Member) -> bytes:
         """change: "joined" or "left"."""
         return _event({"type": "presence", "room": room, "user": member.user, change: member.nick})
@@ -306,6 +332,8 @@ _PARSERS: dict[str, Callable[[V2Codec, dict[str, Any]], Command]] = {
     "say": V2Codec._say,
     "leave": V2Codec._leave,
     "rooms": V2Codec._rooms,
+    "typing": V2Codec._typing,
+    "history": V2Codec._history,
     **{action: V2Codec._moderate for action in MODERATION},
 }
 

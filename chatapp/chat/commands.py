@@ -5,7 +5,9 @@ refuses one (docs/protocol.md). The codecs turn frames into these; the hub carri
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .identity import Identity
 
@@ -20,6 +22,11 @@ MAX_ROOMS_PER_CONN = 16
 MAX_ID = 64
 # Rooms the `rooms` listing names at most.
 LISTING_LIMIT = 100
+# Events a `history` page holds: by default, and at most.
+PAGE = 50
+MAX_PAGE = 100
+# Rooms past this many members pass no `typing` on.
+TYPING_LIMIT = 100
 
 
 class CommandError(Exception):
@@ -100,6 +107,32 @@ class Moderate:
 
 
 @dataclass(frozen=True, slots=True)
+class Typing:
+    """A member is typing in a room (passed on, not kept)."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Older events of a room: the newest `limit` before seq `before` (None: the newest)."""
+
+    room: str
+    before: int | None
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendCall:
+    """A request of the app's backend (the server API), carried out by the hub like a
+    connection's command; reply(status, body) answers it (from the hub's greenlet)."""
+
+    method: str
+    body: dict[str, Any]
+    reply: Callable[[int, dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """An answer the read pump made itself (a refused command): sent in its turn, after the
     answers to the commands before it."""
@@ -107,7 +140,7 @@ class Reply:
     frame: bytes
 
 
-Command = Hello | Refresh | Join | Say | Leave | ListRooms | Moderate
+Command = Hello | Refresh | Join | Say | Leave | ListRooms | Moderate | Typing | History
 
 # Control characters a line may not carry: C0 and C1 but TAB (CR and LF become spaces first).
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")

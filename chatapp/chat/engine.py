@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .commands import CommandError, Moderate, Position
+from .commands import BackendCall, CommandError, Moderate, Position
 from .message import ChatMessage
 from .presence import Member, PresenceChange
 
@@ -39,6 +39,17 @@ class Line:
     text: str
     # The speaker's user (token mode): a mute holds it back, and a delete checks it.
     user: str | None = None
+
+
+@dataclass(slots=True)
+class HistoryPage:
+    """Kept events of a room, oldest first, and whether there are more beyond them."""
+
+    room: str
+    # "" for a room that keeps nothing.
+    epoch: str
+    messages: list[ChatMessage]
+    more: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +99,9 @@ class Sink(Protocol):
         order, continuing where its last one ended. A line whose origin is one of this
         worker's acks its sender as it is delivered."""
 
-    def settled(self, line_id: int, outcome: int | CommandError) -> None:
-        """A line of this worker's that will not arrive here: a repeated ref (the seq the
-        first one got), a line the worker can no longer hear (its seq), or refused."""
+    def settled(self, line_id: int, outcome: tuple[str, int] | CommandError) -> None:
+        """A line of this worker's that will not arrive here: a repeated ref (the epoch and
+        seq the first one got), a line the worker cannot hear (its epoch and seq), or refused."""
 
     def answered(self, joiner: Peer, answer: JoinAnswer | CommandError) -> None:
         """The answer to join(). The room has arrived here up to at least answer.seq."""
@@ -110,11 +121,26 @@ class Sink(Protocol):
     def connected(self, peer: Peer, refusal: CommandError | None) -> None:
         """The answer to connect(): None, or why the user may not have another connection."""
 
-    def moderated(self, moderator: Peer, refusal: CommandError | None) -> None:
+    def moderated(self, moderator: Peer | BackendCall, refusal: CommandError | None) -> None:
         """The answer to moderate(): None when done, or why not."""
 
     def removed(self, removal: Removal) -> None:
         """A user was kicked or banned from a room: every connection of theirs here leaves it."""
+
+    def disconnected(self, user: str, reason: str | None) -> None:
+        """The app's backend disconnects a user: every connection of theirs here closes (4003)."""
+
+    def typed(self, room: str, member: Member) -> None:
+        """A member is typing in a room (anywhere in the chat)."""
+
+    def paged(self, asker: Peer | BackendCall, page: HistoryPage | CommandError) -> None:
+        """The answer to history()."""
+
+    def replied(self, call: BackendCall, result: dict[str, object] | CommandError) -> None:
+        """The answer to one of the server API's questions (presence, disconnect, rooms, info)."""
+
+    def connections_here(self) -> int:
+        """The connections this worker holds (the Redis engine's heartbeat counts them)."""
 
     def call(self, action: Callable[[], None], lines: bool = False) -> None:
         """From an engine's own greenlet: run action in the hub's greenlet, in order with
@@ -153,7 +179,30 @@ class Engine(Protocol):
     def disconnect(self, user: str) -> None:
         """One connection fewer of a user (one that connect() counted)."""
 
-    def moderate(self, asker: Peer, command: Moderate, moderator: Moderator) -> None:
+    def moderate(self, asker: Peer | BackendCall, command: Moderate, moderator: Moderator) -> None:
         """Carry out a moderation command (moderated), everywhere: a kick or ban takes the user
         out of the room on every worker (removed), a delete becomes the next event of the room
         (arrived), a ban or mute outlives this worker where the engine can keep it."""
+
+    def typing(self, room: str, member: Member) -> None:
+        """Pass a member's typing on to the room's members on every worker (typed), unless the
+        member is muted there."""
+
+    def history(
+        self, asker: Peer | BackendCall, room: str, before: int | None, since: int | None, limit: int
+    ) -> None:
+        """Kept events of a room (paged): the newest `limit` before `before`, the oldest after
+        `since`, or (neither) the newest."""
+
+    def presence(self, call: BackendCall, room: str) -> None:
+        """The members of a room in the whole chat (replied: members, count)."""
+
+    def disconnect_user(self, call: BackendCall, user: str, reason: str | None) -> None:
+        """Close every connection of a user on every worker (disconnected), replied with how
+        many there were."""
+
+    def every_room(self, call: BackendCall) -> None:
+        """Every room with members or history (replied: a listing, busiest first)."""
+
+    def info(self, call: BackendCall) -> None:
+        """Workers, connections and rooms of the whole chat (replied)."""

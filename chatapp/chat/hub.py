@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 from collections.abc import Callable
 from itertools import count
@@ -20,8 +21,11 @@ from .commands import (
     LISTING_LIMIT,
     LOBBY,
     MAX_ROOMS_PER_CONN,
+    TYPING_LIMIT,
+    BackendCall,
     CommandError,
     Hello,
+    History,
     Join,
     Leave,
     ListRooms,
@@ -29,8 +33,9 @@ from .commands import (
     Refresh,
     Reply,
     Say,
+    Typing,
 )
-from .engine import Engine, JoinAnswer, Line, Moderator, Removal
+from .engine import Engine, HistoryPage, JoinAnswer, Line, Moderator, Removal
 from .identity import matches
 from .message import ChatMessage
 from .peer import HubCommand, Peer, Pending
@@ -70,8 +75,14 @@ MAX_PENDING = 64
 LISTING_EVERY = 1.0
 # How often (seconds) the hub looks for tokens that expired.
 EXPIRY_CHECK = 1.0
-# Close codes of our own (docs/protocol.md): a token expired and not refreshed in time.
+# Close codes of our own (docs/protocol.md): a token expired and not refreshed in time, and
+# the app's backend disconnecting a user.
 CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_DISCONNECTED = 4003
+# Seconds between two `typing` of one connection in one room that are passed on.
+TYPING_EVERY = 2.0
+# The HTTP status of each refusal the server API answers with (docs/protocol.md).
+STATUS = {"forbidden": 403, "unavailable": 503}
 
 
 class Hub:
@@ -105,6 +116,7 @@ class Hub:
         metrics: Metrics | NoMetrics | None = None,
         private_rooms: tuple[str, ...] = (),
         token_grace: float = 30.0,
+        token_mode: bool = False,
     ) -> None:
         # Registered connections. Only run() reads or writes this set, and the rooms.
         self.peers: set[Peer] = set()
@@ -135,8 +147,9 @@ class Hub:
         # connection's next send (an ack with its sender's copy of the line), or goes at the
         # end of the request.
         self._owed: dict[Peer, tuple[bytes, int]] = {}
-        # Lines said here whose ack is due, by line id: the sender.
-        self._acks: dict[int, Peer] = {}
+        # Lines said here whose ack is due, by line id: the sender (a connection, or the app's
+        # backend through the server API).
+        self._acks: dict[int, Peer | BackendCall] = {}
         self._line_ids = count(1)
         # The last `rooms` listing, when it was made, and who waits for the next one.
         self._listing: list[tuple[str, int]] = []
@@ -155,6 +168,8 @@ class Hub:
         self._expiries: list[tuple[float, int, Peer, float, bool]] = []
         self._expiry_ids = count()
         self.token_grace = token_grace
+        # Whether users are signed (moderation names users: it needs them).
+        self.token_mode = token_mode
         # When each line of the fan-out under way arrived in the inbox, if the metrics want it.
         self._timed = not isinstance(self.metrics, NoMetrics)
         self._arrivals: list[float] = []
@@ -195,7 +210,9 @@ class Hub:
         """Publish a line to a room the connection is in."""
         self._inbox.put((_SAY, peer, (say, monotonic() if self._timed else 0.0)))
 
-    def command(self, peer: Peer, command: Hello | Refresh | Join | Leave | ListRooms | Moderate) -> None:
+    def command(
+        self, peer: Peer, command: Hello | Refresh | Join | Leave | ListRooms | Moderate | Typing | History
+    ) -> None:
         self._inbox.put((_COMMAND, peer, command))
 
     def reply(self, peer: Peer, frame: bytes) -> None:
@@ -205,6 +222,10 @@ class Hub:
     def shutdown(self, code: int, reason: str) -> None:
         """Close every connection with this code once its queued messages are written."""
         self._inbox.put((_SHUTDOWN, None, (code, reason)))
+
+    def backend(self, call: BackendCall) -> None:
+        """A request of the app's backend (the server API): call.reply answers it."""
+        self._inbox.put((_ENGINE, None, (lambda: self._backend(call), 0.0)))
 
     def call(self, action: Callable[[], None], lines: bool = False) -> None:
         """The engine's door (Sink.call): run action in this greenlet."""
@@ -318,6 +339,9 @@ class Hub:
     def _command(self, peer: Peer, command: HubCommand) -> None:
         if peer not in self.peers:
             return  # Unregistered or dropped: what it said goes nowhere.
+        if isinstance(command, Typing):
+            self._typing(peer, command)  # (a hint, answered by nobody: it waits for nothing)
+            return
         if (peer.pending or peer.waiting) and not self._pipelines(peer, command):
             peer.defer(command)  # (a long wait holds its read pump back: Peer.wait_turn)
             return
@@ -361,6 +385,8 @@ class Hub:
             self._moderate(peer, command)
         elif isinstance(command, Refresh):
             self._refresh(peer, command)
+        elif isinstance(command, History):
+            self._history(peer, command)
         else:
             raise TypeError(f"not a command: {command!r}")
 
@@ -407,6 +433,8 @@ class Hub:
         for message in messages:
             room = rooms.get(message.room)
             if room is None:
+                if message.origin and acks:  # (the app's backend says things in rooms nobody is in)
+                    self._ack(message)
                 continue
             if self._restarting and message.room in self._restarting:
                 self._restarting[message.room].append(message)
@@ -415,19 +443,26 @@ class Hub:
                 for joining in room.joining.values():
                     joining.lines.append(message)
             if message.origin and acks:
-                sender = acks.pop(message.origin, None)
-                if sender is not None:
-                    self._acked(sender, message.origin, message.seq)
+                self._ack(message)
             if room.peers:
                 self._burst.append(message)
 
-    def settled(self, line_id: int, outcome: int | CommandError) -> None:
-        """Sink: a line of ours that will not arrive: ack it with this seq, or refuse it."""
+    def _ack(self, message: ChatMessage) -> None:
+        """A line of ours arrived: its sender's ack is due (riding with the line, if a member)."""
+        sender = self._acks.pop(message.origin, None)
+        if sender is not None:
+            self._acked(sender, message.origin, message.epoch, message.seq)
+
+    def settled(self, line_id: int, outcome: tuple[str, int] | CommandError) -> None:
+        """Sink: a line of ours that will not arrive: ack it with its epoch and seq, or refuse it."""
         sender = self._acks.pop(line_id, None)
         if sender is None:
             return  # Acked already as it arrived, or its sender is gone.
-        if isinstance(outcome, int):
-            self._acked(sender, line_id, outcome)
+        if not isinstance(outcome, CommandError):
+            self._acked(sender, line_id, *outcome)
+            return
+        if isinstance(sender, BackendCall):
+            sender.reply(STATUS.get(outcome.code, 400), _refusal(outcome))
             return
         for pending in sender.pending or ():
             if pending.line == line_id:
@@ -435,7 +470,10 @@ class Hub:
                 self._answer(sender, pending, V2Codec.error(outcome))
                 return
 
-    def _acked(self, sender: Peer, line_id: int, seq: int) -> None:
+    def _acked(self, sender: Peer | BackendCall, line_id: int, epoch: str, seq: int) -> None:
+        if isinstance(sender, BackendCall):
+            sender.reply(200, {"epoch": epoch, "seq": seq})
+            return
         for pending in sender.pending or ():
             if pending.line == line_id:
                 self._answer(sender, pending, V2Codec.ack(pending.ref, pending.room, seq))
@@ -605,6 +643,7 @@ class Hub:
         self._enter_room(room, peer)
         if peer.v2:
             members, member_count = _members_now(answer, joining.changes)
+            room.member_count = member_count
             frame = V2Codec.joined(room.name, answer.epoch, seq, answer.recovered, messages, members, member_count)
             self._answer(peer, pending, frame)
         else:
@@ -626,9 +665,8 @@ class Hub:
             return
         messages = answer.messages
         for message in messages:
-            sender = self._acks.pop(message.origin, None) if message.origin else None
-            if sender is not None:
-                self._acked(sender, message.origin, message.seq)
+            if message.origin:
+                self._ack(message)
         v1_lines = b"".join(V1Codec.message_frame(m) for m in messages)
         v1_count = sum(1 for m in messages if m.v1_frame)
         for peer in list(room.peers):
@@ -706,6 +744,7 @@ class Hub:
             return
         for joining in room.joining.values():
             joining.changes.append(change)
+        room.member_count += 1 if change.change == "joined" else -1
         if room.peers:
             frame = V2Codec.presence(room.name, change.change, change.member)
             self._presence.setdefault(room, []).append((change.member.key, frame))
@@ -891,15 +930,22 @@ class Hub:
     def _expire_at(self, peer: Peer) -> None:
         identity = peer.identity
         assert identity is not None
-        heapq.heappush(self._expiries, (identity.expires, next(self._expiry_ids), peer, identity.expires, False))
+        expiries = self._expiries
+        heapq.heappush(expiries, (identity.expires, next(self._expiry_ids), peer, identity.expires, False))
+        if len(expiries) > 2 * len(self.peers) + 64:
+            # Entries of connections gone or refreshed since wait for their time to be dropped;
+            # past twice the connections (churn), they go now, so they hold no memory long.
+            live = [entry for entry in expiries if _current(entry, self.peers)]
+            heapq.heapify(live)
+            self._expiries[:] = live
 
     def _expire(self) -> None:
         """Tokens whose exp passed: token_expired, then, after the grace, close 4001."""
         now, expiries = time(), self._expiries
         while expiries and expiries[0][0] <= now:
-            _, _, peer, expires, grace_over = heapq.heappop(expiries)
-            identity = peer.identity
-            if peer not in self.peers or identity is None or identity.expires != expires:
+            entry = heapq.heappop(expiries)
+            _, _, peer, expires, grace_over = entry
+            if not _current(entry, self.peers):
                 continue  # Gone, or refreshed since.
             if not grace_over:
                 error = CommandError("token_expired", f"the token expired: refresh within {self.token_grace:g} s")
@@ -928,8 +974,16 @@ class Hub:
         self._moderating[peer] = command
         self.engine.moderate(peer, command, Moderator(identity.user, identity.name, identity.moderates(room)))
 
-    def moderated(self, moderator: Peer, refusal: CommandError | None) -> None:
+    def moderated(self, moderator: Peer | BackendCall, refusal: CommandError | None) -> None:
         """Sink: a moderation command was carried out (None) or refused."""
+        if isinstance(moderator, BackendCall):
+            if refusal is None:
+                self.metrics.moderation.labels(moderator.method).inc()
+            if refusal is None:
+                moderator.reply(200, {})
+            else:
+                moderator.reply(STATUS.get(refusal.code, 400), _refusal(refusal))
+            return
         command = self._moderating.pop(moderator, None)
         if command is None or moderator not in self.peers:
             return
@@ -963,6 +1017,123 @@ class Hub:
                 self._leave(peer, room)
                 self._send(peer, frame)
                 room = self.rooms.get(removal.room) or room
+
+
+    def disconnected(self, user: str, reason: str | None) -> None:
+        """Sink: the app's backend disconnects a user: their connections here close (4003)."""
+        for peer in [p for p in self.peers if p.identity is not None and p.identity.user == user]:
+            log.info("%r: disconnected by the app's backend", peer.conn)
+            peer.conn.close(CLOSE_DISCONNECTED, reason or "disconnected")
+
+    # Typing and older history (docs/protocol.md, "Typing and older history")
+
+    def _typing(self, peer: Peer, typing: Typing) -> None:
+        """Pass a member's typing on: at most one per TYPING_EVERY, in rooms up to TYPING_LIMIT
+        members, from a member of the room; anything else is dropped, silently (a hint)."""
+        room, member = self.rooms.get(typing.room), peer.member
+        if room is None or member is None or peer not in room.peers or room.member_count > TYPING_LIMIT:
+            return
+        now = monotonic()
+        typed = peer.typed
+        if typed is None:
+            typed = peer.typed = {}
+        if now - typed.get(room.name, -TYPING_EVERY) < TYPING_EVERY:
+            return
+        typed[room.name] = now
+        self.engine.typing(room.name, member)
+
+    def typed(self, room_name: str, member: Member) -> None:
+        """Sink: a member is typing in a room: its other members here hear it."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        frame = V2Codec.typing(room_name, member)
+        for peer in room.peers:
+            other = peer.member
+            if other is not None and other.key != member.key:
+                self._send(peer, frame)
+
+    def _history(self, peer: Peer, history: History) -> None:
+        room = self.rooms.get(history.room)
+        if room is None or peer not in room.peers:
+            self._send(peer, V2Codec.error(CommandError("not_member", f"join {history.room} first", history.room)))
+            return
+        peer.pend(Pending(room.name))
+        self.engine.history(peer, room.name, history.before, None, history.limit)
+
+    def paged(self, asker: Peer | BackendCall, page: HistoryPage | CommandError) -> None:
+        """Sink: older events of a room, for a member or the app's backend."""
+        if isinstance(asker, BackendCall):
+            if isinstance(page, CommandError):
+                asker.reply(STATUS.get(page.code, 400), _refusal(page))
+            else:
+                messages = [json.loads(V2Codec.message_json(m)) for m in page.messages]
+                asker.reply(200, {"epoch": page.epoch, "messages": messages, "more": page.more})
+            return
+        if asker not in self.peers or not asker.pending:
+            return
+        if isinstance(page, CommandError):
+            self._answer(asker, asker.oldest(), V2Codec.error(page))
+        else:
+            self._answer(asker, asker.oldest(), V2Codec.history(page.room, page.epoch, page.messages, page.more))
+
+    # The app's backend (the server API: docs/protocol.md, "Server API")
+
+    def _backend(self, call: BackendCall) -> None:
+        body, method = call.body, call.method
+        if method == "publish":
+            line_id = next(self._line_ids)
+            self._acks[line_id] = call
+            line = Line(line_id, body["room"], body.get("nick"), "", body.get("ref"), body["text"], body.get("user"))
+            self.engine.publish(line)
+        elif method in ("kick", "ban", "unban", "mute", "unmute", "delete"):
+            if method != "delete" and not self.token_mode:
+                call.reply(403, {"error": "forbidden", "message": "moderation names users: it needs CHAT_AUTH=token"})
+                return
+            command = Moderate(
+                method, body["room"], body.get("user"), body.get("seq", 0), body.get("seconds"), body.get("reason")
+            )
+            self.engine.moderate(call, command, Moderator(None, None, True))
+        elif method == "disconnect":
+            if not self.token_mode:
+                call.reply(403, {"error": "forbidden", "message": "users are signed only with CHAT_AUTH=token"})
+                return
+            self.engine.disconnect_user(call, body["user"], body.get("reason"))
+        elif method == "presence":
+            self.engine.presence(call, body["room"])
+        elif method == "history":
+            self.engine.history(call, body["room"], body.get("before"), body.get("since"), body.get("limit", 50))
+        elif method == "rooms":
+            self.engine.every_room(call)
+        elif method == "info":
+            self.engine.info(call)
+        else:
+            call.reply(404, {"error": "bad_message", "message": f"no method {method!r}"})
+
+    def replied(self, call: BackendCall, result: dict[str, object] | CommandError) -> None:
+        """Sink: the engine's answer to a question of the app's backend."""
+        if isinstance(result, CommandError):
+            call.reply(STATUS.get(result.code, 400), _refusal(result))
+            return
+        if call.method == "rooms":  # (which rooms are private is the hub's to say)
+            rooms: Any = result["rooms"]
+            result = {"rooms": [{**entry, "private": matches(self.private_rooms, entry["room"])} for entry in rooms]}
+        call.reply(200, result)
+
+    def connections_here(self) -> int:
+        """Sink: the connections this worker holds."""
+        return len(self.peers)
+
+
+def _current(entry: tuple[float, int, Peer, float, bool], peers: set[Peer]) -> bool:
+    """Whether an expiry entry is still the one of a connection here."""
+    peer, expires = entry[2], entry[3]
+    return peer in peers and peer.identity is not None and peer.identity.expires == expires
+
+
+def _refusal(error: CommandError) -> dict[str, object]:
+    """A refusal as the server API answers it."""
+    return {"error": error.code, "message": error.message, **error.fields}
 
 
 def _members_now(answer: JoinAnswer, changes: list[PresenceChange]) -> tuple[list[Member], int]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from gevent.event import Event
 
 from .codec import Codec, V2Codec
-from .commands import Hello, Join, Leave, ListRooms, Moderate, Refresh, Reply, Say
+from .commands import Hello, History, Join, Leave, ListRooms, Moderate, Refresh, Reply, Say, Typing
 from .identity import Identity
 from .presence import Member
 from .ratelimit import TokenBucket
@@ -34,7 +34,7 @@ class Pace(Enum):
 WITHIN, OVER, FLOODING = Pace.WITHIN, Pace.OVER, Pace.FLOODING
 
 # A command the hub carries out for a peer.
-HubCommand = Hello | Refresh | Join | Say | Leave | ListRooms | Moderate | Reply
+HubCommand = Hello | Refresh | Join | Say | Leave | ListRooms | Moderate | Typing | History | Reply
 
 # Commands that may wait behind a connection's unanswered ones before its read pump waits
 # too (backpressure, as for the hub's inbox: TCP then holds the client back).
@@ -65,8 +65,8 @@ class Peer:
     """
 
     __slots__ = (
-        "conn", "codec", "v2", "greeted", "member", "identity", "rooms", "pending", "waiting", "_turn", "_rate",
-        "_flood",
+        "conn", "codec", "v2", "greeted", "member", "identity", "rooms", "pending", "waiting", "typed", "_turn",
+        "_rate", "_flood",
     )
 
     def __init__(self, conn: Conn, codec: Codec, rate_limit: float) -> None:
@@ -88,6 +88,8 @@ class Peer:
         # are none: most connections, most of the time (an empty list is 56 bytes on each).
         self.pending: list[Pending] | None = None
         self.waiting: list[HubCommand] | None = None
+        # When the connection's last `typing` was passed on, by room (None until it types).
+        self.typed: dict[str, float] | None = None
         # Set while the read pump waits for the commands before its next to be carried out.
         self._turn: Event | None = None
         self._rate = TokenBucket(rate_limit, 2 * rate_limit) if rate_limit else None

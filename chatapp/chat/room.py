@@ -27,7 +27,7 @@ class Joining:
 class Room:
     """One room's connections on this worker."""
 
-    __slots__ = ("name", "peers", "joining")
+    __slots__ = ("name", "peers", "joining", "member_count")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -37,6 +37,9 @@ class Room:
         # Connections whose join (or join again) is on its way: they receive nothing live
         # until answered.
         self.joining: dict[Peer, Joining] = {}
+        # The room's members in the whole chat, as the last join's answer and the presence
+        # changes since tell (rooms past PRESENCE_LIMIT tell none: the count then stays high).
+        self.member_count = 0
 
     def __repr__(self) -> str:
         return f"<Room {self.name} {len(self.peers)} here>"

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Iterator
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING
 
-from ..chat.commands import LISTING_LIMIT, LOBBY, CommandError, Moderate, Position
-from ..chat.engine import JoinAnswer, Line, Moderator, Removal, Sink
+from ..chat.commands import LISTING_LIMIT, LOBBY, BackendCall, CommandError, Moderate, Position
+from ..chat.engine import HistoryPage, JoinAnswer, Line, Moderator, Removal, Sink
 from ..chat.history import Histories, History, new_epoch
 from ..chat.message import ChatMessage
 from ..chat.presence import PRESENCE_LIMIT, Member, PresenceChange, Tally
@@ -55,7 +56,7 @@ class MemoryEngine:
         max_connections_per_user: int = 20,
     ) -> None:
         # Messages a joiner without `since` gets.
-        self.history = history
+        self.history_size = history
         self.max_rooms = max_rooms
         self._rooms: dict[str, _Room] = {}
         self._histories = Histories(recovery_window, history_bytes)
@@ -102,7 +103,7 @@ class MemoryEngine:
             ref_key = (name, room.epoch, line.session, line.ref)
             known = self._known_ref(ref_key)
             if known is not None:
-                sink.settled(line.id, known)
+                sink.settled(line.id, (room.epoch, known))
                 return
         room.seq += 1
         message = ChatMessage(name, room.epoch, room.seq, self._now(), line.nick, line.text, line.id, line.user)
@@ -149,7 +150,7 @@ class MemoryEngine:
             sink.answered(joiner, error)
             return
         self._histories.touch(room)
-        recovered, messages = state.history.replay(state.epoch, state.seq, since, self.history)
+        recovered, messages = state.history.replay(state.epoch, state.seq, since, self.history_size)
         members = state.members
         answer = JoinAnswer(
             room, state.epoch, state.seq, recovered, messages, members.listed(), len(members), state.version
@@ -183,14 +184,22 @@ class MemoryEngine:
 
     # The listing
 
-    def list_rooms(self) -> None:
-        """Rooms with members or history, busiest first, ties by name (and the lobby's entry)."""
-        listed = (
+    def every_room(self, call: BackendCall) -> None:
+        listing = sorted(self._listed(), key=lambda entry: (-entry[0], entry[1]))
+        assert self._sink is not None
+        self._sink.replied(call, {"rooms": [{"room": name, "members": count} for count, name in listing]})
+
+    def _listed(self) -> Iterator[tuple[int, str]]:
+        """(members, room) of each room with members or history, and the lobby."""
+        return (
             (len(state.members), name)
             for name, state in self._rooms.items()
             if len(state.members) or len(state.history) or name == LOBBY
         )
-        top = heapq.nsmallest(LISTING_LIMIT, listed, key=lambda entry: (-entry[0], entry[1]))
+
+    def list_rooms(self) -> None:
+        """Rooms with members or history, busiest first, ties by name (and the lobby's entry)."""
+        top = heapq.nsmallest(LISTING_LIMIT, self._listed(), key=lambda entry: (-entry[0], entry[1]))
         listing = [(name, count) for count, name in top]
         if not any(name == LOBBY for name, _ in listing):
             listing.append((LOBBY, len(self._rooms[LOBBY].members)))
@@ -216,7 +225,7 @@ class MemoryEngine:
         else:
             self._connections.pop(user, None)
 
-    def moderate(self, asker: Peer, command: Moderate, moderator: Moderator) -> None:
+    def moderate(self, asker: Peer | BackendCall, command: Moderate, moderator: Moderator) -> None:
         sink = self._sink
         assert sink is not None
         room, user = command.room, command.user
@@ -263,6 +272,57 @@ class MemoryEngine:
         self._histories.keep(name, state.history, deletion)
         assert self._sink is not None
         self._sink.arrived([deletion])
+
+
+    # Typing, history and the app's backend's questions
+
+    def typing(self, room: str, member: Member) -> None:
+        if member.user is not None and self._mutes and _in_force(self._mutes, (room, member.user)) is not False:
+            return  # (the muted type unheard)
+        assert self._sink is not None
+        self._sink.typed(room, member)
+
+    def history(
+        self, asker: Peer | BackendCall, room: str, before: int | None, since: int | None, limit: int
+    ) -> None:
+        assert self._sink is not None
+        state = self._rooms.get(room)
+        if state is None:
+            self._sink.paged(asker, HistoryPage(room, "", [], False))
+            return
+        messages = list(state.history.messages)
+        self._sink.paged(asker, HistoryPage(room, state.epoch, *page(messages, before, since, limit)))
+
+    def presence(self, call: BackendCall, room: str) -> None:
+        assert self._sink is not None
+        state = self._rooms.get(room)
+        members = state.members.listed() if state is not None else []
+        listed = [{"user": member.user, "nick": member.nick} for member in members]
+        self._sink.replied(call, {"members": listed, "count": len(state.members) if state is not None else 0})
+
+    def disconnect_user(self, call: BackendCall, user: str, reason: str | None) -> None:
+        assert self._sink is not None
+        connections = self._connections.get(user, 0)
+        self._sink.disconnected(user, reason)
+        self._sink.replied(call, {"connections": connections})
+
+    def info(self, call: BackendCall) -> None:
+        assert self._sink is not None
+        rooms = sum(1 for state in self._rooms.values() if len(state.members) or len(state.history))
+        self._sink.replied(call, {"workers": 1, "connections": self._sink.connections_here(), "rooms": rooms})
+
+
+def page(
+    messages: list[ChatMessage], before: int | None, since: int | None, limit: int
+) -> tuple[list[ChatMessage], bool]:
+    """A page of kept events (oldest first): the newest `limit` before `before`, the oldest
+    `limit` after `since`, or the newest; and whether more are kept beyond it."""
+    if since is not None:
+        after = [m for m in messages if m.seq > since]
+        return after[:limit], len(after) > limit
+    if before is not None:
+        messages = [m for m in messages if m.seq < before]
+    return messages[-limit:], len(messages) > limit
 
 
 def _in_force(restrictions: dict[tuple[str, str], int | None], key: tuple[str, str]) -> int | None | bool:

@@ -22,7 +22,8 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
     {chat}:generation       a random id: when it is gone, Redis lost its data
     {chat}:users            user -> connections in all workers (token mode)
     {chat}:users-of:<w>     user -> connections on worker w
-    {chat}:control          shard channel every worker follows: kicks and bans
+    {chat}:conns            worker -> its connections (for the server API's info)
+    {chat}:control          shard channel every worker follows: kicks, bans, disconnects
 
 Redis keeps only what is alive: a room's keys expire CHAT_ROOM_TTL seconds after its last
 line, join or leave (refreshed while it has members), its entry leaves the listing as long
@@ -51,8 +52,8 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Empty, Full, Queue
 
-from ...chat.commands import LISTING_LIMIT, LOBBY, CommandError, Moderate, Position
-from ...chat.engine import JoinAnswer, Line, Moderator, Removal, Sink
+from ...chat.commands import LISTING_LIMIT, LOBBY, BackendCall, CommandError, Moderate, Position
+from ...chat.engine import HistoryPage, JoinAnswer, Line, Moderator, Removal, Sink
 from ...chat.history import Histories, new_epoch
 from ...chat.message import ChatMessage
 from ...chat.presence import PRESENCE_LIMIT, Member, PresenceChange
@@ -94,7 +95,7 @@ class RedisEngine:
         self.link = RedisLink(config.redis_url, config.redis_cluster, config.redis_prefix, self._heard_raw)
         self.metrics = metrics
         # Messages a joiner without `since` gets; lines a room's history keeps at least.
-        self.history = config.history
+        self.history_size = config.history
         self.recovery_window = config.recovery_window
         # Seconds a quiet room's keys live.
         self.room_ttl = config.room_ttl
@@ -242,9 +243,9 @@ class RedisEngine:
         assert self._sink is not None
         self._sink.restarted(answer)
 
-    def settle(self, line_id: int, seq: int) -> None:
+    def settle(self, line_id: int, epoch: str, seq: int) -> None:
         assert self._sink is not None
-        self._sink.settled(line_id, seq)
+        self._sink.settled(line_id, (epoch, seq))
 
     # Inside, in the hub's greenlet
 
@@ -272,7 +273,7 @@ class RedisEngine:
             # under an epoch of this worker's own until Redis is back.
             follower.start_local(new_epoch())
         recovered, messages = self._histories.get(follower.room).replay(
-            follower.epoch, follower.seq, since, self.history
+            follower.epoch, follower.seq, since, self.history_size
         )
         members = follower.members
         answer = JoinAnswer(
@@ -304,13 +305,12 @@ class RedisEngine:
                 until = int(result[1]) or None
                 self._sink.settled(line.id, CommandError("muted", f"you are muted in {line.room}", until=until))
                 continue
-            epoch, seq, repeated = result
-            seq = int(seq)
+            epoch, seq, repeated = result[0].decode(), int(result[1]), result[2]
             follower = self._followers.get(line.room)
             if repeated or follower is None:
-                self._sink.settled(line.id, seq)
+                self._sink.settled(line.id, (epoch, seq))  # (a line of a room nobody here is in: the API's)
             else:
-                follower.published(line.id, epoch.decode(), seq)
+                follower.published(line.id, epoch, seq)
 
     def _redis_back(self) -> None:
         """Redis answers again, or lost its data: say again who is here, room by room, and
@@ -393,10 +393,14 @@ class RedisEngine:
         kind, rest = data[:1], data[2:].decode()
         sink = self._sink
         assert sink is not None
-        if kind == b"k":  # (on the control channel)
+        if kind == b"k":  # (on the control channel: a kick or ban)
             room, user, reason, until, words = rest.split("\n", 4)
             removal = Removal(room, user, reason, words or None, int(until) if until else None)
             self._post(lambda: sink.removed(removal))
+            return
+        if kind == b"x":  # (on the control channel: the app's backend disconnects a user)
+            user, reason = rest.split("\n", 1)
+            self._post(lambda: sink.disconnected(user, reason or None))
             return
         room = self.link.room_of(channel)
         if kind == b"m":
@@ -413,6 +417,10 @@ class RedisEngine:
             version, change, key, nick = rest.split("\n", 3)
             presence = PresenceChange(room, int(version), change, self._member(key, nick))
             self._post(lambda: self._presence_heard(presence), lines=True)
+        elif kind == b"t":
+            key, nick = rest.split("\n", 1)
+            member = self._member(key, nick)
+            self._post(lambda: sink.typed(room, member))
 
     def _member(self, key: str, nick: str) -> Member:
         """A member as Redis names it: by user in token mode, by casefolded nick in open mode."""
@@ -484,7 +492,7 @@ class RedisEngine:
         result = link.script(
             link.client, "replay",
             [link.room_key(room, "meta"), link.room_key(room, "history"), link.room_key(room, "deleted")],
-            [new_epoch(), epoch, seq, self.history, otherwise, self.room_ttl],
+            [new_epoch(), epoch, seq, self.history_size, otherwise, self.room_ttl],
         )
         answer_epoch = result[0].decode()
         messages = [
@@ -626,6 +634,8 @@ class RedisEngine:
         workers, generation = link.chat_key("workers"), link.chat_key("generation")
         client.zadd(workers, {self.worker: now})
         client.expire(link.chat_key(f"rooms-of:{self.worker}"), int(3 * WORKER_TIMEOUT))
+        assert self._sink is not None
+        client.hset(link.chat_key("conns"), self.worker, self._sink.connections_here())
         client.set(generation, uuid.uuid4().hex, nx=True)
         current = client.get(generation).decode()
         lost = self._generation is not None and current != self._generation
@@ -673,6 +683,7 @@ class RedisEngine:
         client.delete(rooms_of)
         users = [link.chat_key("users"), link.chat_key(f"users-of:{dead}")]
         link.script(client, "users", users, ["evict", "", 0, 0, 0])
+        client.hdel(link.chat_key("conns"), dead)
 
     # Limits and moderation: the hub's greenlet asks, the controller does.
 
@@ -721,7 +732,7 @@ class RedisEngine:
         for user, here in list(self._user_counts.items()):
             self._set_user_count(user, here, 1 << 30)
 
-    def moderate(self, asker: Peer, command: Moderate, moderator: Moderator) -> None:
+    def moderate(self, asker: Peer | BackendCall, command: Moderate, moderator: Moderator) -> None:
         sink = self._sink
         assert sink is not None
         if not self._up:
@@ -769,3 +780,75 @@ class RedisEngine:
             fields = (room, user, reason, "" if until is None else str(until), command.reason or "")
             client.spublish(link.chat_key("control"), "k\n" + "\n".join(fields))
         return None
+
+    # Typing, history and the app's backend's questions: the controller asks Redis.
+
+    def typing(self, room: str, member: Member) -> None:
+        link = self.link
+        keys, args = [link.room_key(room, f"mute:{member.user or ''}")], [link.channel(room), member.key, member.nick]
+        self._control.put((lambda: link.script(link.client, "typing", keys, args), None))
+
+    def history(
+        self, asker: Peer | BackendCall, room: str, before: int | None, since: int | None, limit: int
+    ) -> None:
+        sink, link = self._sink, self.link
+        assert sink is not None
+        mode, seq = ("since", since) if since is not None else ("before", before) if before else ("newest", 0)
+
+        def history() -> None:
+            keys = [link.room_key(room, "meta"), link.room_key(room, "history"), link.room_key(room, "deleted")]
+            epoch, entries, deleted, more = link.script(link.client, "page", keys, [mode, seq, limit])
+            epoch = epoch.decode()
+            messages = [self._entry(room, epoch, entry, bool(gone)) for entry, gone in zip(entries, deleted)]
+            self._post(lambda: sink.paged(asker, HistoryPage(room, epoch, messages, bool(more))))
+
+        self._control.put((history, lambda: sink.paged(asker, unavailable())))
+
+    def presence(self, call: BackendCall, room: str) -> None:
+        sink, link = self._sink, self.link
+        assert sink is not None
+
+        def presence() -> None:
+            sorted_key = link.room_key(room, "sorted")
+            entries = link.client.zrange(sorted_key, 0, PRESENCE_LIMIT - 1)
+            listed = [self._member(*entry.decode().split("\t", 2)[1:]) for entry in entries]
+            members = [{"user": member.user, "nick": member.nick} for member in listed]
+            result = {"members": members, "count": link.client.zcard(sorted_key)}
+            self._post(lambda: sink.replied(call, result))
+
+        self._control.put((presence, lambda: sink.replied(call, unavailable())))
+
+    def disconnect_user(self, call: BackendCall, user: str, reason: str | None) -> None:
+        sink, link = self._sink, self.link
+        assert sink is not None
+
+        def disconnect() -> None:
+            connections = int(link.client.hget(link.chat_key("users"), user) or 0)
+            link.client.spublish(link.chat_key("control"), f"x\n{user}\n{reason or ''}")
+            self._post(lambda: sink.replied(call, {"connections": connections}))
+
+        self._control.put((disconnect, lambda: sink.replied(call, unavailable())))
+
+    def every_room(self, call: BackendCall) -> None:
+        sink, link = self._sink, self.link
+        assert sink is not None
+
+        def every_room() -> None:
+            listed = link.client.zrange(link.chat_key("rooms"), 0, -1, withscores=True)
+            rooms = [{"room": room.decode(), "members": -int(score)} for room, score in listed]
+            self._post(lambda: sink.replied(call, {"rooms": rooms}))
+
+        self._control.put((every_room, lambda: sink.replied(call, unavailable())))
+
+    def info(self, call: BackendCall) -> None:
+        sink, link = self._sink, self.link
+        assert sink is not None
+
+        def info() -> None:
+            client = link.client
+            connections = sum(int(n) for n in client.hvals(link.chat_key("conns")))
+            result = {"workers": client.zcard(link.chat_key("workers")), "connections": connections,
+                      "rooms": client.zcard(link.chat_key("rooms"))}
+            self._post(lambda: sink.replied(call, result))
+
+        self._control.put((info, lambda: sink.replied(call, unavailable())))

@@ -70,8 +70,8 @@ class Out(Protocol):
     def restart(self, follower: Follower, answer: JoinAnswer) -> None:
         """The room starts over in a new epoch: tell its members."""
 
-    def settle(self, line_id: int, seq: int) -> None:
-        """A line of this worker's will not be delivered: ack its sender with seq."""
+    def settle(self, line_id: int, epoch: str, seq: int) -> None:
+        """A line of this worker's will not be delivered: ack its sender with epoch and seq."""
 
 
 class Follower:
@@ -136,7 +136,7 @@ class Follower:
             for line_id, (epoch, seq) in list(self.own.items()):
                 if epoch == self.epoch and seq < first:
                     del self.own[line_id]
-                    self._out.settle(line_id, seq)
+                    self._out.settle(line_id, epoch, seq)
             self.seq = first - 1
             self._deliver(self.early.pop(first))
 
@@ -157,7 +157,7 @@ class Follower:
     def published(self, line_id: int, epoch: str, seq: int) -> None:
         """Redis numbered a line this worker said here."""
         if epoch == self.epoch and seq <= self.seq:
-            self._out.settle(line_id, seq)  # Delivered (acked already) or lost meanwhile.
+            self._out.settle(line_id, epoch, seq)  # Delivered (acked already) or lost meanwhile.
         else:
             self.own[line_id] = (epoch, seq)
 
@@ -184,7 +184,7 @@ class Follower:
         for line_id, (epoch, seq) in list(self.own.items()):
             if epoch != answer.epoch:
                 del self.own[line_id]
-                self._out.settle(line_id, seq)
+                self._out.settle(line_id, epoch, seq)
         self._start(answer)
         # The lines of the new epoch heard meanwhile ride with the restart, after its replay.
         early = self._take_early()

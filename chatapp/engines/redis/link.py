@@ -20,7 +20,7 @@ from gevent.event import Event
 log = logging.getLogger(__name__)
 
 _LUA = Path(__file__).resolve().parent / "lua"
-SCRIPTS = ("publish", "replay", "presence", "evict", "prune", "delete", "users")
+SCRIPTS = ("publish", "replay", "presence", "evict", "prune", "delete", "users", "page", "typing")
 # A Redis command that takes longer than this (s) counts as Redis being away.
 COMMAND_TIMEOUT = 1.0
 # What Redis being away looks like to redis-py.
