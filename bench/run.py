@@ -24,9 +24,19 @@ two workers through a redis-server of run.py's own (also pinned to CPU 0),
 reported with that redis-server's CPU, the Redis bytes in and out per
 delivery and per line (INFO stats), and how the kernel spread the clients
 over the workers; ours-redis1, the same with one worker; ours-metrics, with
-CHAT_METRICS_TOKEN set, scraped once after the drain. --rounds N without
---compare runs everything N times, the servers alternating, and prints the
-medians (ratios are then of the medians).
+CHAT_METRICS_TOKEN set, scraped once after the drain; ours-token, in token
+mode (CHAT_AUTH=token, an HS256 key of run.py's own): every v2 client says
+hello with a token of its own (sub c<i>, through loadgen -tokens), and v1
+scenarios are skipped (token mode refuses v1); ours-token-es256, the same with
+ES256 tokens under a JWKS of one public key. --rounds N without --compare
+runs everything N times, the servers alternating, and prints the medians
+(ratios are then of the medians).
+
+Scenario hs is not a fan-out but handshakes (loadgen -handshakes): 32
+goroutines each dial, say a v2 hello (ours: a nick; the token servers: a
+token) and wait for the welcome, then reset and start over; it reports
+handshakes/s, per server CPU-second, and their latency from dial to welcome.
+Only ours and its variants run it.
 
     make bench                                       # everything: build, all scenarios, plot
     .venv/bin/python bench/run.py --quick            # ~3 s per scenario
@@ -36,6 +46,8 @@ medians (ratios are then of the medians).
     .venv/bin/python bench/run.py --servers ours,socketio --scenarios c2,r100,b2,e2 --wait-idle 60
     .venv/bin/python bench/run.py --servers ours,ours-redis1,ours-redis --scenarios c2,r100 --wait-idle 60
     .venv/bin/python bench/run.py --servers ours,ours-metrics --scenarios c --rounds 3 --wait-idle 60
+    .venv/bin/python bench/run.py --servers ours,ours-token --scenarios c2,r100 --rounds 3 --wait-idle 60
+    .venv/bin/python bench/run.py --servers ours,ours-token,ours-token-es256 --scenarios hs --rounds 5
     git worktree add /tmp/before d72b693             # then: that commit against this checkout
     .venv/bin/python bench/run.py --servers ours --scenarios a,c --compare /tmp/before --rounds 3
 
@@ -47,6 +59,7 @@ import argparse
 import json
 import os
 import resource
+import secrets
 import socket
 import subprocess
 import sys
@@ -55,8 +68,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import jwt
 import psutil
 import redis
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -71,6 +87,9 @@ SERVERS = {  # name -> command (run from the root of --repo with env PORT)
     "ours-redis1": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
     # Ours with Prometheus metrics on (CHAT_METRICS_TOKEN); plain "ours" always runs with them off.
     "ours-metrics": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+    # Ours in token mode (CHAT_AUTH=token): HS256 tokens, then ES256 ones (a JWKS of one public key).
+    "ours-token": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+    "ours-token-es256": [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
     "straightforward": [sys.executable, str(BENCH / "peers" / "straightforward.py"), "--port", "{port}"],
     "websockets": [sys.executable, str(BENCH / "peers" / "websockets_peer.py"), "--port", "{port}"],
     # python-socketio as its docs deploy it on gevent: gunicorn, gevent-websocket's worker, one worker.
@@ -117,14 +136,26 @@ SCENARIOS.update({
            {"clients": 1000, "senders": 10, "rate": 100, "v2": True}),
     "e2": ("5000 idle v2 clients in one room", {"clients": 5000, "senders": 0, "v2": True}),
 })
+# Handshakes (not run by default): 32 in flight, each a dial, a v2 hello and its welcome, then a
+# reset. 32: enough that the worker never waits for the generator's next dial.
+SCENARIOS["hs"] = ("v2 handshakes: dial, hello, welcome, reset; 32 in flight",
+                   {"handshakes": True, "concurrency": 32})
 # The servers that speak v2.
-V2_SERVERS = {"ours", "ours-redis", "ours-redis1", "ours-metrics"}
+V2_SERVERS = {"ours", "ours-redis", "ours-redis1", "ours-metrics", "ours-token", "ours-token-es256"}
+# The servers in token mode: v2 clients say hello with a token, v1 clients are refused.
+TOKEN_SERVERS = {"ours-token", "ours-token-es256"}
+# Their keys, run.py's own for this run: ours-token's HMAC secret, ours-token-es256's key pair
+# (the server gets the public half in a JWKS file).
+TOKEN_KID, TOKEN_SECRET = "k1", secrets.token_urlsafe(32)
+ES256_KID, ES256_KEY = "es1", ec.generate_private_key(ec.SECP256R1())
 # The servers that speak rooms only (Socket.IO), not v1.
 ROOMS_ONLY = {"socketio"}
 # The bearer token of ours-metrics' GET /metrics.
 METRICS_TOKEN = "bench"
 RATIO_KEYS = ["delivered_per_s", "delivered_per_cpu_s", "p99_ms", "server_cpu_pct", "server_peak_rss_mb",
               "rss_per_conn_kb"]
+# The same for scenario hs (p99: from dial to welcome).
+HS_RATIO_KEYS = ["handshakes_per_s", "handshakes_per_cpu_s", "p50_ms", "p99_ms", "server_cpu_pct"]
 COLUMNS = [  # (header, key, format)
     ("scen", "scenario", "{}"), ("server", "server", "{}"), ("deliv/s", "delivered_per_s", "{:.0f}"),
     ("loss%", "loss_pct", "{:.2f}"), ("gaps", "gaps", "{}"), ("reord", "reorders", "{}"), ("p50ms", "p50_ms", "{:.1f}"),
@@ -135,6 +166,57 @@ COLUMNS = [  # (header, key, format)
     ("core0%", "core0_busy_pct", "{:.0f}"), ("core1%", "core1_busy_pct", "{:.0f}"),
     ("bg%", "background_busy_pct", "{:.0f}"),
 ]
+HS_COLUMNS = [  # the table's columns for scenario hs
+    ("scen", "scenario", "{}"), ("server", "server", "{}"), ("hs/s", "handshakes_per_s", "{:.0f}"),
+    ("hs/cpu-s", "handshakes_per_cpu_s", "{:.0f}"), ("p50ms", "p50_ms", "{:.2f}"), ("p99ms", "p99_ms", "{:.2f}"),
+    ("maxms", "max_ms", "{:.0f}"), ("srvcpu%", "server_cpu_pct", "{:.0f}"), ("fail", "failures", "{}"),
+    ("errors", "errors", "{}"), ("unexp", "unexpected", "{}"), ("lgcpu%", "loadgen_cpu_pct", "{:.0f}"),
+    ("core0%", "core0_busy_pct", "{:.0f}"), ("core1%", "core1_busy_pct", "{:.0f}"),
+    ("bg%", "background_busy_pct", "{:.0f}"),
+]
+
+
+def handshaking(scenario):
+    """Whether a scenario measures handshakes (hs) rather than fan-out."""
+    return bool(SCENARIOS[scenario][1].get("handshakes"))
+
+
+def takes_part(server, scenario):
+    """Whether a server runs a scenario: the v1 peers have no rooms, Socket.IO speaks no v1, token
+    mode refuses v1, and only ours and its variants run hs."""
+    flags = SCENARIOS[scenario][1]
+    if flags.get("handshakes"):
+        return server in V2_SERVERS
+    if flags.get("v2"):
+        return server in V2_SERVERS | ROOMS_ONLY
+    return server not in ROOMS_ONLY | TOKEN_SERVERS
+
+
+def token_env(name):
+    """The CHAT_* settings of a token server, or {} for the others."""
+    if name == "ours-token":
+        return {"CHAT_AUTH": "token", "CHAT_TOKEN_KEYS": f"{TOKEN_KID}:{TOKEN_SECRET}"}
+    if name == "ours-token-es256":
+        jwk = json.loads(ECAlgorithm.to_jwk(ES256_KEY.public_key()))
+        path = BENCH / ".build" / "jwks-es256.json"
+        path.write_text(json.dumps({"keys": [{**jwk, "kid": ES256_KID, "alg": "ES256", "use": "sig"}]}))
+        return {"CHAT_AUTH": "token", "CHAT_TOKEN_JWKS": str(path)}
+    return {}
+
+
+def write_tokens(name, count):
+    """A file of count tokens for a token server, one a line: line i for user c<i> (a user may have
+    CHAT_MAX_CONNECTIONS_PER_USER connections, so one each). Valid for two hours."""
+    now = int(time.time())
+    if name == "ours-token-es256":
+        key, algorithm, kid = ES256_KEY, "ES256", ES256_KID
+    else:
+        key, algorithm, kid = TOKEN_SECRET, "HS256", TOKEN_KID
+    path = BENCH / ".build" / "tokens.txt"
+    path.write_text("".join(
+        jwt.encode({"sub": f"c{i}", "iat": now, "exp": now + 7200}, key, algorithm=algorithm, headers={"kid": kid})
+        + "\n" for i in range(count)))
+    return path
 
 
 class Server:
@@ -143,9 +225,11 @@ class Server:
     def __init__(self, name, port, repo=REPO):
         cmd = [arg.format(port=port) for arg in SERVERS[name]]
         env = dict(os.environ, PORT=str(port), **SERVER_ENV)
-        env.pop("CHAT_METRICS_TOKEN", None)
+        for key in ("CHAT_METRICS_TOKEN", "CHAT_AUTH", "CHAT_TOKEN_KEYS", "CHAT_TOKEN_JWKS"):
+            env.pop(key, None)  # on for their variants only: ours is always open, without metrics
         if name == "ours-metrics":
             env["CHAT_METRICS_TOKEN"] = METRICS_TOKEN
+        env.update(token_env(name))
         self.metrics = name == "ours-metrics"
         LOGS.mkdir(parents=True, exist_ok=True)
         self.log = open(LOGS / f"{name}.log", "a")
@@ -293,6 +377,8 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
                f"-url=ws://127.0.0.1:{server.port}{PATHS.get(server_name, '/ws')}",
                f"-origin=http://127.0.0.1:{server.port}"]
         cmd += loadgen_flags(dict(flags), server_name)
+        if server_name in TOKEN_SERVERS:
+            cmd.append(f"-tokens={write_tokens(server_name, flags.get('concurrency') or flags['clients'])}")
         gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         timer = threading.Timer(duration + 180, gen.kill)
         timer.start()
@@ -320,13 +406,17 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
         result.update(
             server=server_name, scenario=scenario, desc=desc, background_busy_pct=background,
             server_cpu_pct=round(100 * cpu_s / (t1 - t0), 1),
-            delivered_per_cpu_s=round(result["delivered_per_s"] * (t1 - t0) / cpu_s) if cpu_s > 0.01 else 0,
             server_baseline_rss_mb=round(server.baseline_rss / 2**20, 1),
             server_peak_rss_mb=round(max(server.peak_rss, rss1) / 2**20, 1),
-            rss_per_conn_kb=round((rss1 - server.baseline_rss) / result["connected"] / 1024, 2),
             core0_busy_pct=busy_pct(cores0[0], cores1[0]),
             core1_busy_pct=busy_pct(cores0[1], cores1[1]),
         )
+        per_cpu_s = (t1 - t0) / cpu_s if cpu_s > 0.01 else 0
+        if flags.get("handshakes"):  # connections come and go: no memory per connection
+            result["handshakes_per_cpu_s"] = round(result["handshakes_per_s"] * per_cpu_s)
+        else:
+            result.update(delivered_per_cpu_s=round(result["delivered_per_s"] * per_cpu_s),
+                          rss_per_conn_kb=round((rss1 - server.baseline_rss) / result["connected"] / 1024, 2))
         if redis0 is not None:
             result.update(redis_figures(redis0, redis1, t1 - t0, result))
         if spread:
@@ -355,9 +445,17 @@ def redis_figures(before, after, seconds, result):
     }
 
 
+def ratio_keys(scenario):
+    return HS_RATIO_KEYS if handshaking(scenario) else RATIO_KEYS
+
+
+def compared(scenario):
+    return HS_COMPARED if handshaking(scenario) else COMPARED
+
+
 def ratios(results):
-    """Per scenario, for RATIO_KEYS: ours divided by each peer ("ours_over"), and each variant of
-    ours (ours-redis, ours-metrics) divided by ours ("over_ours")."""
+    """Per scenario, for its ratio keys: ours divided by each peer ("ours_over"), and each variant
+    of ours (ours-redis, ours-metrics, ours-token) divided by ours ("over_ours")."""
     by = {(r["server"], r["scenario"]): r for r in results}
     out = []
     for (other_name, scenario), other in by.items():
@@ -367,16 +465,16 @@ def ratios(results):
         variant = other_name.startswith("ours-")
         top, bottom = (other, ours) if variant else (ours, other)
         out.append({"kind": "ratio", "scenario": scenario, ("over_ours" if variant else "ours_over"): other_name, **{
-            k: round(top[k] / bottom[k], 3) if bottom[k] else None for k in RATIO_KEYS}})
+            k: round(top[k] / bottom[k], 3) if bottom[k] else None for k in ratio_keys(scenario)}})
     return out
 
 
 def medians(results):
-    """One record per scenario and server: the median of each figure of RATIO_KEYS and COMPARED
-    over its rounds."""
-    keys = dict.fromkeys(RATIO_KEYS + [key for _, key, _ in COMPARED])
+    """One record per scenario and server: the median of each figure of its ratio keys and
+    compared columns over its rounds."""
     out = []
     for scenario, server in dict.fromkeys((r["scenario"], r["server"]) for r in results):
+        keys = dict.fromkeys(ratio_keys(scenario) + [key for _, key, _ in compared(scenario)])
         runs = [r for r in results if (r["scenario"], r["server"]) == (scenario, server)]
         out.append({"kind": "median", "scenario": scenario, "server": server, "runs": len(runs),
                     **{key: median([r[key] for r in runs]) for key in keys}})
@@ -384,9 +482,13 @@ def medians(results):
 
 
 def print_medians(summary):
-    print_rows([["scen", "server", "runs"] + [h for h, _, _ in COMPARED]] + [
-        [r["scenario"], r["server"], str(r["runs"])] + [fmt.format(r[key]) for _, key, fmt in COMPARED]
-        for r in summary])
+    for hs in (False, True):  # fan-out and handshakes have columns of their own
+        rows = [r for r in summary if handshaking(r["scenario"]) == hs]
+        columns = HS_COMPARED if hs else COMPARED
+        if rows:
+            print_rows([["scen", "server", "runs"] + [h for h, _, _ in columns]] + [
+                [r["scenario"], r["server"], str(r["runs"])] + [fmt.format(r[key]) for _, key, fmt in columns]
+                for r in rows])
 
 
 def print_rows(rows):
@@ -396,7 +498,11 @@ def print_rows(rows):
 
 
 def print_table(results, ratio_rows):
-    print_rows([[h for h, _, _ in COLUMNS]] + [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in results])
+    for hs in (False, True):
+        rows = [r for r in results if handshaking(r["scenario"]) == hs]
+        columns = HS_COLUMNS if hs else COLUMNS
+        if rows:
+            print_rows([[h for h, _, _ in columns]] + [[fmt.format(r[key]) for _, key, fmt in columns] for r in rows])
     for r in results:
         if r.get("v2"):
             print(f"{r['scenario']} v2: rooms={r['rooms']} acks={r.get('acks', 0)} "
@@ -414,12 +520,14 @@ def print_table(results, ratio_rows):
                   f"({r['redis_cpu_us_per_line']} us/line); bytes per delivery in {r['redis_in_bytes_per_delivery']}"
                   f" out {r['redis_out_bytes_per_delivery']}; per line in {r['redis_in_bytes_per_line']}"
                   f" out {r['redis_out_bytes_per_line']}; connections per worker {r.get('conns_per_worker')}")
-    if ratio_rows:
-        print("\n" + " " * 30 + "  ".join(RATIO_KEYS))
-        for r in ratio_rows:
+    for keys in (RATIO_KEYS, HS_RATIO_KEYS):
+        rows = [r for r in ratio_rows if ratio_keys(r["scenario"]) is keys]
+        if rows:
+            print("\n" + " " * 30 + "  ".join(keys))
+        for r in rows:
             what = f"ours / {r['ours_over']}" if "ours_over" in r else f"{r['over_ours']} / ours"
             print(f"{r['scenario']:>6} {what:<23}" + "  ".join(
-                f"{r[k] if r[k] is not None else '-':>{len(k)}}" for k in RATIO_KEYS))
+                f"{r[k] if r[k] is not None else '-':>{len(k)}}" for k in keys))
 
 
 # --wait-idle waits for both cores to be less busy than this, in percent.
@@ -430,8 +538,14 @@ COMPARED = [  # (header, key, format): the columns of --compare, for each checko
     ("srvcpu%", "server_cpu_pct", "{:.0f}"), ("KB/conn", "rss_per_conn_kb", "{:.1f}"),
     ("gaps", "gaps", "{}"), ("disc", "disconnects", "{}"), ("bg%", "background_busy_pct", "{:.0f}"),
 ]
-# The columns of COMPARED whose medians --compare divides.
-COMPARED_RATIOS = {"delivered_per_s", "delivered_per_cpu_s", "p50_ms", "p99_ms", "server_cpu_pct", "rss_per_conn_kb"}
+HS_COMPARED = [  # the same for scenario hs
+    ("hs/s", "handshakes_per_s", "{:.0f}"), ("hs/cpu-s", "handshakes_per_cpu_s", "{:.0f}"),
+    ("p50ms", "p50_ms", "{:.2f}"), ("p99ms", "p99_ms", "{:.2f}"), ("srvcpu%", "server_cpu_pct", "{:.0f}"),
+    ("fail", "failures", "{}"), ("errors", "errors", "{}"), ("bg%", "background_busy_pct", "{:.0f}"),
+]
+# The columns of COMPARED and HS_COMPARED whose medians --compare divides.
+COMPARED_RATIOS = {"delivered_per_s", "delivered_per_cpu_s", "p50_ms", "p99_ms", "server_cpu_pct", "rss_per_conn_kb",
+                   "handshakes_per_s", "handshakes_per_cpu_s"}
 
 
 def median(values):
@@ -440,10 +554,10 @@ def median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def print_comparison(results, labels):
+def print_comparison(results, labels, columns):
     """Per scenario and server: each round's figures from both checkouts side by side, then the
-    medians, and the second checkout's median over the first's."""
-    header = ["scen", "server", "round"] + [f"{label} {h}" for label in labels for h, _, _ in COMPARED]
+    medians, and the second checkout's median over the first's; columns: COMPARED or HS_COMPARED."""
+    header = ["scen", "server", "round"] + [f"{label} {h}" for label in labels for h, _, _ in columns]
     rows = [header]
     for scenario, server in dict.fromkeys((r["scenario"], r["server"]) for r in results):
         runs = {(r["round"], r["commit"]): r for r in results if (r["scenario"], r["server"]) == (scenario, server)}
@@ -452,13 +566,13 @@ def print_comparison(results, labels):
             row = [scenario, server, str(n)]
             for label in labels:
                 r = runs.get((n, label))
-                row += [fmt.format(r[key]) if r else "-" for _, key, fmt in COMPARED]
+                row += [fmt.format(r[key]) if r else "-" for _, key, fmt in columns]
             rows.append(row)
         row, medians = [scenario, server, "median"], {}
         for label in labels:
             done = [r for (_, lab), r in runs.items() if lab == label]
-            medians[label] = {key: median([r[key] for r in done]) for _, key, _ in COMPARED} if done else None
-            row += [fmt.format(medians[label][key]) if done else "-" for _, key, fmt in COMPARED]
+            medians[label] = {key: median([r[key] for r in done]) for _, key, _ in columns} if done else None
+            row += [fmt.format(medians[label][key]) if done else "-" for _, key, fmt in columns]
         rows.append(row)
         first, second = (medians[label] for label in labels)
         if first and second:
@@ -466,7 +580,7 @@ def print_comparison(results, labels):
             for label in labels:
                 row += [f"{second[key] / first[key]:.3f}"
                         if label == labels[1] and key in COMPARED_RATIOS and first[key] else ""
-                        for _, key, _ in COMPARED]
+                        for _, key, _ in columns]
             rows.append(row)
     print_rows(rows)
 
@@ -520,10 +634,8 @@ def main():
     for n in range(1, rounds + 1):
         for scenario in scenarios:
             for server in servers:
-                if SCENARIOS[scenario][1].get("v2") and server not in V2_SERVERS | ROOMS_ONLY:
-                    continue  # The v1 peers have no rooms.
-                if not SCENARIOS[scenario][1].get("v2") and server in ROOMS_ONLY:
-                    continue  # Socket.IO does not speak v1.
+                if not takes_part(server, scenario):
+                    continue
                 for repo, label in zip(repos, labels):
                     print(f"# {scenario} ({SCENARIOS[scenario][0]}) on {server}"
                           + (f" from {repo} ({label})" if args.compare or repo != REPO else "")
@@ -544,7 +656,10 @@ def main():
         for record in results + ratio_rows:
             f.write(json.dumps(record) + "\n")
     if args.compare:
-        print_comparison(results, labels)
+        for hs in (False, True):  # fan-out and handshakes have columns of their own
+            part = [r for r in results if handshaking(r["scenario"]) == hs]
+            if part:
+                print_comparison(part, labels, HS_COMPARED if hs else COMPARED)
     else:
         print_table(results, ratio_rows)
     if summary:

@@ -25,6 +25,16 @@
 // room). -url then names the Engine.IO endpoint,
 // ws://HOST/socket.io/?EIO=4&transport=websocket.
 //
+// With -tokens FILE (v2, or -handshakes) client i says hello with the JWT on
+// line i of FILE instead of a nick, for a server in token mode
+// (CHAT_AUTH=token); the file needs a line per client.
+//
+// With -handshakes it measures something else (handshake.go): -concurrency
+// goroutines each dial, say hello (v2: a nick, or with -tokens the token of
+// its own line) and wait for the welcome, then reset the connection and start
+// over, for -duration; it prints handshakes per second and their latency from
+// the dial to the welcome, bracketed by the same "# sending" and "# sent".
+//
 // It uses the standard library only: ws.go is a minimal WebSocket client and
 // receiver.go reads every connection from one epoll loop: no goroutine,
 // allocation or clock read per message.
@@ -63,6 +73,9 @@ type config struct {
 	window                  int64
 	v2, sio                 bool
 	rooms                   int
+	tokens                  string // a file of JWTs, one a line: client i's hello carries line i
+	handshakes              bool
+	concurrency             int // handshake mode: dials in flight
 	jsonOut                 bool
 	cpuProfile              string
 }
@@ -117,6 +130,7 @@ type result struct {
 
 type bench struct {
 	cfg                     config
+	tokens                  []string // -tokens, read
 	conns                   []*client
 	senders                 []*sender
 	registered, joined      atomic.Int64
@@ -145,6 +159,10 @@ func main() {
 	flag.BoolVar(&cfg.v2, "v2", false, "speak the v2 protocol (subprotocol chat.v2): hello, join, say")
 	flag.BoolVar(&cfg.sio, "sio", false, "speak Socket.IO 5 over Engine.IO 4 (WebSocket transport): join, say")
 	flag.IntVar(&cfg.rooms, "rooms", 1, "v2, Socket.IO: rooms; client i joins r<i mod rooms> (one room: lobby)")
+	flag.StringVar(&cfg.tokens, "tokens", "", "v2, -handshakes: a file of JWTs, one a line: client i says hello with line i (CHAT_AUTH=token)")
+	flag.BoolVar(&cfg.handshakes, "handshakes", false,
+		"measure handshakes instead: dial, v2 hello, welcome, reset, over and over for -duration")
+	flag.IntVar(&cfg.concurrency, "concurrency", 32, "handshake mode: handshakes in flight (one goroutine each)")
 	flag.IntVar(&cfg.ramp, "ramp", 200, "concurrent connection attempts")
 	flag.DurationVar(&cfg.settle, "settle", 60*time.Second, "max wait for all clients to be registered")
 	flag.DurationVar(&cfg.drain, "drain", 10*time.Second, "max wait for in-flight messages after sending")
@@ -158,6 +176,10 @@ func main() {
 		}
 		cfg.origin = "http://" + u.Host
 	}
+	if cfg.handshakes {
+		runHandshakes(cfg)
+		return
+	}
 	if cfg.senders > cfg.clients || cfg.window >= ring || cfg.clients < 1 {
 		fatal("need 1 <= clients, senders <= clients, window < %d", ring)
 	}
@@ -167,10 +189,35 @@ func main() {
 	if cfg.rooms < 1 || cfg.rooms > cfg.clients || (cfg.rooms > 1 && !cfg.roomed()) {
 		fatal("need 1 <= rooms <= clients, and -v2 or -sio for more than one room")
 	}
+	if cfg.tokens != "" && !cfg.v2 {
+		fatal("-tokens needs -v2")
+	}
 	raiseFileLimit(uint64(cfg.clients) + 100)
 	b := &bench{cfg: cfg}
+	if cfg.tokens != "" {
+		b.tokens = readTokens(cfg.tokens, cfg.clients)
+	}
 	res := b.run()
-	row := tableRow(res)
+	report(cfg, res, tableRow(res))
+}
+
+// runHandshakes runs handshake mode (handshake.go): v2 whatever -v2 says, since it is the
+// v2 hello that is measured.
+func runHandshakes(cfg config) {
+	if cfg.sio || cfg.concurrency < 1 {
+		fatal("-handshakes: need -concurrency >= 1, and not -sio")
+	}
+	raiseFileLimit(uint64(cfg.concurrency) + 100)
+	b := &bench{cfg: cfg}
+	if cfg.tokens != "" {
+		b.tokens = readTokens(cfg.tokens, cfg.concurrency)
+	}
+	res := b.handshakes()
+	report(cfg, res, hsTableRow(res))
+}
+
+// report prints a run's table line, or with -json its JSON line (and the table line to stderr).
+func report(cfg config, res any, row string) {
 	if cfg.jsonOut {
 		fmt.Fprintln(os.Stderr, row)
 		out, _ := json.Marshal(res)

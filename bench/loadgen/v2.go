@@ -11,7 +11,9 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"os"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -57,8 +59,9 @@ func (b *bench) roomSize(i int) int64 {
 }
 
 // joinAll has every client join its room (v2: after hello with nick c<i>,
-// session s<i>; Socket.IO: with nick c<i>), joinRound clients at a time, each
-// round once the last has its `joined`s (Socket.IO: the join's acks).
+// or token i, session s<i>; Socket.IO: with nick c<i>), joinRound clients at
+// a time, each round once the last has its `joined`s (Socket.IO: the join's
+// acks).
 func (b *bench) joinAll(n int64) {
 	deadline := time.Now().Add(b.cfg.settle)
 	buf := make([]byte, 0, 128)
@@ -88,9 +91,7 @@ func (b *bench) joinAll(n int64) {
 
 // joinV2 writes client c's hello and join.
 func (b *bench) joinV2(c *client, buf []byte) []byte {
-	id := strconv.Itoa(c.id)
-	buf = append(append(append(append(buf[:0], `{"type":"hello","nick":"c`...), id...), `","session":"s`...), id...)
-	buf = append(buf, `"}`...)
+	buf = b.appendHello(buf[:0], c.id)
 	if err := c.write(opText, buf); err != nil {
 		fatal("hello: %v", err)
 	}
@@ -99,6 +100,43 @@ func (b *bench) joinV2(c *client, buf []byte) []byte {
 		fatal("join: %v", err)
 	}
 	return buf
+}
+
+// appendHello appends client i's hello: nick c<i>, or with -tokens the
+// token on line i (the server then takes the name from the token), and
+// session s<i>.
+func (b *bench) appendHello(buf []byte, i int) []byte {
+	id := strconv.Itoa(i)
+	if len(b.tokens) > 0 {
+		buf = append(append(buf, `{"type":"hello","token":"`...), b.tokens[i]...)
+	} else {
+		buf = append(append(buf, `{"type":"hello","nick":"c`...), id...)
+	}
+	return append(append(append(buf, `","session":"s`...), id...), `"}`...)
+}
+
+// readTokens reads -tokens: one JWT a line, at least need of them (one per
+// client, or per handshake goroutine: CHAT_MAX_CONNECTIONS_PER_USER).
+func readTokens(path string, need int) []string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		fatal("-tokens: %v", err)
+	}
+	var tokens []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if line = strings.TrimSpace(line); line == "" {
+			continue
+		}
+		// A JWT's compact form is base64url and dots: nothing to escape in the hello's JSON.
+		if strings.Trim(line, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") != "" {
+			fatal("-tokens: line %d is not a JWT in compact form", len(tokens)+1)
+		}
+		tokens = append(tokens, line)
+	}
+	if len(tokens) < need {
+		fatal("-tokens: %d tokens in %s, need %d (a user has a few connections at most)", len(tokens), path, need)
+	}
+	return tokens
 }
 
 // probeRooms says "hello <probe>" in every room, from the room's first client
