@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import websocket
 from conftest import unavailable
-from support import connect, free_port, wait_until
+from support import V2Client, connect, free_port, wait_until
 from token_app import TokenApp
 
 if TYPE_CHECKING:
@@ -314,8 +314,8 @@ class CuttableProxy:
 
     cut() ends every connection at once (no close frame: the page sees 1006) and keeps
     accepting; down() cuts and then refuses new connections until up(); hold(way) stops
-    forwarding one way ("to_server" or "to_client") until the next cut, which drops what
-    was held.
+    forwarding one way ("to_server" or "to_client") until release(way), which forwards what
+    was held (a slow network), or the next cut, which drops it.
     """
 
     WAYS = ("to_server", "to_client")
@@ -400,6 +400,12 @@ class CuttableProxy:
             self._held[way] = True
             while self._in_flight[way]:
                 self._cond.wait()
+
+    def release(self, way: str) -> None:
+        """Forward again in this direction, what was held first."""
+        with self._cond:
+            self._held[way] = False
+            self._cond.notify_all()
 
     def cut(self) -> None:
         """End every open connection, dropping held bytes; forward normally again after."""
@@ -1573,3 +1579,383 @@ def test_screenshots_of_moderation(start_server: Any, open_page: Any) -> None:
         assert path.stat().st_size > 5 * 1024, f"{path} is only {path.stat().st_size} bytes"
     for page in (mod_phone, kim):
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+# ---- Older lines, typing, links and mentions; the log's place through everything that resizes it
+
+DESKTOP = {"viewport": {"width": 1280, "height": 720}}
+PHONE = {"viewport": {"width": 390, "height": 700}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
+SIZES = {"desktop": DESKTOP, "phone": PHONE}
+
+# Which line is at the top of a log's view, and where it is on the screen.
+TOP_LINE = """el => {
+    const box = el.getBoundingClientRect();
+    const line = [...el.children].find(line => line.getBoundingClientRect().bottom > box.top);
+    return {text: (line.querySelector(".text") || line).textContent, y: line.getBoundingClientRect().top};
+}"""
+
+
+def frame_done(page: Page) -> None:
+    """Wait until the page has drawn two frames (its scroll and resize handlers have run)."""
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+
+
+def scroll_settled(page: Page, room: str = "lobby") -> None:
+    """Wait until the log has not scrolled for 150 ms (a smooth scroll has ended)."""
+    page.eval_on_selector(
+        f"#log-{room}",
+        """log => new Promise(done => {
+            let timer = setTimeout(done, 150);
+            log.addEventListener("scroll", () => { clearTimeout(timer); timer = setTimeout(done, 150); });
+        })""",
+    )
+
+
+def assert_at_bottom(page: Page, room: str = "lobby") -> None:
+    """The log is scrolled to its end and its newest line is wholly in view."""
+    frame_done(page)
+    metrics = scroll_metrics(page, room)
+    assert metrics["top"] + metrics["client"] >= metrics["height"] - 2, metrics
+    log = page.locator(f"#log-{room}").bounding_box()
+    last = page.locator(f"#log-{room} .line").last.bounding_box()
+    assert log is not None and last is not None
+    assert log["y"] - 1 <= last["y"] and last["y"] + last["height"] <= log["y"] + log["height"] + 1, (log, last)
+
+
+def set_hidden(page: Page, hidden: bool) -> None:
+    """Make the page believe it is hidden (another tab in front) or shown again."""
+    page.evaluate(
+        """hidden => {
+            Object.defineProperty(document, "hidden", {configurable: true, get: () => hidden});
+            Object.defineProperty(document, "visibilityState", {configurable: true,
+                                  get: () => hidden ? "hidden" : "visible"});
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""",
+        hidden,
+    )
+
+
+def test_scroll_to_the_top_loads_older_lines_keeping_the_reader_s_place(
+    start_server: Any, open_page: Any, make_proxy: Any
+) -> None:
+    """Scrolled to the top of a room's log, the page asks for the 50 older events before its
+    oldest and puts their lines above, the line the reader was looking at staying where it was
+    on the screen; deleted lines (tombstones) show as nothing. One request per room at a time,
+    asked again after a reconnect; when no older ones are kept the log says it starts there,
+    once, and asks no more. By keyboard too (Home), on a phone."""
+    server = start_server("gunicorn", **TOKEN_ENV)
+    proxy = make_proxy(server)
+    old = V2Client(server, token=make_token("u-old", "oldtimer"))
+    old.join("lobby")
+    for i in range(130):  # seqs 1 to 130
+        old.send(type="say", room="lobby", text=f"old {i}", ref=f"old-{i}")
+    for _ in range(130):
+        old.wait("ack")
+    for seq in (41, 101):  # "old 40", "old 100": tombstones now; the deletions are seqs 131 and 132
+        old.send(type="delete", room="lobby", seq=seq, ref=f"delete-{seq}")
+        old.wait("done")
+    kept = [f"old {i}" for i in range(130) if i not in (40, 100)]
+
+    page = open_page(server, proxy.url, token=make_token("u-alice", "alice"), **DESKTOP)
+    # The join's history: seqs 83 to 132, the lines old 82 to old 129 but old 100.
+    expect(texts(page)).to_have_text(kept[-47:])
+    assert sent_commands(page, "history") == []  # at the bottom: nothing asked
+
+    with explained(page):
+        seen = page.eval_on_selector("#log-lobby", "el => { el.scrollTop = 0; return (" + TOP_LINE + ")(el); }")
+        assert seen["text"] == "old 82", seen
+        expect(texts(page)).to_have_text(kept[-96:])
+        line = lines(page).filter(has=page.locator(".text").filter(has_text=re.compile(r"^old 82$")))
+        now = line.bounding_box()
+        assert now is not None and abs(now["y"] - seen["y"]) <= 1, (seen, now)
+        assert sent_commands(page, "history") == [{"type": "history", "room": "lobby", "before": 83, "limit": 50}]
+        # Fifty older lines are not news: the live region was quiet while they went in, not for long.
+        expect(page.locator("#log-lobby")).to_have_attribute("aria-live", "polite", timeout=3000)
+
+        # The next page, its answer held: the reader at the top again and again, one request.
+        proxy.hold("to_client")
+        for top in (0, 3, 0):
+            page.eval_on_selector("#log-lobby", "(el, top) => { el.scrollTop = top; }", top)
+            frame_done(page)
+        page.wait_for_timeout(300)
+        assert [c["before"] for c in sent_commands(page, "history")] == [83, 33]
+        # The connection goes with the answer: the rejoined page asks again, and shows it once.
+        proxy.cut()
+        wait_open(page, timeout=RECONNECT_TIMEOUT_MS)
+        expect(texts(page)).to_have_text(kept)
+        start = page.locator("#log-lobby .line.start")
+        expect(start).to_have_text("Start of the kept history of #lobby.")
+        assert page.locator("#log-lobby .line").first.get_attribute("class") == "line sys start"
+        assert [c["before"] for c in sent_commands(page, "history")] == [83, 33, 33]
+        page.eval_on_selector("#log-lobby", "el => { el.scrollTop = 0; }")
+        frame_done(page)
+        page.wait_for_timeout(300)  # (a negative: give a request the time to go)
+        assert len(sent_commands(page, "history")) == 3
+        expect(start).to_have_count(1)
+
+    # On a phone, by keyboard: Home in the log, twice (the second once the first has done
+    # scrolling: a key pressed while Chromium's smooth scroll still runs may go unheeded).
+    phone = open_page(server, token=make_token("u-bob", "bob"), **PHONE)
+    expect(texts(phone)).to_have_text(kept[-47:])
+    phone.locator("#log-lobby").focus()
+    phone.keyboard.press("Home")
+    expect(texts(phone)).to_have_text(kept[-96:])
+    scroll_settled(phone)
+    phone.keyboard.press("Home")
+    expect(texts(phone)).to_have_text(kept)
+    expect(phone.locator("#log-lobby .line.start")).to_have_count(1)
+    assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_typing_indicator_appears_in_the_other_page_and_goes(start_server: Any, open_page: Any) -> None:
+    """Typing in one page shows "alice is typing…" under the room's log in the others (not in
+    her own), both names when two type, gone at once when her line comes, and 5 s after the
+    last `typing` otherwise. The page says `typing` at most every 2 s. On a phone the line
+    moves nothing: neither the input nor the newest line, which it does not cover."""
+    server = start_server("gunicorn")
+    alice = open_page(server, nick="alice", **DESKTOP)
+    bob = open_page(server, nick="bob", **PHONE)
+    carol = Talker(server, "carol")
+    for _ in range(30):
+        carol.say(f"line {carol.said}")
+    expect_last_line(bob, "line 29")
+    assert_at_bottom(bob)
+    indicator = bob.locator("#room-lobby .typing")
+    expect(indicator).to_be_hidden()
+    before = [bob.locator(selector).bounding_box() for selector in ("#msg", "#log-lobby .line >> nth=-1")]
+
+    with explained(bob):
+        alice.locator("#msg").press_sequentially("hello bob", delay=30)
+        expect(indicator).to_have_text("alice is typing…")
+        after = [bob.locator(selector).bounding_box() for selector in ("#msg", "#log-lobby .line >> nth=-1")]
+        assert after == before, (before, after)
+        shown, newest = indicator.bounding_box(), after[1]
+        assert shown is not None and newest is not None
+        assert shown["y"] >= newest["y"] + newest["height"] - 1, (shown, newest)  # under it, not over it
+        carol._send({"type": "typing", "room": "lobby"})
+        expect(indicator).to_have_text("alice and carol are typing…")
+        expect(alice.locator("#room-lobby .typing")).to_have_text("carol is typing…")  # never herself
+
+        alice.press("#msg", "Enter")
+        expect_last_line(bob, "hello bob")
+        expect(indicator).to_have_text("carol is typing…", timeout=1000)  # at once, not in 5 s
+        carol_typed = time.monotonic()
+        expect(indicator).to_be_hidden(timeout=8000)
+        assert time.monotonic() - carol_typed > 4, "gone before its 5 s"
+
+    # Typing on and on: a `typing` every 2 s at most.
+    started = time.monotonic()
+    while time.monotonic() - started < 4.5:
+        alice.locator("#msg").press_sequentially("more ", delay=40)
+    sent = [when for when, command in frames_of(alice, ">") if command.get("type") == "typing"]
+    assert 3 <= len(sent) <= 4, sent
+    assert all(later - earlier >= 1.95 for earlier, later in zip(sent, sent[1:])), sent
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_reader_at_the_bottom_stays_there_while_own_lines_wait(
+    start_server: Any, open_page: Any, make_proxy: Any, size: str
+) -> None:
+    """A reader at the bottom who types five lines fast while others talk ends at the bottom,
+    the newest line on screen: the "not yet delivered" rows that come and go under the log
+    (for long on a slow network: here the server's answers are held a moment) do not leave
+    them behind."""
+    server = start_server("gunicorn")
+    proxy = make_proxy(server)
+    page = open_page(server, proxy.url, nick="alice", **SIZES[size])
+    bob = Talker(server, "bob")
+    for _ in range(40):
+        bob.say(f"line {bob.said}")
+    expect_last_line(page, "line 39")
+    assert_at_bottom(page)
+
+    stop = threading.Event()
+
+    def keep_talking() -> None:
+        while not stop.is_set():
+            bob.say(f"line {bob.said}")
+            time.sleep(0.01)
+
+    talking = threading.Thread(target=keep_talking)
+    talking.start()
+    try:
+        for i in range(5):
+            say(page, f"mine {i}")
+            if i == 2:  # the network slows down: acks and lines wait, the rows stay
+                proxy.hold("to_client")
+        expect(pending(page).filter(has_text="mine 4")).to_have_count(1)  # (held: waiting for its ack)
+        page.wait_for_timeout(200)
+        proxy.release("to_client")
+    finally:
+        stop.set()
+        talking.join()
+    bob.say("the last line")
+    with explained(page):
+        expect_last_line(page, "the last line")
+        expect(pending(page)).to_have_count(0)
+        expect(texts(page).filter(has_text=re.compile(r"^mine \d$"))).to_have_count(5)
+        assert_at_bottom(page)
+        expect(lines(page).last).to_be_in_viewport()
+
+
+def test_rooms_listing_follows_joins_without_a_refresh(start_server: Any, open_page: Any) -> None:
+    """The listing of rooms shows a room the reader just made, and a second member in the
+    lobby, within seconds and without a click on Refresh (the server's listing may be a
+    second old when asked right after a join)."""
+    server = start_server("gunicorn")
+    alice = open_page(server, nick="alice")
+    bob = open_page(server, nick="bob")
+
+    def count(page: Page, room: str) -> Locator:
+        return page.locator(f"#room-list li[data-room='{room}'] .count")
+
+    for page in (alice, bob):
+        expect(count(page, "lobby")).to_have_text("2 members", timeout=5000)
+    open_room(alice, "fresh")
+    expect(count(alice, "fresh")).to_have_text("1 member", timeout=5000)
+    open_room(bob, "fresh")
+    for page in (alice, bob):
+        expect(count(page, "fresh")).to_have_text("2 members", timeout=5000)
+    for page in (alice, bob):
+        assert len(sent_commands(page, "rooms")) <= 6, sent_commands(page, "rooms")  # a few, not a stream
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_status_and_notice_take_no_room_from_the_log(
+    start_server: Any, open_page: Any, make_proxy: Any, size: str
+) -> None:
+    """The header stays one line whatever the status says ("Reconnecting in N s…"), and an
+    empty notice takes no space: no band above the form, the newest line in view throughout."""
+    server = start_server("gunicorn")
+    proxy = make_proxy(server)
+    page = open_page(server, proxy.url, nick="alice", **SIZES[size])
+    bob = Talker(server, "bob")
+    for _ in range(40):
+        bob.say(f"line {bob.said}")
+    expect_last_line(page, "line 39")
+    header = page.locator("header").bounding_box()
+    assert header is not None
+
+    # Cut off: the status counts the seconds to the next try, on the header's one line.
+    proxy.down()
+    expect(page.locator("#status")).to_contain_text(re.compile(r"Reconnecting in \d+ s"))
+    frame_done(page)
+    now = page.locator("header").bounding_box()
+    assert now is not None and abs(now["height"] - header["height"]) <= 1, (header, now)
+    assert_at_bottom(page)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    status_title = page.locator("#status").get_attribute("title")
+    proxy.up()
+    wait_open(page, timeout=RECONNECT_TIMEOUT_MS)
+
+    # No notice: nothing between the rooms and the form.
+    notice, form, chat = (page.locator(s).bounding_box() for s in ("#notice", "#form", "#main"))
+    assert notice is not None and form is not None and chat is not None
+    assert notice["height"] == 0, notice
+    assert abs(chat["y"] + chat["height"] - form["y"]) <= 1, (chat, form)
+    assert_at_bottom(page)
+
+    # A notice takes its line, and the log keeps its newest line in view; then it goes again.
+    page.fill("#msg", "é" * 300)  # 600 bytes: over the limit
+    page.press("#msg", "Enter")
+    expect(page.locator("#notice")).to_contain_text("Message too long")
+    assert_at_bottom(page)
+    expect(page.locator("#notice")).to_have_text("", timeout=6000)
+    frame_done(page)
+    notice = page.locator("#notice").bounding_box()
+    assert notice is not None and notice["height"] == 0, notice
+    assert_at_bottom(page)
+    # A status cut short on the screen is there in full on hover.
+    assert status_title is not None and status_title.startswith("Reconnecting in"), status_title
+
+
+def test_links_are_clickable_for_http_and_https_only(start_server: Any, open_page: Any) -> None:
+    """http and https URLs in a line are links (a new tab, no opener, no referrer), without
+    the punctuation after them; javascript:, data: and the like stay text, and nothing in a
+    line becomes markup."""
+    server = start_server("gunicorn")
+    alice, bob = open_page(server, nick="alice"), open_page(server, nick="bob")
+    line = (
+        "see https://example.com/a_(b)?q=1#x. and (http://x.test/path), "
+        "not javascript:alert(1) nor data:text/html,hi nor xhttp://no.test nor javascript://x.test/%0aalert(1); "
+        '"https://quoted.test/", HTTPS://LOUD.TEST/!'
+    )
+    say(bob, line)
+    expect_last_line(alice, line)  # the text is the text, links and all
+    links = lines(alice).last.locator("a")
+    expect(links).to_have_text(
+        ["https://example.com/a_(b)?q=1#x", "http://x.test/path", "https://quoted.test/", "HTTPS://LOUD.TEST/"]
+    )
+    hrefs = [a.get_attribute("href") for a in links.all()]
+    assert hrefs == [
+        "https://example.com/a_(b)?q=1#x",
+        "http://x.test/path",
+        "https://quoted.test/",
+        "https://loud.test/",
+    ]
+    for a in links.all():
+        expect(a).to_have_attribute("target", "_blank")
+        expect(a).to_have_attribute("rel", "noopener noreferrer")
+    links.first.focus()  # by keyboard too
+    expect(links.first).to_be_focused()
+
+    payload = 'https://evil.test/"><img src=x onerror=window.__pwned=1> javascript:window.__pwned=2'
+    say(bob, payload)
+    expect_last_line(alice, payload)
+    expect(lines(alice).last.locator("a")).to_have_attribute("href", "https://evil.test/")
+    expect(alice.locator("#panels img")).to_have_count(0)
+    assert alice.evaluate("typeof window.__pwned") == "undefined"
+    assert_contrast(alice, ["#log-lobby .line a"])
+
+
+def test_mentions_are_highlighted_counted_and_put_in_the_title(start_server: Any, open_page: Any) -> None:
+    """A line naming the reader ("@alice", any case, not inside a longer word) is highlighted,
+    counted on its room's tab apart from the unread lines ("@1"), and while the page is hidden
+    in the title: "(2) #dev – Chat", until the page is shown again."""
+    server = start_server("gunicorn")
+    alice, bob = open_page(server, nick="alice"), open_page(server, nick="bob")
+    for text in ("hey @Alice, look", "mail bob@alice.test, or @alicette, or @alice.b", "(@alice)", "@alice-x"):
+        say(bob, text)
+        expect_last_line(alice, text)
+    expect(lines(alice)).to_have_class(
+        [re.compile(r"\bmention\b"), re.compile(r"^line msg$"), re.compile(r"\bmention\b"), re.compile(r"^line msg$")]
+    )
+    expect(lines(alice).first.locator("mark")).to_have_text("@Alice")
+    expect(bob.locator("#log-lobby .line.mention")).to_have_count(0)
+    say(alice, "I am @alice")  # one's own line: no highlight
+    expect_last_line(bob, "I am @alice")
+    expect(lines(alice).last).not_to_have_class(re.compile(r"\bmention\b"))
+    expect(alice).to_have_title("#lobby – Chat")
+
+    open_room(alice, "dev")
+    say(bob, "@ALICE are you there?")
+    expect(alice.locator("#tab-lobby .mentions")).to_have_text("@1")
+    say(bob, "no mention")
+    expect(alice.locator("#tab-lobby .badge")).to_have_text("2")
+    expect(alice.locator("#tab-lobby .mentions")).to_have_text("@1")
+    expect(alice).to_have_title("#dev – Chat")
+
+    set_hidden(alice, True)
+    say(bob, "@alice one")
+    expect(alice).to_have_title("(1) #dev – Chat")
+    say(bob, "still none")
+    say(bob, "@alice two")
+    expect(alice).to_have_title("(2) #dev – Chat")
+    expect(alice.locator("#tab-lobby .mentions")).to_have_text("@3")
+    expect(alice.locator("#tab-lobby .badge")).to_have_text("5")
+    set_hidden(alice, False)
+    expect(alice).to_have_title("#dev – Chat")
+
+    assert_contrast(
+        alice,
+        [
+            "#tab-lobby .mentions",
+            "#log-lobby .line.mention .text",
+            "#log-lobby .line.mention .nick",
+            "#log-lobby .line.mention time",
+        ],
+    )
+    show_room(alice, "lobby")
+    expect(alice.locator("#tab-lobby .mentions")).to_be_hidden()
+    expect(alice.locator("#tab-lobby .badge")).to_be_hidden()
+    expect(alice).to_have_title("#lobby – Chat")

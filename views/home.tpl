@@ -7,11 +7,11 @@
 <style>
   :root { color-scheme: light dark; --bg: #fff; --fg: #1b1b1b; --muted: #5f5f5f; --line: #d0d0d0;
           --panel: #f4f4f5; --accent: #2563eb; --on-accent: #fff; --nick: #1d4ed8; --own: #eef4ff;
-          --ok: #15803d; --warn: #b45309; --bad: #b91c1c; }
+          --ok: #15803d; --warn: #b45309; --bad: #b91c1c; --on-bad: #fff; --mention: #fff5cc; }
   @media (prefers-color-scheme: dark) {
     :root { --bg: #16171a; --fg: #e6e6e6; --muted: #a0a0a0; --line: #33353a;
             --panel: #1f2125; --accent: #60a5fa; --on-accent: #0b1220; --nick: #93c5fd; --own: #1c2433;
-            --ok: #4ade80; --warn: #fbbf24; --bad: #f87171; }
+            --ok: #4ade80; --warn: #fbbf24; --bad: #f87171; --on-bad: #1b1b1b; --mention: #3a3113; }
   }
   * { box-sizing: border-box; }
   [hidden] { display: none !important; }
@@ -27,11 +27,19 @@
   .visually-hidden { position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; overflow: hidden;
                      clip: rect(0 0 0 0); white-space: nowrap; border: 0; }
 
-  header { display: flex; flex-wrap: wrap; align-items: center; gap: .25em 1em; padding: .5em 1em;
+  /* One line, whatever the status says ("Reconnecting in 10 s…", a close's reason): a header
+     that wrapped would push the log down and hide half of its newest line on a phone. What does
+     not fit ends in an ellipsis (a screen reader reads the whole status all the same). */
+  header { display: flex; flex-wrap: nowrap; align-items: center; gap: 1em; padding: .5em 1em;
            border-bottom: 1px solid var(--line); background: var(--panel); }
-  h1 { font-size: 1.1em; margin: 0 auto 0 0; }
+  h1 { flex: none; font-size: 1.1em; margin: 0 auto 0 0; }
+  #me { display: flex; align-items: center; flex: 0 1 auto; min-width: 0; white-space: nowrap; }
+  #me .you-are { white-space: pre; }
+  #my-nick { min-width: 0; overflow: hidden; text-overflow: ellipsis; }
+  #me button, #me .role { flex: none; }
   #me button { padding: .1em .5em; font-size: .85em; margin-left: .3em; }
-  #status { font-size: .9em; color: var(--muted); }
+  #status { flex: 0 1 auto; min-width: 0; overflow: hidden; white-space: nowrap; text-overflow: ellipsis;
+            font-size: .9em; font-variant-numeric: tabular-nums; color: var(--muted); }
   body[data-state="open"] #status { color: var(--ok); }
   body[data-state="reconnecting"] #status { color: var(--warn); }
   body[data-state="closed"] #status { color: var(--bad); }
@@ -71,8 +79,10 @@
   .tab .close { padding: .45em .6em; }
   .tab:only-child .close { display: none; }
   .tab .note { margin-left: .3em; font-size: .8em; color: var(--bad); }
-  .badge { display: inline-block; min-width: 1.4em; padding: 0 .35em; margin-left: .3em; border-radius: 1em;
-           background: var(--accent); color: var(--on-accent); font-size: .8em; text-align: center; }
+  .badge, .mentions { display: inline-block; min-width: 1.4em; padding: 0 .35em; margin-left: .3em; border-radius: 1em;
+                      background: var(--accent); color: var(--on-accent); font-size: .8em; text-align: center; }
+  /* Lines that name the user: a badge of their own, another colour and an "@". */
+  .mentions { background: var(--bad); color: var(--on-bad); font-weight: 600; }
 
   /* Every open room is laid out, the inactive ones invisible: each log keeps its own scroll
      position, and the scroll rules below can measure it whether it is shown or not. */
@@ -81,11 +91,17 @@
           visibility: hidden; }
   .room.active { visibility: visible; }
   /* overflow-anchor:none: we do our own scroll management, the browser must not also do it. */
-  .log { grid-area: 1 / 1 / 2 / 2; min-height: 0; overflow-y: auto; overflow-anchor: none; padding: .5em 1em; }
+  /* The bottom padding is the typing line's place (below): it shows there without moving
+     the newest line, the form or anything else. */
+  .log { grid-area: 1 / 1 / 2 / 2; min-height: 0; overflow-y: auto; overflow-anchor: none; padding: .5em 1em 1.6em; }
   .line { white-space: pre-wrap; overflow-wrap: anywhere; padding: .1em .3em; border-left: 3px solid transparent; }
   .line time { color: var(--muted); font-size: .8em; font-variant-numeric: tabular-nums; }
   .line .nick { color: var(--nick); font-weight: 600; }
   .line.own { background: var(--own); border-left-color: var(--accent); }
+  .line.mention { background: var(--mention); border-left-color: var(--bad); }
+  .line mark { background: none; color: inherit; font-weight: 700; }
+  .line a { color: var(--accent); text-decoration: underline; text-underline-offset: .15em; }
+  .line a:focus-visible { outline: 2px solid var(--accent); outline-offset: 1px; }
   .line.sys { color: var(--muted); font-size: .85em; font-style: italic; }
   .line.gap { color: var(--warn); font-weight: 600; font-style: normal; margin: .3em 0;
               border-top: 1px dashed var(--warn); border-bottom: 1px dashed var(--warn); }
@@ -102,6 +118,14 @@
     .line .del { opacity: 0; }
     .line:hover .del, .line .del:focus-visible { opacity: 1; }
   }
+  /* "alice is typing…": over the log's bottom padding, under its newest line; as wide as its
+     text, so that the scroll bar and the lines above stay in reach (it takes no clicks). */
+  .typing { grid-area: 1 / 1 / 2 / 2; align-self: end; justify-self: start; z-index: 1; max-width: calc(100% - 2.5em);
+            margin: 0 1em .15em; padding: 0 .4em; overflow: hidden; white-space: nowrap; text-overflow: ellipsis;
+            border-radius: 6px; background: var(--bg); color: var(--muted); font-size: .85em; font-style: italic;
+            pointer-events: none; }
+  .typing:empty { display: none; }
+  .line.sys.start { text-align: center; margin-bottom: .3em; border-bottom: 1px solid var(--line); }
   .pending { grid-area: 2 / 1 / 3 / 2; list-style: none; margin: 0; padding: 0 1em; color: var(--muted); font-size: .9em; }
   .pending li { white-space: pre-wrap; overflow-wrap: anywhere; }
   .pending .state { font-style: italic; margin-left: .5em; }
@@ -119,7 +143,8 @@
                                         border: 1px solid var(--line); border-radius: 6px; padding: .3em .4em; }
   .mod-panel button { flex: 1 1 auto; padding: .3em .5em; }
 
-  #notice { min-height: 1.4em; padding: 0 1em; font-size: .85em; color: var(--bad); }
+  /* No band when there is nothing to say (the log keeps the height); the live region stays. */
+  #notice { padding: 0 1em; font-size: .85em; line-height: 1.6; color: var(--bad); }
   #form { display: flex; gap: .5em; padding: .5em 1em calc(.5em + env(safe-area-inset-bottom));
           border-top: 1px solid var(--line); background: var(--panel); }
   #msg { flex: 1 1 auto; padding: .5em .6em; }
@@ -130,7 +155,8 @@
     #side { flex: 0 0 auto; max-height: 50vh; border-right: 0; border-bottom: 1px solid var(--line); }
     .room { grid-template-columns: 1fr; grid-template-rows: auto 1fr auto; }
     .members { grid-area: 1 / 1 / 2 / 2; width: auto; max-height: 40vh; border-left: 0; border-bottom: 1px solid var(--line); }
-    .log { grid-area: 2 / 1 / 3 / 2; }
+    .log, .typing { grid-area: 2 / 1 / 3 / 2; }
+    #me .you-are { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); }
     .pending { grid-area: 3 / 1 / 4 / 2; }
   }
 </style>
@@ -138,7 +164,7 @@
 <body data-state="connecting">
 <header>
   <h1>Chat</h1>
-  <div id="me" hidden>You are <strong id="my-nick"></strong><span id="my-role" class="role" hidden>moderator</span><button type="button" id="change-nick">Change</button></div>
+  <div id="me" hidden><span class="you-are">You are </span><strong id="my-nick"></strong><span id="my-role" class="role" hidden>moderator</span><button type="button" id="change-nick">Change</button></div>
   <div id="status" role="status">Connecting…</div>
 </header>
 <form id="nick-form" autocomplete="off" hidden>
@@ -212,6 +238,12 @@
   var BOTTOM_TOLERANCE = 4;               // px: "at bottom" despite sub-pixel rounding
   var BASE_DELAY = 500, MAX_DELAY = 10000;
   var ROOMS_REFRESH = 30000;              // ms between `rooms` listings while connected
+  var ROOMS_AGAIN = 1200;                 // ms after a join: the server's listing may be a second old
+  var HISTORY_PAGE = 50;                  // older lines asked for at a time
+  var TOP_TRIGGER = 48;                   // px: this near the log's top, the older lines are asked for
+  var HISTORY_WAIT = 10000;               // ms: an older-lines request unanswered this long is given up
+  var TYPING_EVERY = 2000;                // ms: at most one `typing` per room this often (the server's rule)
+  var TYPING_SHOWN = 5000;                // ms: "… is typing" after the last `typing` from that person
   var NO_RETRY = { 1008: "policy violation", 1009: "message too big" };
   var TOKEN_EXPIRED = 4001, DISCONNECTED = 4003;   // close codes: get a new token; the app said go
   var HELLO_TRIES = 2;                    // new tokens fetched for one refused hello, then "sign in"
@@ -256,6 +288,12 @@
 
   var conn = null, welcomed = false, attempts = 0, stopped = false;
   var retryTimer = null, tickTimer = null, roomsTimer = null, noticeTimer = null;
+  var roomsAgain = null, roomsAsked = 0;  // the listing asked again after a join; when it was last asked
+  var lastJoined = 0;                     // when the last `joined` came
+  var legacy = false;                     // this server knows neither `typing` nor `history` (an older one)
+  var pace = null;                        // the server's rate limit as we count it (see `spare`), null: none
+  var mentionRe = null;                   // "@" + our nick, not inside a longer word (set by the welcome)
+  var hiddenMentions = 0;                 // lines naming us that came while the page was hidden
   var rooms = new Map();                  // name → room state, in tab order
   var active = null;                      // name of the room shown
   var outbox = [];                        // lines said but not yet acknowledged, oldest first
@@ -275,6 +313,7 @@
     // Test hook: connecting | open | reconnecting | closed | signed-out (token mode).
     document.body.dataset.state = state;
     statusEl.textContent = text;
+    statusEl.title = text;                 // the whole of it, when the header cuts it short
   }
 
   function showNotice(text) {
@@ -284,7 +323,41 @@
   }
 
   function send(command) {
-    if (conn && conn.readyState === WebSocket.OPEN) conn.send(JSON.stringify(command));
+    if (!conn || conn.readyState !== WebSocket.OPEN) return;
+    conn.send(JSON.stringify(command));
+    if (pace) take(pace);
+  }
+
+  // The server counts every command against limits.rate a second (bursts of twice that), and
+  // closes a connection going at twice the rate: hints (typing, a listing asked again, older
+  // lines) must never cost the user a line or the connection. We count as it does, and send a
+  // hint only while at least one command more would still be within the rate.
+  function startPace(rate) {
+    pace = rate ? { rate: rate, burst: 2 * rate, tokens: 2 * rate - 1, last: Date.now() } : null;   // (-1: the hello)
+  }
+
+  function refill(bucket) {
+    var now = Date.now();
+    bucket.tokens = Math.min(bucket.burst, bucket.tokens + (now - bucket.last) / 1000 * bucket.rate);
+    bucket.last = now;
+  }
+
+  function take(bucket) {
+    refill(bucket);
+    if (bucket.tokens >= 1) bucket.tokens -= 1;   // (a command over the rate is refused: it costs nothing)
+  }
+
+  function spare() {
+    if (!pace) return true;
+    refill(pace);
+    return pace.tokens >= 2;
+  }
+
+  // A hint, if the rate allows: whether it went.
+  function hint(command) {
+    if (!spare()) return false;
+    send(command);
+    return true;
   }
 
   function backoff(attempt) {
@@ -315,8 +388,17 @@
       failed: null,               // why the server refused to let us in (an error's message)
       removed: null,              // kicked | banned | forbidden: out until the user joins again
       members: new Map(),         // memberKey → {user, nick}
-      count: 0, unread: 0, carry: 0, retry: null,
-      modTarget: null, modPanel: null   // the member whose moderation controls are open, and they
+      count: 0, unread: 0, mentions: 0, carry: 0, retry: null,
+      modTarget: null, modPanel: null,  // the member whose moderation controls are open, and they
+      // Following the newest line: true while the reader is at the bottom (their scrolling says
+      // so, nothing else), and pinTop the scrollTop we last saw there. See "The log" below.
+      pinned: true, pinTop: 0,
+      // Older lines (the `history` command): the oldest seq of this epoch the log has, the line
+      // they go after (a new epoch's gap marker; null: the log's top), one request at a time.
+      oldest: null, historyAt: null, historyPending: false, historyDone: false, historyRetry: null, startLine: null,
+      hushed: null,               // the log's live region is quiet until this timer (older lines went in)
+      typers: new Map(),          // memberKey → {nick, timer}: who is typing here, oldest first
+      typingSent: 0               // when we last said `typing` here (ms)
     };
     var tab = document.createElement("div");
     tab.className = "tab";
@@ -331,10 +413,13 @@
     room.badge = document.createElement("span");
     room.badge.className = "badge";
     room.badge.hidden = true;
+    room.mentionBadge = document.createElement("span");
+    room.mentionBadge.className = "mentions";
+    room.mentionBadge.hidden = true;
     room.note = document.createElement("span");   // "removed", "banned": the tab says we are out
     room.note.className = "note";
     room.note.hidden = true;
-    select.append(room.badge, room.note);
+    select.append(room.badge, room.mentionBadge, room.note);
     select.addEventListener("click", function () { activate(name); });
     var close = document.createElement("button");
     close.type = "button";
@@ -358,6 +443,10 @@
     log.setAttribute("role", "log");
     log.setAttribute("aria-live", "polite");
     log.tabIndex = 0;                     // scrollable by keyboard
+    log.addEventListener("scroll", function () { scrolled(room); });
+    if (resized) resized.observe(log);    // whatever changes its height, a reader at the bottom stays there
+    var typing = document.createElement("div");
+    typing.className = "typing";
     var pending = document.createElement("ul");
     pending.className = "pending";
     pending.setAttribute("aria-label", "Not yet delivered");
@@ -371,9 +460,10 @@
     summary.appendChild(room.memberCount);
     room.memberList = document.createElement("ul");
     members.append(summary, room.memberList);
-    panel.append(log, pending, members);
+    panel.append(log, typing, pending, members);
     panelsEl.appendChild(panel);
-    Object.assign(room, { tab: tab, select: select, panel: panel, log: log, pendingList: pending, membersBox: members });
+    Object.assign(room, { tab: tab, select: select, panel: panel, log: log, typingLine: typing, pendingList: pending,
+                          membersBox: members });
     panel.classList.toggle("moderated", moderates(name));
     return room;
   }
@@ -389,10 +479,18 @@
     });
     room.unread = 0;
     room.badge.hidden = true;
+    room.mentions = 0;
+    room.mentionBadge.hidden = true;
     $("my-role").hidden = !moderates(name);
     $("my-role").title = "You moderate #" + name;
-    document.title = "#" + name + " – Chat";
+    updateTitle();
     if (location.hash !== "#" + name) history.replaceState(null, "", "#" + name);
+    loadOlderAtTop(room);                  // a log too short to scroll fills itself
+  }
+
+  // "#lobby – Chat"; while the page is hidden, "(2) #lobby – Chat": lines naming the user since.
+  function updateTitle() {
+    document.title = (hiddenMentions ? "(" + hiddenMentions + ") " : "") + (active ? "#" + active + " – " : "") + "Chat";
   }
 
   function closeRoom(name) {
@@ -400,6 +498,10 @@
     if (!room || rooms.size === 1) return;
     if (welcomed && !room.failed) send({ type: "leave", room: name });
     clearTimeout(room.retry);
+    clearTimeout(room.historyRetry);
+    clearTimeout(room.hushed);
+    clearTypers(room);
+    if (resized) resized.unobserve(room.log);
     outbox = outbox.filter(function (entry) {
       if (entry.room === name) clearTimeout(entry.timer);
       return entry.room !== name;
@@ -431,13 +533,58 @@
     roomInput.focus();
   }
 
-  // ---- The log: scroll rules and the line cap, as the v1 page had them, per room.
+  // ---- The log: scroll rules and the line cap, per room.
+  //
+  // A reader at the bottom follows the newest line; one who scrolled up stays where they are.
+  // "At the bottom" is what the reader's own scrolling said last (room.pinned), not what a
+  // measurement says when a line comes: the log also changes height with nobody scrolling
+  // (the "not yet delivered" row under it, a notice, a phone's keyboard), and a reader at the
+  // bottom must stay there through all of that. A ResizeObserver on each log puts them back
+  // after any such change; appendLine does after each line.
+
+  var resized = window.ResizeObserver ? new ResizeObserver(function (entries) {
+    entries.forEach(function (entry) {
+      var room = rooms.get(entry.target.parentNode.dataset.room);
+      if (room) stick(room);
+    });
+  }) : null;
+
+  function atBottom(log) {
+    return log.scrollHeight - log.scrollTop - log.clientHeight <= BOTTOM_TOLERANCE;
+  }
+
+  // Whether the reader follows the newest line. Only scrolling up leaves the bottom, and only
+  // that makes scrollTop smaller than where we last pinned it: a log grown shorter keeps its
+  // scrollTop, one grown taller is clamped to its (new) bottom, lines added below change nothing.
+  function following(room) {
+    var log = room.log;
+    if (atBottom(log)) room.pinned = true;
+    else if (log.scrollTop < room.pinTop - 1) room.pinned = false;
+    return room.pinned;
+  }
+
+  // To the bottom, if the reader follows.
+  function stick(room) {
+    if (!room.pinned) return;
+    var log = room.log;
+    log.scrollTop = log.scrollHeight;
+    room.pinTop = log.scrollTop;
+    room.carry = 0;
+  }
+
+  // The reader scrolled (or the log did, to the bottom or clamped): follow or not; at the top,
+  // the older lines.
+  function scrolled(room) {
+    if (following(room)) stick(room);
+    loadOlderAtTop(room);
+  }
 
   // Follow new lines only if the reader was already at the bottom (measured BEFORE
   // appending); if they scrolled up, leave their position alone.
   function appendLine(room, div) {
     var log = room.log;
-    var atBottom = log.scrollHeight - log.scrollTop - log.clientHeight <= BOTTOM_TOLERANCE;
+    var follow = following(room);
+    speak(room);                           // (after older lines came in quietly: this one is news)
     log.appendChild(div);
     // Cap the DOM; when the reader is scrolled up, shift scrollTop by the removed height so
     // the lines they are looking at don't jump. (Heights are fractional but scrollTop snaps
@@ -445,16 +592,72 @@
     var removed = 0;
     while (log.childNodes.length > MAX_LINES) {
       removed += log.firstChild.getBoundingClientRect().height;
+      forgotten(room, log.firstChild);
       log.removeChild(log.firstChild);
     }
-    if (atBottom) {
-      log.scrollTop = log.scrollHeight;
-      room.carry = 0;
+    if (follow) {
+      stick(room);
     } else if (removed) {
       var target = Math.max(0, log.scrollTop - removed + room.carry);
       log.scrollTop = target;
       room.carry = target - log.scrollTop;
     }
+  }
+
+  // A line the cap takes off the top: the log's history starts later now, and the older
+  // lines can be asked for again.
+  function forgotten(room, div) {
+    if (div === room.startLine) room.startLine = null;
+    if (div === room.historyAt) room.historyAt = null;
+    if (div.dataset.seq && div.dataset.epoch === room.epoch) {
+      room.oldest = Math.max(room.oldest, Number(div.dataset.seq) + 1);
+      room.historyDone = false;
+    }
+  }
+
+  // Older lines go above the ones shown (after a new epoch's marker: `historyAt`), and the
+  // reader's view does not move: the first line they can see stays where it is on the screen
+  // (overflow-anchor is off: we do it). A reader at the bottom stays at the bottom.
+  function prependLines(room, nodes) {
+    if (!nodes.length) return;
+    var log = room.log;
+    var follow = following(room);
+    var anchor = firstSeen(log);
+    var was = anchor ? anchor.getBoundingClientRect().top : 0;
+    var at = room.historyAt && room.historyAt.isConnected ? room.historyAt.nextSibling : log.firstChild;
+    var fragment = document.createDocumentFragment();
+    fragment.append.apply(fragment, nodes);
+    hush(room);
+    log.insertBefore(fragment, at);
+    if (follow) {
+      stick(room);
+    } else if (anchor) {
+      var target = log.scrollTop + anchor.getBoundingClientRect().top - was + room.carry;
+      log.scrollTop = target;
+      room.carry = target - log.scrollTop;
+    }
+  }
+
+  // The log is a live region: a screen reader reads what is added to it. Fifty older lines
+  // are not news: the region is quiet while they go in, and speaks again soon after.
+  function hush(room) {
+    room.log.setAttribute("aria-live", "off");
+    clearTimeout(room.hushed);
+    room.hushed = setTimeout(function () { speak(room); }, 1000);
+  }
+
+  function speak(room) {
+    if (room.log.getAttribute("aria-live") === "polite") return;
+    clearTimeout(room.hushed);
+    room.log.setAttribute("aria-live", "polite");
+  }
+
+  // The first line the reader can see (at least its bottom edge), or null.
+  function firstSeen(log) {
+    var top = log.getBoundingClientRect().top;
+    return Array.prototype.find.call(log.children, function (line) {
+      return line.getBoundingClientRect().bottom > top;
+    }) || null;
   }
 
   function sysLine(room, text, extra) {
@@ -504,16 +707,21 @@
   }
 
   // An event of the room's sequence (a line, a tombstone, a deletion), in order: show it.
-  function showEvent(room, ev) {
+  // isNew: live, or replayed after a reconnect (not the history a first join shows).
+  function showEvent(room, ev, isNew) {
     if (ev.type === "deleted") {
       removeLine(room, ev.epoch, ev.target, ev.by);
-    } else if (ev.text === null || ev.deleted) {
+    } else if (isTombstone(ev)) {
       // A tombstone (a deleted line, in a replay): nothing to show, but it counts.
     } else {
-      showMessage(room, ev);
+      showMessage(room, ev, isNew);
       return;
     }
     room.seq = ev.seq;
+  }
+
+  function isTombstone(ev) {
+    return ev.text === null || ev.deleted === true;
   }
 
   // A deleted line gives way to a quiet note in its place, so replies to it still make sense
@@ -531,10 +739,39 @@
     if (hadFocus) room.log.focus();       // not lost to the page's top
   }
 
-  // Only textContent, never HTML: what people type is shown as typed.
-  function showMessage(room, m) {
+  function showMessage(room, m, isNew) {
+    var div = messageLine(room, m);
+    appendLine(room, div);
+    room.seq = m.seq;
+    if (m.nick !== null) stopTyping(room, memberKey(m.user, m.nick));   // their line is here
+    if (room.name !== active) {
+      room.unread++;
+      room.badge.textContent = room.unread;
+      room.badge.hidden = false;
+    }
+    if (isNew && div.classList.contains("mention")) mentioned(room);
+  }
+
+  // A line naming the user: counted on its room's tab unless shown, and in the page's title
+  // while the page is hidden.
+  function mentioned(room) {
+    if (room.name !== active) {
+      room.mentions++;
+      room.mentionBadge.textContent = "@" + room.mentions;
+      room.mentionBadge.title = room.mentions === 1 ? "A line names you" : room.mentions + " lines name you";
+      room.mentionBadge.hidden = false;
+    }
+    if (document.hidden) {
+      hiddenMentions++;
+      updateTitle();
+    }
+  }
+
+  // Only textContent and DOM calls, never HTML: what people type is shown as typed.
+  function messageLine(room, m) {
+    var own = isOwn(m);
     var div = document.createElement("div");
-    div.className = "line msg" + (isOwn(m) ? " own" : "");
+    div.className = "line msg" + (own ? " own" : "");
     div.dataset.seq = m.seq;
     div.dataset.epoch = m.epoch;
     var when = new Date(m.time);
@@ -551,17 +788,91 @@
     }
     var text = document.createElement("span");
     text.className = "text";
-    text.textContent = m.text;
+    if (richText(text, m.text, !own)) div.classList.add("mention");
     div.append(text);
     // Token mode: delete, shown on one's own lines and, by the room's class, to its moderators.
     if (TOKEN_MODE) div.append(deleteButton(room, m, div));
-    appendLine(room, div);
-    room.seq = m.seq;
-    if (room.name !== active) {
-      room.unread++;
-      room.badge.textContent = room.unread;
-      room.badge.hidden = false;
+    return div;
+  }
+
+  // ---- Links and mentions in a line's text
+
+  var URL_RE = /https?:\/\/[^\s<>"]+/gi;
+  var WORD_CHAR = /[\p{L}\p{N}_]/u;
+  var TRAILING = ".,;:!?'\"*…“”‘’«»";       // punctuation after a URL is the sentence's
+
+  // The text as nodes into `parent`: a link for each http(s) URL, <mark> on "@us" (if
+  // `mentions`), text nodes for the rest. Returns whether it names us.
+  function richText(parent, text, mentions) {
+    var at = 0, named = false, match;
+    URL_RE.lastIndex = 0;
+    while ((match = URL_RE.exec(text)) !== null) {
+      var start = match.index;
+      if (start > 0 && WORD_CHAR.test(text.charAt(start - 1))) continue;   // "xhttp://…": a word
+      var url = trimUrl(match[0]);
+      var href = linkHref(url);
+      if (!href) continue;
+      named = addMentions(parent, text.slice(at, start), mentions) || named;
+      var a = document.createElement("a");
+      a.href = href;
+      a.textContent = url;
+      a.target = "_blank";
+      a.rel = "noopener noreferrer";      // the page opened gets no hold on this one, nor its address
+      parent.appendChild(a);
+      at = start + url.length;
+      URL_RE.lastIndex = at;              // what was trimmed off is text
     }
+    return addMentions(parent, text.slice(at), mentions) || named;
+  }
+
+  // "https://example.com/a_(b))." → "https://example.com/a_(b)": a closing bracket stays when
+  // the URL opened it.
+  function trimUrl(url) {
+    for (;;) {
+      var last = url.slice(-1);
+      if (TRAILING.indexOf(last) >= 0 || (last === ")" && unbalanced(url, "(", ")"))
+          || (last === "]" && unbalanced(url, "[", "]"))) {
+        url = url.slice(0, -1);
+      } else {
+        return url;
+      }
+    }
+  }
+
+  function unbalanced(url, open, close) {
+    return url.split(open).length < url.split(close).length;
+  }
+
+  // The address a link goes to: http and https only, with a host; null when it is no link.
+  function linkHref(text) {
+    var url;
+    try { url = new URL(text); } catch (e) { return null; }
+    return (url.protocol === "http:" || url.protocol === "https:") && url.hostname ? url.href : null;
+  }
+
+  // "@alice" names alice in any case, but not inside a longer word: not in "bob@alice",
+  // "@alice_2" or "@alice.b" (a nick may hold . and -), yes in "@Alice," or "(@alice)".
+  function mentionPattern(name) {
+    var escaped = name.replace(/[\^$\\.*+?()[\]{}|\/]/g, "\\$&");
+    return new RegExp("(^|[^\\p{L}\\p{N}_.-])(@" + escaped + ")(?![\\p{L}\\p{N}_]|[.-][\\p{L}\\p{N}_])", "giu");
+  }
+
+  function addMentions(parent, text, mentions) {
+    var at = 0, named = false, match;
+    if (mentions && mentionRe) {
+      mentionRe.lastIndex = 0;
+      while ((match = mentionRe.exec(text)) !== null) {
+        var start = match.index + match[1].length;
+        if (start > at) parent.append(text.slice(at, start));
+        var mark = document.createElement("mark");
+        mark.textContent = match[2];
+        parent.appendChild(mark);
+        at = start + match[2].length;
+        named = true;
+      }
+    }
+    if (text.length > at) parent.append(text.slice(at));
+    return named;
   }
 
   function deleteButton(room, m, div) {
@@ -577,6 +888,114 @@
       moderate({ type: "delete", room: room.name, seq: m.seq }, { button: button, div: div });
     });
     return button;
+  }
+
+  // ---- "… is typing"
+
+  // Said while the user types in the room shown, at most every TYPING_EVERY ms (the server
+  // passes on no more than that); deleting the draft says nothing.
+  function typed() {
+    var room = rooms.get(active);
+    if (!room || !welcomed || !room.joined || legacy || !msg.value.trim()) return;
+    var now = Date.now();
+    if (now - room.typingSent < TYPING_EVERY) return;
+    if (hint({ type: "typing", room: room.name })) room.typingSent = now;
+  }
+
+  // Someone is typing in a room: shown until TYPING_SHOWN after the last `typing` from them,
+  // their line, or their leaving.
+  function typingHeard(room, user, name) {
+    if (isMe({ user: user, nick: name })) return;
+    var key = memberKey(user, name);
+    var typer = room.typers.get(key) || { nick: name, timer: null };
+    clearTimeout(typer.timer);
+    typer.timer = setTimeout(function () { stopTyping(room, key); }, TYPING_SHOWN);
+    room.typers.set(key, typer);          // (a Map keeps the first place: shown in the order they began)
+    renderTyping(room);
+  }
+
+  function stopTyping(room, key) {
+    var typer = room.typers.get(key);
+    if (!typer) return;
+    clearTimeout(typer.timer);
+    room.typers.delete(key);
+    renderTyping(room);
+  }
+
+  function clearTypers(room) {
+    room.typers.forEach(function (typer) { clearTimeout(typer.timer); });
+    room.typers.clear();
+    renderTyping(room);
+  }
+
+  // "alice is typing…", "alice and bob are typing…", "alice, bob and carol are typing…",
+  // "alice, bob and 3 others are typing…". Empty: the line takes no space (CSS :empty).
+  function renderTyping(room) {
+    var names = Array.from(room.typers.values(), function (typer) { return typer.nick; });
+    var text = "";
+    if (names.length === 1) text = names[0] + " is typing…";
+    else if (names.length === 2) text = names[0] + " and " + names[1] + " are typing…";
+    else if (names.length === 3) text = names[0] + ", " + names[1] + " and " + names[2] + " are typing…";
+    else if (names.length > 3) text = names[0] + ", " + names[1] + " and " + (names.length - 2) + " others are typing…";
+    if (room.typingLine.textContent !== text) room.typingLine.textContent = text;
+  }
+
+  // ---- Older lines: asked for when the reader reaches the top of a log, a page at a time,
+  // one request per room in flight, until the server says it keeps no more.
+
+  function loadOlderAtTop(room) {
+    if (room.name !== active || !welcomed || !room.joined || legacy) return;
+    if (room.historyPending || room.historyDone || room.oldest === null || room.oldest <= 1) return;
+    if (room.log.scrollTop > TOP_TRIGGER) return;
+    clearTimeout(room.historyRetry);
+    if (!hint({ type: "history", room: room.name, before: room.oldest, limit: HISTORY_PAGE })) {
+      room.historyRetry = setTimeout(function () { loadOlderAtTop(room); }, 1000 / pace.rate);   // when it allows
+      return;
+    }
+    room.historyPending = true;
+    // An answer that never comes (an error that names no room, say) must not stop the paging.
+    room.historyRetry = setTimeout(function () { olderLinesFailed(room, true); }, HISTORY_WAIT);
+  }
+
+  // The answer: its lines go above the log's (oldest first, as a replay: tombstones show
+  // nothing, a deletion takes its line away); without `more`, the log starts here.
+  function olderLines(room, ev) {
+    if (!room.historyPending) return;     // not asked (a room closed and opened again meanwhile)
+    room.historyPending = false;
+    clearTimeout(room.historyRetry);
+    // Another history than the log's (the server lost it): rejoin, as for a live event of
+    // another epoch; the answer tells.
+    if (ev.epoch !== room.epoch) {
+      if (room.joined) join(room);
+      return;
+    }
+    var events = ev.messages.filter(function (m) { return m.seq < room.oldest; });
+    var nodes = [];
+    events.forEach(function (m) {
+      if (m.type === "deleted") {
+        nodes = nodes.filter(function (div) { return Number(div.dataset.seq) !== m.target; });
+      } else if (m.type === "message" && !isTombstone(m)) {
+        nodes.push(messageLine(room, m));
+      }
+    });
+    if (events.length) room.oldest = events[0].seq;
+    if (!ev.more || !events.length) {     // (nothing older and `more`: not asked again either)
+      room.historyDone = true;
+      room.startLine = document.createElement("div");
+      room.startLine.className = "line sys start";
+      room.startLine.textContent = "Start of the kept history of #" + room.name + ".";
+      nodes.unshift(room.startLine);
+    }
+    prependLines(room, nodes);
+    loadOlderAtTop(room);                  // still at the top (all tombstones, a short log): on
+  }
+
+  // An error answering our `history` (not_member, rate_limited, unavailable…): the next
+  // scroll to the top asks again; a busy server is asked again by itself, a little later.
+  function olderLinesFailed(room, retry) {
+    room.historyPending = false;
+    clearTimeout(room.historyRetry);
+    if (retry) room.historyRetry = setTimeout(function () { loadOlderAtTop(room); }, backoff(1));
   }
 
   // ---- Members
@@ -850,6 +1269,8 @@
     room.members = new Map();
     room.count = 0;
     renderMembers(room);
+    clearTypers(room);
+    room.historyPending = false;
     var line = sysLine(room, text, "removed");
     lineButton(line, "Join again", "Join #" + room.name + " again", function () { join(room); });
     outbox.forEach(function (entry) {
@@ -899,7 +1320,43 @@
     if (ev.epoch !== room.epoch) { join(room); return; }  // a new history: rejoin, be told
     if (ev.seq <= room.seq) return;                      // shown already
     if (ev.seq > room.seq + 1) { join(room); return; }   // a gap: ask for what is missing
-    showEvent(room, ev);
+    showEvent(room, ev, true);
+  }
+
+  // ---- The listing of rooms
+
+  function askRooms() {
+    roomsAsked = Date.now();
+    send({ type: "rooms" });
+  }
+
+  function askRoomsAgain() {
+    if (!roomsBox.open || !spare()) return;
+    askRooms();
+  }
+
+  // After a join the listing has changed (a room made, one more member): ask now, unless a
+  // listing was just asked for (the welcome's), and again when the server's listing, made at
+  // most once a second, has caught up. Only while the listing is open: opening it asks too.
+  function roomsAfterJoin() {
+    lastJoined = Date.now();
+    if (!roomsBox.open) return;
+    if (Date.now() - roomsAsked > 1000) askRoomsAgain();
+    clearTimeout(roomsAgain);
+    roomsAgain = setTimeout(askRoomsAgain, ROOMS_AGAIN);
+  }
+
+  // A room we are in counts its members as they come and go: its listed count follows.
+  function listCount(room) {
+    var li = roomList.querySelector("li[data-room='" + room.name + "']");   // (a room name needs no quoting)
+    if (li && room.joined) setCount(li.querySelector(".count"), room.count);
+  }
+
+  function setCount(count, members) {
+    var unit = document.createElement("span");
+    unit.className = "visually-hidden";
+    unit.textContent = members === 1 ? " member" : " members";
+    count.replaceChildren(String(members), unit);
   }
 
   var handlers = {
@@ -916,16 +1373,18 @@
       } else {
         store.set("chat.nick", nick);
       }
+      mentionRe = mentionPattern(nick);
       textLimit = ev.limits.text;
       roomLimit = ev.limits.rooms;
+      startPace(ev.limits.rate);
       $("my-nick").textContent = nick;
       $("me").hidden = false;
       setState("open", "Connected");
       notice.textContent = "";
       // A room we were put out of waits for the user's "Join again".
       rooms.forEach(function (room) { if (!room.removed) join(room); });
-      send({ type: "rooms" });
-      roomsTimer = setInterval(function () { send({ type: "rooms" }); }, ROOMS_REFRESH);
+      askRooms();
+      roomsTimer = setInterval(askRooms, ROOMS_REFRESH);
     },
 
     joined: function (ev) {
@@ -933,15 +1392,25 @@
       if (!room) return;                   // left before the answer came
       // A join with a position that could not be honoured (another epoch: the server lost its
       // history; or lines it no longer keeps) leaves a hole in this log: say so where it is.
+      var gap = null;
       if (room.epoch !== null && !ev.recovered) {
-        sysLine(room, "You may have missed messages here (the chat could not replay all of them).", "gap");
+        gap = sysLine(room, "You may have missed messages here (the chat could not replay all of them).", "gap");
       }
-      var sameEpoch = room.epoch === ev.epoch;
-      if (!sameEpoch) room.seq = 0;        // seqs count again from a new epoch
+      var rejoin = room.epoch !== null;    // what a rejoin brings came while we were away
+      if (room.epoch !== ev.epoch) {
+        room.seq = 0;                      // seqs count again from a new epoch
+        // Older lines of this epoch go at the top of the log, or after the marker: above it
+        // are lines of a history that is lost.
+        room.oldest = ev.messages.length ? ev.messages[0].seq : ev.seq + 1;
+        room.historyAt = gap;
+        room.historyDone = room.oldest <= 1;
+        room.historyPending = false;
+        clearTimeout(room.historyRetry);
+      }
       room.epoch = ev.epoch;
       // Lines, tombstones and deletions, as live: a deletion removes its line if shown here.
       ev.messages.forEach(function (m) {
-        if (m.seq > room.seq) showEvent(room, m);     // not shown yet (the replay may overlap)
+        if (m.seq > room.seq) showEvent(room, m, rejoin);   // not shown yet (the replay may overlap)
       });
       // Live messages continue from the room's latest seq, even if history showed less.
       room.seq = Math.max(room.seq, ev.seq);
@@ -954,6 +1423,9 @@
       }
       setMembers(room, ev);
       outbox.forEach(function (entry) { if (entry.room === room.name) sendEntry(entry); });
+      listCount(room);
+      roomsAfterJoin();
+      loadOlderAtTop(room);                // the reader waits at the top, or the log is too short to scroll
     },
 
     message: function (m) { sequenced(m); },
@@ -976,7 +1448,19 @@
         if (room.members.delete(key)) room.count = Math.max(0, room.count - 1);
       }
       renderMembers(room);
+      listCount(room);
+      if (ev.left) stopTyping(room, key);
       sysLine(room, who + (ev.joined ? " joined" : " left"));
+    },
+
+    typing: function (ev) {
+      var room = rooms.get(ev.room);
+      if (room && room.joined && typeof ev.nick === "string") typingHeard(room, ev.user === undefined ? null : ev.user, ev.nick);
+    },
+
+    history: function (ev) {
+      var room = rooms.get(ev.room);
+      if (room && Array.isArray(ev.messages)) olderLines(room, ev);
     },
 
     rooms: function (ev) {
@@ -990,11 +1474,7 @@
         name.textContent = "#" + r.room;
         var count = document.createElement("span");
         count.className = "count";
-        count.textContent = r.members;
-        var unit = document.createElement("span");
-        unit.className = "visually-hidden";
-        unit.textContent = r.members === 1 ? " member" : " members";
-        count.appendChild(unit);
+        setCount(count, r.members);
         button.append(name, count);
         button.addEventListener("click", function () { openRoom(r.room, true); foldRoomsOnPhone(); msg.focus(); });
         li.appendChild(button);
@@ -1040,6 +1520,19 @@
       }
       if (TOKEN_MODE && (ev.code === "bad_token" || ev.code === "token_expired")) {
         tokenRefused(ev);
+        return;
+      }
+      // A command this server does not know: of ours, only `typing` and `history` can be that
+      // (an older server: "unknown type", with no room and no ref). Neither is sent again on
+      // this connection, and there is nothing to tell the user.
+      if (ev.code === "bad_message" && !ev.room && ev.ref === undefined) {
+        legacy = true;
+        rooms.forEach(function (r) { r.historyPending = false; });
+        return;
+      }
+      // While we are in the room, an error naming it and no ref answers our `history`.
+      if (room && room.joined && room.historyPending && ev.ref === undefined) {
+        olderLinesFailed(room, retry);
         return;
       }
       if (ev.ref !== undefined) {          // it answers a say
@@ -1105,7 +1598,10 @@
   // Forget everything that belonged to the connection; keep the logs and the outbox.
   function disconnected() {
     welcomed = false;
+    legacy = false;                        // the next server may know more
+    pace = null;                           // (its welcome says its rate)
     clearInterval(roomsTimer);
+    clearTimeout(roomsAgain);
     clearTimeout(refreshTimer);
     refreshing = null;
     modPending.forEach(function (what) { if (what.button) setBusy(what.button, false); });
@@ -1114,6 +1610,9 @@
       room.joined = false;
       room.panel.dataset.joined = "no";
       clearTimeout(room.retry);
+      clearTimeout(room.historyRetry);
+      room.historyPending = false;         // unanswered: asked again once the room is rejoined
+      clearTypers(room);                   // who types is news of this connection
     });
     outbox.forEach(function (entry) {
       entry.sent = false;                  // unacknowledged: sent again on the next connection
@@ -1443,8 +1942,16 @@
     rooms.get(next).select.focus();
     e.preventDefault();
   });
-  $("refresh-rooms").addEventListener("click", function () { send({ type: "rooms" }); });
-  roomsBox.addEventListener("toggle", function () { if (roomsBox.open) send({ type: "rooms" }); });
+  $("refresh-rooms").addEventListener("click", askRooms);
+  roomsBox.addEventListener("toggle", function () {
+    if (!roomsBox.open) return;
+    askRooms();
+    // Opened right after a join (a phone folds it when a room is chosen): the listing may be a
+    // second old; ask again when it has caught up.
+    var since = Date.now() - lastJoined;
+    clearTimeout(roomsAgain);
+    if (since < ROOMS_AGAIN) roomsAgain = setTimeout(askRoomsAgain, ROOMS_AGAIN - since);
+  });
   window.addEventListener("hashchange", function () {
     var params = urlParams();
     if (params.token !== null) {
@@ -1457,6 +1964,14 @@
   });
 
   // ---- Saying something
+
+  msg.addEventListener("input", typed);
+  // Back to the page: the lines naming the user have been seen (the title counted them).
+  document.addEventListener("visibilitychange", function () {
+    if (document.hidden || !hiddenMentions) return;
+    hiddenMentions = 0;
+    updateTitle();
+  });
 
   form.addEventListener("submit", function (e) {
     e.preventDefault();
