@@ -1073,6 +1073,7 @@ class Hub:
         if asker not in self.peers or not asker.pending:
             return
         if isinstance(page, CommandError):
+            page.room = asker.oldest().room
             self._answer(asker, asker.oldest(), V2Codec.error(page))
         else:
             self._answer(asker, asker.oldest(), V2Codec.history(page.room, page.epoch, page.messages, page.more))

@@ -288,13 +288,14 @@ class RedisEngine:
         assert self._sink is not None
         self._sink.heard_here(room, text)
 
-    def _heard(self, room: str, message: ChatMessage, tag: str) -> None:
+    def _heard(self, room: str, heard: list[tuple[ChatMessage, str]]) -> None:
         follower = self._followers.get(room)
         if follower is None:
             return  # Nobody here any more (the unsubscription is on its way).
-        if tag and tag in self._shown_here:
-            message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
-        follower.heard(message)
+        for message, tag in heard:
+            if tag and tag in self._shown_here:
+                message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
+            follower.heard(message)
 
     def _published(self, batch: list[tuple[Line, str]], results: list[Any]) -> None:
         assert self._sink is not None
@@ -364,63 +365,83 @@ class RedisEngine:
             self._show_here(line.room, line.text, tag)
 
     def _publish(self, batch: list[tuple[Line, str]]) -> list[Any]:
-        """Run the publish script for each line, one round trip per Redis node; results in order."""
+        """Publish a batch: one script call per room, carrying all its lines in order, and one
+        round trip per Redis node (a pipeline of those calls); results in batch order."""
         link = self.link
+        by_room: dict[str, list[int]] = {}
+        for index, (line, _) in enumerate(batch):
+            by_room.setdefault(line.room, []).append(index)
+        rooms = list(by_room)
         results: list[Any] = [None] * len(batch)
-        for pipe, indexes in link.pipelines([line.room for line, _ in batch]):
-            for index in indexes:
-                line, tag = batch[index]
-                room = line.room
-                if line.ref is not None and line.session is not None:
-                    ref = f"ref:{line.session}\x00{line.ref}"
-                else:
-                    ref = "" if line.id else f"ref:\x00{self.worker}:{tag}"
-                link.script(
-                    pipe,
-                    "publish",
-                    [link.room_key(room, "meta"), link.room_key(room, "history"), link.room_key(room, ref or "ref"),
-                     link.room_key(room, f"mute:{line.user or ''}")],
-                    [new_epoch(), line.nick or "", line.text, self.recovery_window, self.room_ttl, link.channel(room),
-                     "1" if ref else "0", REF_TTL, self.worker, tag, line.user or ""],
-                )
-            for index, result in zip(indexes, pipe.execute()):
-                results[index] = result
+        for pipe, room_indexes in link.pipelines(rooms):
+            calls = [by_room[rooms[i]] for i in room_indexes]
+            for indexes in calls:
+                room = batch[indexes[0]][0].room
+                keys = [link.room_key(room, "meta"), link.room_key(room, "history")]
+                args: list[Any] = [new_epoch(), self.recovery_window, self.room_ttl, link.channel(room), REF_TTL,
+                                   self.worker]
+                for index in indexes:
+                    line, tag = batch[index]
+                    if line.ref is not None and line.session is not None:
+                        ref = f"ref:{line.session}\x00{line.ref}"
+                    else:
+                        ref = "" if line.id else f"ref:\x00{self.worker}:{tag}"
+                    keys += [link.room_key(room, ref or "ref"), link.room_key(room, f"mute:{line.user or ''}")]
+                    args += [line.nick or "", line.text, "1" if ref else "0", tag, line.user or ""]
+                link.script(pipe, "publish", keys, args)
+            for indexes, room_results in zip(calls, pipe.execute()):
+                for index, result in zip(indexes, room_results):
+                    results[index] = result
         return results
 
     # What the subscription readers hear.
 
-    def _heard_raw(self, channel: bytes, data: bytes) -> None:
+    def _heard_raw(self, heard: list[tuple[bytes, bytes]]) -> None:
+        """In a reader greenlet: what one read found, made sense of, goes to the hub in one
+        request (its lines taken in one burst)."""
+        actions = [self._made_sense(channel, data) for channel, data in heard]
+
+        def hear() -> None:
+            for action in actions:
+                action()
+
+        self._post(hear, lines=True)
+
+    def _made_sense(self, channel: bytes, data: bytes) -> Callable[[], None]:
+        """What the hub's greenlet is to do with one message of a channel."""
         kind, rest = data[:1], data[2:].decode()
         sink = self._sink
         assert sink is not None
         if kind == b"k":  # (on the control channel: a kick or ban)
             room, user, reason, until, words = rest.split("\n", 4)
             removal = Removal(room, user, reason, words or None, int(until) if until else None)
-            self._post(lambda: sink.removed(removal))
-            return
+            return lambda: sink.removed(removal)
         if kind == b"x":  # (on the control channel: the app's backend disconnects a user)
             user, reason = rest.split("\n", 1)
-            self._post(lambda: sink.disconnected(user, reason or None))
-            return
+            return lambda: sink.disconnected(user, reason or None)
         room = self.link.room_of(channel)
-        if kind == b"m":
-            epoch, seq, time, nick, user, worker, tag, text = rest.split("\n", 7)
+        if kind == b"m":  # lines said in the room: epoch, worker, count, then 6 fields a line
+            parts = rest.split("\n")
+            epoch, worker, count = parts[0], parts[1], int(parts[2])
             mine = worker == self.worker
-            origin = int(tag) if mine and tag.isdigit() else 0
-            message = ChatMessage(room, epoch, int(seq), int(time), nick or None, text, origin, user or None)
-            self._post(lambda: self._heard(room, message, tag if mine else ""), lines=True)
-        elif kind == b"d":
+            heard = []
+            for at in range(3, 3 + 6 * count, 6):
+                seq, time, nick, user, tag, text = parts[at : at + 6]
+                origin = int(tag) if mine and tag.isdigit() else 0
+                message = ChatMessage(room, epoch, int(seq), int(time), nick or None, text, origin, user or None)
+                heard.append((message, tag if mine else ""))
+            return lambda: self._heard(room, heard)
+        if kind == b"d":
             epoch, seq, time, nick, target = rest.split("\n", 4)
             deletion = ChatMessage(room, epoch, int(seq), int(time), nick or None, None, target=int(target))
-            self._post(lambda: self._heard(room, deletion, ""), lines=True)
-        elif kind == b"p":
+            return lambda: self._heard(room, [(deletion, "")])
+        if kind == b"p":
             version, change, key, nick = rest.split("\n", 3)
             presence = PresenceChange(room, int(version), change, self._member(key, nick))
-            self._post(lambda: self._presence_heard(presence), lines=True)
-        elif kind == b"t":
-            key, nick = rest.split("\n", 1)
-            member = self._member(key, nick)
-            self._post(lambda: sink.typed(room, member))
+            return lambda: self._presence_heard(presence)
+        key, nick = rest.split("\n", 1)  # b"t": a member is typing
+        member = self._member(key, nick)
+        return lambda: sink.typed(room, member)
 
     def _member(self, key: str, nick: str) -> Member:
         """A member as Redis names it: by user in token mode, by casefolded nick in open mode."""

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 _LUA = Path(__file__).resolve().parent / "lua"
 SCRIPTS = ("publish", "replay", "presence", "evict", "prune", "delete", "users", "page", "typing")
+# What a subscription read found: (channel, data) of each message.
+Heard = list[tuple[bytes, bytes]]
+# Messages the hub is handed from one read at most.
+READ_BATCH = 64
 # A Redis command that takes longer than this (s) counts as Redis being away.
 COMMAND_TIMEOUT = 1.0
 # What Redis being away looks like to redis-py.
@@ -48,9 +52,9 @@ class Backoff:
 class RedisLink:
     """One worker's way to Redis: commands, scripts and subscriptions."""
 
-    def __init__(self, url: str, cluster: bool, prefix: str, heard: Callable[[bytes, bytes], None]) -> None:
-        """heard(channel, data) is called, in a reader greenlet, for every message on a
-        subscribed shard channel. A malformed url raises ValueError."""
+    def __init__(self, url: str, cluster: bool, prefix: str, heard: Callable[[Heard], None]) -> None:
+        """heard([(channel, data), ...]) is called, in a reader greenlet, with the messages on
+        subscribed shard channels that one read found. A malformed url raises ValueError."""
         options = {"socket_timeout": COMMAND_TIMEOUT, "socket_connect_timeout": COMMAND_TIMEOUT}
         self.url = url
         self.cluster = cluster
@@ -118,7 +122,7 @@ class _Subscriptions:
     """The shard-channel subscriptions of one worker: one pub/sub connection and reader
     greenlet per Redis node (one for a single Redis; one per master on a cluster)."""
 
-    def __init__(self, link: RedisLink, heard: Callable[[bytes, bytes], None]) -> None:
+    def __init__(self, link: RedisLink, heard: Callable[[Heard], None]) -> None:
         self.link = link
         self.heard = heard
         # Node name -> its pub/sub.
@@ -179,10 +183,21 @@ class _Subscriptions:
             if message is None:
                 continue
             backoff.reset()
-            kind = message["type"]
-            if kind == "smessage":
-                self.heard(message["channel"], message["data"])
-            elif kind == "ssubscribe":
-                confirmed = self.channels.get(message["channel"])
-                if confirmed is not None:
-                    confirmed.set()
+            # What else has arrived goes along: the hub takes it all in one request.
+            heard = []
+            while message is not None:
+                kind = message["type"]
+                if kind == "smessage":
+                    heard.append((message["channel"], message["data"]))
+                elif kind == "ssubscribe":
+                    confirmed = self.channels.get(message["channel"])
+                    if confirmed is not None:
+                        confirmed.set()
+                if len(heard) >= READ_BATCH:
+                    break
+                try:
+                    message = pubsub.get_message(timeout=0.0)
+                except ERRORS:
+                    break  # (the next get_message finds out)
+            if heard:
+                self.heard(heard)

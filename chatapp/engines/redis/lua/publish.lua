@@ -1,48 +1,54 @@
--- One line said in a room: its seq, its time and its place in the room's history, atomically.
+-- Lines said in one room, in order: each gets its seq, its time and its place in the room's
+-- history, atomically; then one message on the room's channel carries them all (one script
+-- call and one delivery per batch, not per line: bench/README.md, "Through Redis").
 -- KEYS: 1 the room's meta (hash: epoch, seq, time), 2 its history (stream, ids "<seq>-0"),
---       3 the ref's key (string: the seq it got; ignored without a ref), 4 the speaker's mute
---       in the room
--- ARGV: 1 an epoch for a room that has none (new, or lost with Redis's data), 2 nick ("" for
---       a v1 line), 3 text, 4 lines to keep at least, 5 seconds a quiet room's keys live,
---       6 the room's shard channel, 7 "1" when there is a ref (a client's, or the worker's id
---       for a v1 line, so that a retried publish is no second line), 8 seconds a ref is
---       remembered, 9 the worker that said it, 10 that worker's id for the line, 11 the
---       speaker's user ("" for none)
--- Returns {epoch, seq, 1 when the ref had been published already (nothing new) else 0}, or
--- {"muted", until ("0": no end)}.
-if ARGV[11] ~= '' then
-  local muted = redis.call('GET', KEYS[4])
-  if muted then
-    return {'muted', muted}
-  end
-end
+--       then per line: the ref's key (string: the seq it got; ignored without a ref) and the
+--       speaker's mute in the room
+-- ARGV: 1 an epoch for a room that has none (new, or lost with Redis's data), 2 lines to keep
+--       at least, 3 seconds a quiet room's keys live, 4 the room's shard channel, 5 seconds a
+--       ref is remembered, 6 the worker that said them, then per line: nick ("" for a v1
+--       line), text, "1" when there is a ref (a client's, or the worker's id for a v1 line, so
+--       that a retried publish is no second line), the worker's id for the line, the speaker's
+--       user ("" for none)
+-- Returns per line {epoch, seq, 1 when the ref had been published already (nothing new) else
+-- 0}, or {"muted", until ("0": no end)}.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'time', 0)
 end
-if ARGV[7] == '1' then
-  local first = redis.call('GET', KEYS[3])
-  if first then
-    return {epoch, tonumber(first), 1}
-  end
-end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
--- Redis's clock, never running backwards within the room.
 local now = redis.call('TIME')
 local time = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local last = tonumber(redis.call('HGET', KEYS[1], 'time'))
 if time < last then time = last end
-redis.call('HSET', KEYS[1], 'time', time)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], seq .. '-0', 't', time, 'n', ARGV[2], 'x', ARGV[3],
-  'o', ARGV[9], 'l', ARGV[10], 'u', ARGV[11])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-if ARGV[7] == '1' then
-  redis.call('SET', KEYS[3], seq, 'EX', ARGV[8])
+local results, heard = {}, {}
+local lines = (#ARGV - 6) / 5
+for i = 1, lines do
+  local ref_key, mute_key = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local a = 6 + 5 * (i - 1)
+  local nick, text, has_ref, tag, user = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local muted = user ~= '' and redis.call('GET', mute_key)
+  local first = has_ref == '1' and redis.call('GET', ref_key)
+  if muted then
+    results[i] = {'muted', muted}
+  elseif first then
+    results[i] = {epoch, tonumber(first), 1}
+  else
+    local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 't', time, 'n', nick, 'x', text,
+      'o', ARGV[6], 'l', tag, 'u', user)
+    if has_ref == '1' then
+      redis.call('SET', ref_key, seq, 'EX', ARGV[5])
+    end
+    results[i] = {epoch, seq, 0}
+    -- Lines are one line each (no newline in a nick, a user or a text): the text goes last.
+    heard[#heard + 1] = seq .. '\n' .. time .. '\n' .. nick .. '\n' .. user .. '\n' .. tag .. '\n' .. text
+  end
 end
--- Lines are one line each (no newline in a nick, a user or a text): the text goes last.
-redis.call('SPUBLISH', ARGV[6],
-  'm\n' .. epoch .. '\n' .. seq .. '\n' .. time .. '\n' .. ARGV[2] .. '\n' .. ARGV[11] .. '\n' .. ARGV[9] .. '\n'
-  .. ARGV[10] .. '\n' .. ARGV[3])
-return {epoch, seq, 0}
+if #heard > 0 then
+  redis.call('HSET', KEYS[1], 'time', time)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('SPUBLISH', ARGV[4], 'm\n' .. epoch .. '\n' .. ARGV[6] .. '\n' .. #heard .. '\n' .. table.concat(heard, '\n'))
+end
+return results
