@@ -56,6 +56,7 @@ backlog still queued in the server); "gaps" are holes in a client's sequence
 from a sender (v2: and in its room's seq), i.e. messages the server dropped.
 """
 import argparse
+import http.client
 import json
 import os
 import resource
@@ -110,6 +111,9 @@ SERVER_ENV = {
     # Every client of the load generator comes from 127.0.0.1.
     "CHAT_MAX_CONNECTIONS_PER_IP": "1000000",
     "CHAT_CONNECT_RATE_PER_IP": "0",
+    # The server API, for scenario bapi's publisher; no rate limit, as for the clients.
+    "CHAT_API_KEY": "bench-api-key",
+    "CHAT_API_RATE": "0",
     **{k: v for k, v in os.environ.items() if k.startswith("CHAT_")},
 }
 SCENARIOS = {  # name -> (description, load generator flags)
@@ -136,6 +140,13 @@ SCENARIOS.update({
            {"clients": 1000, "senders": 10, "rate": 100, "v2": True}),
     "e2": ("5000 idle v2 clients in one room", {"clients": 5000, "senders": 0, "v2": True}),
 })
+# b with the app's backend beside it (not run by default): 200 POST /api/publish a second from
+# run.py on one keep-alive connection, into a room of no members (the API's own cost), then into
+# the lobby, where b's v1 clients are (the API's and its lines' fan-out: three times b's lines).
+SCENARIOS["bapi"] = ("b, and 200 API publishes/s into another room beside it",
+                     {"clients": 1000, "senders": 10, "rate": 100, "api": 200, "api_room": "builds"})
+SCENARIOS["bapi-lobby"] = ("b, and 200 API publishes/s into the lobby beside it",
+                           {"clients": 1000, "senders": 10, "rate": 100, "api": 200, "api_room": "lobby"})
 # Handshakes (not run by default): 32 in flight, each a dial, a v2 hello and its welcome, then a
 # reset. 32: enough that the worker never waits for the generator's next dial.
 SCENARIOS["hs"] = ("v2 handshakes: dial, hello, welcome, reset; 32 in flight",
@@ -183,8 +194,10 @@ def handshaking(scenario):
 
 def takes_part(server, scenario):
     """Whether a server runs a scenario: the v1 peers have no rooms, Socket.IO speaks no v1, token
-    mode refuses v1, and only ours and its variants run hs."""
+    mode refuses v1, only ours and its variants run hs, and only ours has a server API."""
     flags = SCENARIOS[scenario][1]
+    if flags.get("api"):
+        return server in V2_SERVERS - TOKEN_SERVERS
     if flags.get("handshakes"):
         return server in V2_SERVERS
     if flags.get("v2"):
@@ -358,6 +371,50 @@ def loadgen_flags(flags, server_name):
     return [f"-{key}" if value is True else f"-{key}={value}" for key, value in flags.items()]
 
 
+class ApiPublisher:
+    """POST /api/publish into a room at a steady rate on one keep-alive connection, in a thread,
+    until stopped: what the app's backend adds to a busy room. Keeps each request's latency."""
+
+    def __init__(self, port, rate, room):
+        self.port, self.interval, self.room = port, 1 / rate, room
+        self.latencies_ms, self.failures = [], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        headers = {"Authorization": f"Bearer {SERVER_ENV['CHAT_API_KEY']}", "Content-Type": "application/json"}
+        due, n = time.perf_counter(), 0
+        while not self._stop.is_set():
+            n += 1
+            body = json.dumps({"room": self.room, "nick": "backend", "text": f"build {n} passed"})
+            start = time.perf_counter()
+            try:
+                conn.request("POST", "/api/publish", body, headers)
+                response = conn.getresponse()
+                response.read()
+                if response.status == 200:
+                    self.latencies_ms.append(1000 * (time.perf_counter() - start))
+                else:
+                    self.failures += 1
+            except (OSError, http.client.HTTPException):
+                self.failures += 1
+                conn.close()
+            due += self.interval  # on a fixed schedule: a slow answer does not lower the rate
+            self._stop.wait(max(0.0, due - time.perf_counter()))
+        conn.close()
+
+    def stop(self):
+        """Stops, and returns the figures of the requests made."""
+        self._stop.set()
+        self._thread.join(15)
+        done = sorted(self.latencies_ms)
+        return {"api_publishes": len(done), "api_failures": self.failures,
+                "api_p50_ms": round(done[len(done) // 2], 2) if done else None,
+                "api_p99_ms": round(done[int(len(done) * 0.99)], 2) if done else None}
+
+
 def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
     """Runs one scenario against a fresh server (ours from the checkout repo); returns its result record.
 
@@ -371,19 +428,23 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
     if background > 10:
         print(f"# warning: {background:.0f}% of a core busy before starting: other load skews results",
               file=sys.stderr, flush=True)
-    server = Server(server_name, free_port(), repo)
+    server, publisher = Server(server_name, free_port(), repo), None
     try:
         cmd = ["taskset", "-c", "1", str(LOADGEN), "-json", f"-duration={duration}s",
                f"-url=ws://127.0.0.1:{server.port}{PATHS.get(server_name, '/ws')}",
                f"-origin=http://127.0.0.1:{server.port}"]
-        cmd += loadgen_flags(dict(flags), server_name)
+        cmd += loadgen_flags({k: v for k, v in flags.items() if not k.startswith("api")}, server_name)
         if server_name in TOKEN_SERVERS:
             cmd.append(f"-tokens={write_tokens(server_name, flags.get('concurrency') or flags['clients'])}")
         gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         timer = threading.Timer(duration + 180, gen.kill)
         timer.start()
-        marks, tail, spread, scraped = {}, [], None, []
+        marks, tail, spread, scraped, published = {}, [], None, [], {}
         for line in gen.stderr:  # "# sending" / "# sent" bracket the send phase
+            if line.strip() == "# sending" and flags.get("api"):
+                publisher = ApiPublisher(server.port, flags["api"], flags["api_room"])
+            if line.strip() == "# sent" and publisher:
+                published, publisher = publisher.stop(), None
             if line.strip() == "# sending" and len(server.workers) > 1:
                 spread = server.spread()
             if line.strip() == "# sending" and server.metrics:  # a scrape halfway, its cost in the figures
@@ -421,11 +482,14 @@ def run_one(server_name, scenario, duration, repo=REPO, wait_idle=0):
             result.update(redis_figures(redis0, redis1, t1 - t0, result))
         if spread:
             result["conns_per_worker"] = spread
+        result.update(published)
         if server.metrics:  # and counting: after the drain they count what the load generator got
             result["metrics_scrape_ms"] = scraped[0][0] if scraped else None
             result["metrics_deliveries"] = scrape(server.port)[1]
         return result
     finally:
+        if publisher:
+            publisher.stop()
         server.stop()
 
 
@@ -515,6 +579,9 @@ def print_table(results, ratio_rows):
             print(f"{r['scenario']} {r['server']}: GET /metrics took {r['metrics_scrape_ms']} ms under load; "
                   f"after the drain chat_deliveries_total {r['metrics_deliveries']} (the load generator got"
                   f" {r['delivered']} plus the probes)")
+        if "api_publishes" in r:
+            print(f"{r['scenario']} {r['server']}: {r['api_publishes']} API publishes beside the clients"
+                  f" ({r['api_failures']} failed), p50 {r['api_p50_ms']} ms, p99 {r['api_p99_ms']} ms")
         if "redis_cpu_pct" in r:
             print(f"{r['scenario']} {r['server']}: redis-server CPU {r['redis_cpu_pct']}% "
                   f"({r['redis_cpu_us_per_line']} us/line); bytes per delivery in {r['redis_in_bytes_per_delivery']}"
