@@ -45,7 +45,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from itertools import count
-from time import monotonic, time_ns
+from time import monotonic, time, time_ns
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -67,8 +67,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Seconds a ref is remembered (docs/protocol.md).
-REF_TTL = 120
+# A ref is remembered for the rest of the period in which it was said and the whole next one:
+# at least REF_PERIOD seconds (docs/protocol.md), in one hash per room and period.
+REF_PERIOD = 120
 # Heartbeat period, and the silence after which a worker counts as dead (seconds): its members
 # leave for everyone else within WORKER_TIMEOUT + HEARTBEAT.
 HEARTBEAT = 5.0
@@ -299,19 +300,18 @@ class RedisEngine:
 
     def _published(self, batch: list[tuple[Line, str]], results: list[Any]) -> None:
         assert self._sink is not None
-        for (line, _), result in zip(batch, results):
+        for (line, _), (epoch, result) in zip(batch, results):
             if not line.id:
                 continue
-            if result[0] == b"muted":
-                until = int(result[1]) or None
+            if not isinstance(result, int):  # b"muted <until>"
+                until = int(result.split()[1]) or None
                 self._sink.settled(line.id, CommandError("muted", f"you are muted in {line.room}", until=until))
                 continue
-            epoch, seq, repeated = result[0].decode(), int(result[1]), result[2]
             follower = self._followers.get(line.room)
-            if repeated or follower is None:
-                self._sink.settled(line.id, (epoch, seq))  # (a line of a room nobody here is in: the API's)
+            if result < 0 or follower is None:  # (repeated; or a line of a room nobody here is in: the API's)
+                self._sink.settled(line.id, (epoch.decode(), abs(result)))
             else:
-                follower.published(line.id, epoch, seq)
+                follower.published(line.id, epoch.decode(), result)
 
     def _redis_back(self) -> None:
         """Redis answers again, or lost its data: say again who is here, room by room, and
@@ -377,21 +377,26 @@ class RedisEngine:
             calls = [by_room[rooms[i]] for i in room_indexes]
             for indexes in calls:
                 room = batch[indexes[0]][0].room
-                keys = [link.room_key(room, "meta"), link.room_key(room, "history")]
-                args: list[Any] = [new_epoch(), self.recovery_window, self.room_ttl, link.channel(room), REF_TTL,
-                                   self.worker]
+                period = int(time() // REF_PERIOD)
+                keys = [link.room_key(room, "meta"), link.room_key(room, "history"),
+                        link.room_key(room, f"refs:{period}"), link.room_key(room, f"refs:{period - 1}")]
+                args: list[Any] = [new_epoch(), self.recovery_window, self.room_ttl, link.channel(room),
+                                   2 * REF_PERIOD, self.worker]
+                mutes: dict[str, int] = {}  # user -> the index of their mute key, from 1
                 for index in indexes:
                     line, tag = batch[index]
                     if line.ref is not None and line.session is not None:
-                        ref = f"ref:{line.session}\x00{line.ref}"
+                        ref = f"{line.session}\x00{line.ref}"
                     else:
-                        ref = "" if line.id else f"ref:\x00{self.worker}:{tag}"
-                    keys += [link.room_key(room, ref or "ref"), link.room_key(room, f"mute:{line.user or ''}")]
-                    args += [line.nick or "", line.text, "1" if ref else "0", tag, line.user or ""]
+                        ref = "" if line.id else f"\x00{self.worker}:{tag}"
+                    user = line.user or ""
+                    mute = mutes.setdefault(user, len(mutes) + 1) if user else 0
+                    args.append(f"{mute}\n{line.nick or ''}\n{user}\n{tag}\n{line.text}\n{ref}")
+                keys += [link.room_key(room, f"mute:{user}") for user in mutes]
                 link.script(pipe, "publish", keys, args)
-            for indexes, room_results in zip(calls, pipe.execute()):
+            for indexes, (epoch, *room_results) in zip(calls, pipe.execute()):
                 for index, result in zip(indexes, room_results):
-                    results[index] = result
+                    results[index] = (epoch, result)
         return results
 
     # What the subscription readers hear.

@@ -1,52 +1,95 @@
 -- Lines said in one room, in order: each gets its seq, its time and its place in the room's
 -- history, atomically; then one message on the room's channel carries them all (one script
--- call and one delivery per batch, not per line: bench/README.md, "Through Redis").
+-- call and one delivery per batch, not per line: bench/README.md, "Through Redis"). A new
+-- line costs one command (its XADD); the refs of the whole batch are looked up with two
+-- HMGETs and remembered with one HSET.
 -- KEYS: 1 the room's meta (hash: epoch, seq, time), 2 its history (stream, ids "<seq>-0"),
---       then per line: the ref's key (string: the seq it got; ignored without a ref) and the
---       speaker's mute in the room
+--       3 the refs said in this period (hash: ref -> the seq it got), 4 those of the period
+--       before, then the mute key of each user who speaks in the batch
 -- ARGV: 1 an epoch for a room that has none (new, or lost with Redis's data), 2 lines to keep
 --       at least, 3 seconds a quiet room's keys live, 4 the room's shard channel, 5 seconds a
---       ref is remembered, 6 the worker that said them, then per line: nick ("" for a v1
---       line), text, "1" when there is a ref (a client's, or the worker's id for a v1 line, so
---       that a retried publish is no second line), the worker's id for the line, the speaker's
---       user ("" for none)
--- Returns per line {epoch, seq, 1 when the ref had been published already (nothing new) else
--- 0}, or {"muted", until ("0": no end)}.
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
+--       period's refs live, 6 the worker that said them, then per line one argument of six
+--       fields, a newline after each but the last: the index of its user's mute key among the
+--       mute keys (0: no user), nick ("" for a v1 line), user, the worker's id for the line,
+--       text, ref ("" for none: a client's session and ref, or the worker's id for a v1 line,
+--       so that a retried publish is no second line; the only field that may hold a newline)
+-- Returns {epoch, then per line: its seq; minus the seq when the ref had been published
+-- already (nothing new); or "muted <until>" ("0": no end)}.
+local lines = #ARGV - 6
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'time')
+local epoch, seq, last = meta[1], tonumber(meta[2]), tonumber(meta[3])
 if not epoch then
-  epoch = ARGV[1]
+  epoch, seq, last = ARGV[1], 0, 0
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'time', 0)
 end
 local now = redis.call('TIME')
 local time = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local last = tonumber(redis.call('HGET', KEYS[1], 'time'))
 if time < last then time = last end
-local results, heard = {}, {}
-local lines = (#ARGV - 6) / 5
+-- (Lua's numbers are doubles: each turned into a string is a printf, so each is turned once)
+local time_s = tostring(time)
+
+-- Each line's fields, found with plain finds (a pattern would walk the text a character at a
+-- time), and nick to text as one piece, as the channel's message carries them.
+local said, refs = {}, {}
 for i = 1, lines do
-  local ref_key, mute_key = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  local a = 6 + 5 * (i - 1)
-  local nick, text, has_ref, tag, user = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local muted = user ~= '' and redis.call('GET', mute_key)
-  local first = has_ref == '1' and redis.call('GET', ref_key)
-  if muted then
-    results[i] = {'muted', muted}
-  elseif first then
-    results[i] = {epoch, tonumber(first), 1}
-  else
-    local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 't', time, 'n', nick, 'x', text,
-      'o', ARGV[6], 'l', tag, 'u', user)
-    if has_ref == '1' then
-      redis.call('SET', ref_key, seq, 'EX', ARGV[5])
+  local s = ARGV[6 + i]
+  local a = string.find(s, '\n', 1, true)
+  local b = string.find(s, '\n', a + 1, true)
+  local c = string.find(s, '\n', b + 1, true)
+  local d = string.find(s, '\n', c + 1, true)
+  local e = string.find(s, '\n', d + 1, true)
+  local line = {string.sub(s, 1, a - 1), string.sub(s, a + 1, b - 1), string.sub(s, b + 1, c - 1),
+    string.sub(s, c + 1, d - 1), string.sub(s, d + 1, e - 1), string.sub(s, e + 1), string.sub(s, a + 1, e - 1)}
+  said[i] = line
+  if line[6] ~= '' then refs[#refs + 1] = line[6] end
+end
+-- ref -> the seq it got, in either period (the later one first)
+local known = {}
+if #refs > 0 then
+  for k = 4, 3, -1 do
+    local seqs = redis.call('HMGET', KEYS[k], unpack(refs))
+    for j, ref in ipairs(refs) do
+      if seqs[j] then known[ref] = seqs[j] end
     end
-    results[i] = {epoch, seq, 0}
-    -- Lines are one line each (no newline in a nick, a user or a text): the text goes last.
-    heard[#heard + 1] = seq .. '\n' .. time .. '\n' .. nick .. '\n' .. user .. '\n' .. tag .. '\n' .. text
   end
 end
+
+local results, heard, remembered, mutes = {epoch}, {}, {}, {}
+for i, line in ipairs(said) do
+  local mute, nick, user, tag, text, ref = line[1], line[2], line[3], line[4], line[5], line[6]
+  local muted = false
+  if mute ~= '0' then
+    muted = mutes[mute]
+    if muted == nil then
+      muted = redis.call('GET', KEYS[4 + tonumber(mute)])
+      mutes[mute] = muted
+    end
+  end
+  if muted then
+    results[i + 1] = 'muted ' .. muted
+  elseif ref ~= '' and known[ref] then
+    results[i + 1] = -tonumber(known[ref])
+  else
+    seq = seq + 1
+    local seq_s = tostring(seq)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq_s .. '-0', 't', time_s, 'n', nick, 'x', text,
+      'o', ARGV[6], 'l', tag, 'u', user)
+    results[i + 1] = seq
+    if ref ~= '' then
+      known[ref] = seq_s
+      remembered[#remembered + 1] = ref
+      remembered[#remembered + 1] = seq_s
+    end
+    -- Lines are one line each (no newline in a nick, a user or a text): the text goes last.
+    heard[#heard + 1] = seq_s .. '\n' .. time_s .. '\n' .. line[7]
+  end
+end
+if #remembered > 0 then
+  redis.call('HSET', KEYS[3], unpack(remembered))
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+end
 if #heard > 0 then
-  redis.call('HSET', KEYS[1], 'time', time)
+  redis.call('HSET', KEYS[1], 'seq', tostring(seq), 'time', time_s)
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
   redis.call('SPUBLISH', ARGV[4], 'm\n' .. epoch .. '\n' .. ARGV[6] .. '\n' .. #heard .. '\n' .. table.concat(heard, '\n'))
