@@ -357,8 +357,8 @@ class LateEngine(MemoryEngine):
     """The in-process engine, but its lines and join answers wait until released (as through
     Redis, where each is a round trip)."""
 
-    def __init__(self) -> None:
-        super().__init__(history=3, recovery_window=10, max_rooms=100, history_bytes=1 << 20)
+    def __init__(self, history: int = 3) -> None:
+        super().__init__(history=history, recovery_window=10, max_rooms=100, history_bytes=1 << 20)
         self.held: list[Callable[[], None]] = []
         self.hub: Hub | None = None
 
@@ -407,6 +407,60 @@ def test_answers_wait_behind_an_unanswered_command() -> None:
             ("ack", "r0"), ("message", "line 0"), ("ack", "r1"), ("message", "line 1"),
             ("ack", "r2"), ("message", "line 2"), ("joined", "coffee"), ("error", "x"), ("rooms", None),
         ]
+    finally:
+        hub.stop()
+
+
+@pytest.mark.parametrize("history", [0, 3])
+def test_lines_said_while_a_join_is_answered_reach_the_joiner_once(history: int) -> None:
+    """Through Redis a join's answer is read after the lines said meanwhile: its seq counts them,
+    its history (none with CHAT_HISTORY=0) need not hold them, and the room's fan-out passed the
+    joiner by. The joiner still gets each once, in order: v1 and v2, fresh or with since."""
+    engine = LateEngine(history=history)
+    hub = engine.hub = watched(Hub(engine, inbox_size=64))
+    hub.start()
+    try:
+        alice, bob = client(nick="alice", session="a"), client(nick="bob", session="b")
+        registered(hub, alice, bob)
+        for peer in (alice, bob):
+            hub.command(peer, Join("lobby", None))
+        settle(hub)
+        engine.release()
+        settle(hub)
+        say(hub, alice, "before", ref="r0")
+        settle(hub)
+        engine.release()
+        settle(hub)
+        # Bob joins again saying it has the next line too (it heard it through another worker).
+        bob_was = [e for e in events(bob) if e["type"] == "message"][-1]
+        hub.command(bob, Join("lobby", Position(bob_was["epoch"], bob_was["seq"] + 1)))
+        old = client()
+        hub.register(old)  # (a v1 client joins the lobby)
+        carol = client(nick="carol", session="c")
+        registered(hub, carol)
+        hub.command(carol, Join("lobby", None))
+        settle(hub)
+        say(hub, alice, "meanwhile", ref="r1")
+        settle(hub)
+        joins, engine.held = engine.held[:-1], engine.held[-1:]
+        engine.release()  # the line first: the joins' answers are read after it
+        settle(hub)
+        engine.held = joins
+        engine.release()
+        settle(hub)
+        say(hub, alice, "after", ref="r2")
+        settle(hub)
+        engine.release()
+        settle(hub)
+        assert texts(old)[-2:] == ["alice: meanwhile", "alice: after"]
+        assert texts(old).count("alice: meanwhile") == 1
+
+        def lines(peer: Peer) -> list[str]:
+            return [m["text"] for e in events(peer) if e["type"] in ("message", "joined")
+                    for m in (e["messages"] if e["type"] == "joined" else [e])]
+
+        assert lines(carol)[-2:] == ["meanwhile", "after"] and lines(carol).count("meanwhile") == 1
+        assert lines(bob)[-2:] == ["before", "after"]  # its own copy had "meanwhile" already
     finally:
         hub.stop()
 

@@ -601,7 +601,7 @@ class Hub:
         if room is None:
             room = self.rooms[name] = Room(name)
         self._exit(room, peer)  # Joining again: nothing live until the fresh `joined`.
-        room.joining[peer] = Joining()
+        room.joining[peer] = Joining(join.since)
         peer.rooms.add(name)
         peer.pend(Pending(name))
         self.engine.join(peer, name, join.since, peer.member if fresh else None)
@@ -636,9 +636,7 @@ class Hub:
                 del self.rooms[room.name]
             self._answer(peer, pending, V2Codec.error(answer) if peer.v2 else b"", 1 if peer.v2 else 0)
             return
-        # The answer, then what the room delivered here since (each line once: the answer
-        # holds none after its seq, and the room has arrived here up to at least that seq).
-        messages = answer.messages + [m for m in joining.lines if m.seq > answer.seq and m.epoch == answer.epoch]
+        messages = _with_lines_meanwhile(answer, joining)
         seq = max(answer.seq, messages[-1].seq) if messages else answer.seq
         self._enter_room(room, peer)
         if peer.v2:
@@ -1135,6 +1133,19 @@ def _current(entry: tuple[float, int, Peer, float, bool], peers: set[Peer]) -> b
 def _refusal(error: CommandError) -> dict[str, object]:
     """A refusal as the server API answers it."""
     return {"error": error.code, "message": error.message, **error.fields}
+
+
+def _with_lines_meanwhile(answer: JoinAnswer, joining: Joining) -> list[ChatMessage]:
+    """The answer's lines and those the room delivered here while it was on its way, each once,
+    in seq order. Through Redis the answer is read after lines said meanwhile: its seq counts
+    them but its history (CHAT_HISTORY newest, maybe none) need not hold them, and the room's
+    fan-out passed the joiner by; lines the joiner said it has are not given again."""
+    has = joining.since.seq if joining.since is not None and joining.since.epoch == answer.epoch else 0
+    given = {message.seq for message in answer.messages}
+    missed = [m for m in joining.lines if m.epoch == answer.epoch and m.seq > has and m.seq not in given]
+    if not missed:
+        return answer.messages
+    return sorted([*answer.messages, *missed], key=lambda message: message.seq)
 
 
 def _members_now(answer: JoinAnswer, changes: list[PresenceChange]) -> tuple[list[Member], int]:

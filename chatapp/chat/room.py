@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .commands import Position
 from .message import ChatMessage
 from .presence import PresenceChange
 
@@ -18,8 +19,10 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Joining:
     """A join the engine has yet to answer: the lines and presence changes the room heard
-    meanwhile, to add to the answer (so that none is missed or sent twice at the seam)."""
+    meanwhile, to add to the answer (so that none is missed or sent twice at the seam), and
+    where the joiner said its copy of the room ends (None: it has nothing)."""
 
+    since: Position | None = None
     lines: list[ChatMessage] = field(default_factory=list)
     changes: list[PresenceChange] = field(default_factory=list)
 
