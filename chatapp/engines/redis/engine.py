@@ -5,7 +5,8 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
 
     {chat:tea}:meta         hash: epoch, seq, time
     {chat:tea}:history      stream of lines, ids "<seq>-0" (trimmed to the recovery window)
-    {chat:tea}:ref:<s>:<r>  the seq a session's ref got       (two minutes)
+    {chat:tea}:refs:<n>     session NUL ref -> the seq it got, for refs said in the
+                            n-th two-minute period (kept two periods)
     {chat:tea}:owners       casefolded nick -> session TAB nick
     {chat:tea}:totals       casefolded nick -> connections in all workers
     {chat:tea}:sorted       the member list, sorted
