@@ -9,8 +9,16 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import gevent
+import redis
 import websocket
 from support import connect, wait_until
+
+from chatapp.chat.engine import Line
+from chatapp.config import Config
+from chatapp.engines.redis.engine import RedisEngine
+from chatapp.engines.redis.link import RedisLink
+from chatapp.metrics import NoMetrics
 
 
 def health(server) -> tuple[int, dict]:  # type: ignore[no-untyped-def,type-arg]
@@ -124,6 +132,101 @@ def test_redis_outage_and_return(start_server, redis_server) -> None:  # type: i
     b1.send("after")
     assert [c.recv() for c in (a1, a2, b1)] == ["after"] * 3
     assert a.log().count("Redis unavailable") == 1  # logged once per outage
+
+
+def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Redis fails while a v1 line waits for it, and the heartbeat notices before the publisher
+    does: this worker's v1 clients still hear every line at once, once, in the order said (the
+    line waiting first); back, Redis gets them all in that order. (The engine in this process,
+    its publisher greenlet running, the hub's side called as the hub would.)"""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.shown: list[str] = []
+            self.calls = 0
+
+        def call(self, action, lines: bool = False) -> None:  # type: ignore[no-untyped-def]
+            self.calls += 1
+            action()
+
+        def heard_here(self, room: str, text: str) -> None:
+            self.shown.append(text)
+
+        def settled(self, line_id: int, outcome: object) -> None:
+            raise AssertionError("no v2 line here")
+
+    engine = RedisEngine(Config(redis_url=redis_server.url), NoMetrics())
+    engine._sink = sink = Sink()  # type: ignore[assignment]
+    publisher = gevent.spawn(engine._publish_forever)
+    try:
+        redis_server.stop()
+        engine.publish(Line(0, "lobby", None, None, None, "one"))  # (the publisher has not run yet)
+        engine._went_down(redis.ConnectionError("the heartbeat found Redis gone"))
+        engine.publish(Line(0, "lobby", None, None, None, "two"))
+        assert sink.shown == ["one", "two"]
+        deadline = time.monotonic() + 10
+        while not sink.calls:  # the publisher's own attempt fails: it shows nothing again
+            assert time.monotonic() < deadline, "the publisher never tried"
+            gevent.sleep(0.01)
+        engine.publish(Line(0, "lobby", None, None, None, "three"))
+        assert sink.shown == ["one", "two", "three"]
+
+        redis_server.start()
+        history = redis.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + 20
+        while history.xlen("{chat:lobby}:history") < 3:
+            assert time.monotonic() < deadline, "the lines never reached Redis"
+            gevent.sleep(0.05)
+        assert [f[b"x"] for _, f in history.xrange("{chat:lobby}:history")] == [b"one", b"two", b"three"]
+        assert sink.shown == ["one", "two", "three"]
+    finally:
+        publisher.kill()
+
+
+def test_a_garbled_subscription_is_started_afresh_and_its_reader_goes_on() -> None:
+    """A reply the parser cannot read on a pub/sub connection (seen with hiredis under load)
+    counts as Redis failing: the connection is dropped, to be made again, and the reader
+    greenlet goes on reading (a reader that ended would leave the worker deaf)."""
+
+    class PubSub:
+        subscribed = True
+
+        def __init__(self) -> None:
+            self.connection = self
+            self.dropped = 0
+            self.replies: list[object] = [
+                redis.exceptions.InvalidResponse('Protocol error, got "H" as reply type byte'),
+                {"type": "smessage", "channel": b"{chat:tea}:live", "data": b"after"},
+            ]
+
+        def disconnect(self) -> None:
+            self.dropped += 1
+
+        def get_message(self, timeout: float | None = None) -> object:
+            if not self.replies:
+                if timeout is None:
+                    gevent.sleep(3600)
+                return None
+            reply = self.replies.pop(0)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+
+    heard: list[list[tuple[bytes, bytes]]] = []
+    errors: list[Exception] = []
+    link = RedisLink("redis://127.0.0.1:1/0", False, "chat", heard.append)
+    link.subscriptions.on_error = errors.append
+    pubsub = PubSub()
+    reader = gevent.spawn(link.subscriptions._read_forever, pubsub)
+    try:
+        deadline = time.monotonic() + 5
+        while not heard:
+            assert time.monotonic() < deadline and not reader.dead, "the reader stopped reading"
+            gevent.sleep(0.01)
+        assert heard == [[(b"{chat:tea}:live", b"after")]]
+        assert [type(e) for e in errors] == [redis.exceptions.InvalidResponse] and pubsub.dropped == 1
+    finally:
+        reader.kill()
 
 
 def test_blocked_redis_does_not_block_the_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]

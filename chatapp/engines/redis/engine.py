@@ -126,6 +126,9 @@ class RedisEngine:
         # clients heard at once (Redis was away) are not shown to them again.
         self._v1_ids = count(1)
         self._shown_here: OrderedDict[str, None] = OrderedDict()
+        # This worker's v1 lines on their way to Redis, neither shown here nor known to be
+        # published (tag -> room, text), in the order said: shown first when Redis fails.
+        self._unshown: OrderedDict[str, tuple[str, str]] = OrderedDict()
         # When the rooms with members here last had their keys' expiry pushed back.
         self._kept_alive = monotonic()
         # Set once this worker follows the lobby (see start()).
@@ -165,13 +168,18 @@ class RedisEngine:
         if self._up:
             try:
                 self._outbox.put_nowait((line, tag))
-                return
             except Full:
                 self.metrics.outbox_lost.inc()
+            else:
+                if not line.id:
+                    self._unshown[tag] = (line.room, line.text)
+                return
         if line.id:
             sink.settled(line.id, unavailable())
             return
-        # As before Redis: this worker's v1 clients hear it now, the others once Redis is back.
+        # As before Redis: this worker's v1 clients hear it now, after the lines said before it
+        # that wait for Redis too; the others hear them once Redis is back.
+        self._show_unshown()
         self._show_here(line.room, line.text, tag)
         try:
             self._outbox.put_nowait((line, tag))
@@ -283,6 +291,12 @@ class RedisEngine:
         )
         self.answer(joiner, answer)
 
+    def _show_unshown(self) -> None:
+        """Show this worker's v1 clients the v1 lines still on their way to Redis, in order."""
+        while self._unshown:
+            tag, (room, text) = self._unshown.popitem(last=False)
+            self._show_here(room, text, tag)
+
     def _show_here(self, room: str, text: str, tag: str) -> None:
         self._shown_here[tag] = None
         if len(self._shown_here) > SHOWN_HERE_LIMIT:
@@ -295,6 +309,7 @@ class RedisEngine:
         if follower is None:
             return  # Nobody here any more (the unsubscription is on its way).
         for message, tag in heard:
+            self._unshown.pop(tag, None)  # (published: Redis shows it)
             if tag and tag in self._shown_here:
                 message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
             follower.heard(message)
@@ -325,7 +340,6 @@ class RedisEngine:
 
     def _publish_forever(self) -> None:
         batch: list[tuple[Line, str]] = []
-        told: set[str] = set()  # v1 lines the hub was told could not go out yet
         backoff = Backoff()
         while True:
             if not batch:
@@ -343,10 +357,7 @@ class RedisEngine:
                 self._went_down(error)
                 # v2 lines are refused (the client resends them); v1 lines wait for Redis,
                 # shown here to this worker's v1 clients at once, as before Redis.
-                refused = [line.id for line, _ in batch if line.id]
-                shown = [(line, tag) for line, tag in batch if not line.id and tag not in told]
-                told.update(tag for _, tag in shown)
-                self._post(partial(self._refused, refused, shown))
+                self._post(partial(self._refused, [line.id for line, _ in batch if line.id]))
                 kept = [(line, tag) for line, tag in batch if not line.id]
                 batch = kept[-OUTBOX_SIZE:]
                 self.metrics.outbox_lost.inc(len(kept) - len(batch))
@@ -354,16 +365,16 @@ class RedisEngine:
                 continue
             backoff.reset()
             self._came_back()
-            told.difference_update(tag for _, tag in batch)
+            for _, tag in batch:
+                self._unshown.pop(tag, None)  # (at once: a say the hub takes next must not show it)
             self._post(partial(self._published, batch, results))
             batch = []
 
-    def _refused(self, refused: list[int], shown: list[tuple[Line, str]]) -> None:
+    def _refused(self, refused: list[int]) -> None:
         assert self._sink is not None
         for line_id in refused:
             self._sink.settled(line_id, unavailable())
-        for line, tag in shown:
-            self._show_here(line.room, line.text, tag)
+        self._show_unshown()
 
     def _publish(self, batch: list[tuple[Line, str]]) -> list[Any]:
         """Publish a batch: one script call per room, carrying all its lines in order, and one
