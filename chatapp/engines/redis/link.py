@@ -174,7 +174,9 @@ class _Subscriptions:
                 continue
             try:
                 message = pubsub.get_message(timeout=None)
-            except ERRORS as error:
+            except redis.RedisError as error:  # (this greenlet must never end)
+                if not isinstance(error, ERRORS) and pubsub.connection is not None:
+                    pubsub.connection.disconnect()  # (garbled: start it afresh)
                 self.on_error(error)
                 for confirmed in self.channels.values():
                     confirmed.clear()
