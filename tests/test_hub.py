@@ -465,6 +465,40 @@ def test_lines_said_while_a_join_is_answered_reach_the_joiner_once(history: int)
         hub.stop()
 
 
+@pytest.mark.parametrize("banned_first", [True, False])
+def test_a_kick_or_ban_crossing_a_join_comes_after_its_answer(banned_first: bool) -> None:
+    """Through Redis a ban's kick can reach a worker while a join of the same user is asked:
+    the join is answered as the engine decided, never with `left` alone: `banned` when the ban
+    was checked first, else `joined` and then `left` (the user is then out of the room)."""
+    from chatapp.chat.commands import Hello
+    from chatapp.chat.engine import Removal
+    from chatapp.chat.identity import Identity
+
+    engine = LateEngine()
+    hub = engine.hub = watched(Hub(engine, inbox_size=64))
+    hub.start()
+    try:
+        troll = client(nick="x")
+        registered(hub, troll)
+        hub.command(troll, Hello("", "s", None, Identity("u1", "Troll", (), (), time.time() + 3600)))
+        hub.command(troll, Join("tea", None))
+        settle(hub)
+        if banned_first:
+            engine._bans[("tea", "u1")] = None
+        hub.call(lambda: hub.removed(Removal("tea", "u1", "banned", "calm down", None)))
+        settle(hub)
+        engine.release()
+        settle(hub)
+        answers = [(e["type"], e.get("code") or e.get("reason")) for e in events(troll)[1:]]
+        if banned_first:
+            assert answers == [("error", "banned")]
+        else:
+            assert answers == [("joined", None), ("left", "banned")]
+        assert "tea" not in troll.rooms and "tea" not in hub.rooms
+    finally:
+        hub.stop()
+
+
 def test_v1_and_v2_share_the_lobby(hub: Hub) -> None:
     """v1 clients hear v2 lines as "nick: text"; v2 clients hear v1 lines with nick null."""
     old, new = client(), client(nick="alice", session="a")

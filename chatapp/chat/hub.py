@@ -628,7 +628,7 @@ class Hub:
         room = self.rooms.get(pending.room)
         joining = room.joining.pop(peer, None) if room is not None else None
         if room is None or joining is None:
-            self._answer(peer, pending, b"", 0)  # Taken out of the room meanwhile (kicked): told so.
+            self._answer(peer, pending, b"", 0)  # (It left the room meanwhile: nothing to add.)
             return
         if isinstance(answer, CommandError):
             peer.rooms.discard(room.name)
@@ -644,6 +644,8 @@ class Hub:
             room.member_count = member_count
             frame = V2Codec.joined(room.name, answer.epoch, seq, answer.recovered, messages, members, member_count)
             self._answer(peer, pending, frame)
+            if joining.removal is not None:
+                self._take_out(peer, room, joining.removal)
         else:
             self._answer(peer, pending, b"".join(V1Codec.message_frame(m) for m in messages), len(messages))
 
@@ -1005,16 +1007,18 @@ class Hub:
         room = self.rooms.get(removal.room)
         if room is None:
             return
+        for peer, joining in room.joining.items():
+            if peer.identity is not None and peer.identity.user == removal.user:
+                joining.removal = removal  # (carried out by _enter, once the join is answered)
+        for peer in [p for p in room.peers if p.identity is not None and p.identity.user == removal.user]:
+            self._take_out(peer, room, removal)
+
+    def _take_out(self, peer: Peer, room: Room, removal: Removal) -> None:
         fields: dict[str, object] = {"message": removal.message} if removal.message else {}
         if removal.reason == "banned":
             fields["until"] = removal.until
-        frame = V2Codec.left(room.name, removal.reason, **fields)
-        for peer in [*room.peers, *room.joining]:
-            identity = peer.identity
-            if identity is not None and identity.user == removal.user:
-                self._leave(peer, room)
-                self._send(peer, frame)
-                room = self.rooms.get(removal.room) or room
+        self._leave(peer, room)
+        self._send(peer, V2Codec.left(room.name, removal.reason, **fields))
 
 
     def disconnected(self, user: str, reason: str | None) -> None:

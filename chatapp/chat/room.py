@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .commands import Position
+from .engine import Removal
 from .message import ChatMessage
 from .presence import PresenceChange
 
@@ -25,6 +26,9 @@ class Joining:
     since: Position | None = None
     lines: list[ChatMessage] = field(default_factory=list)
     changes: list[PresenceChange] = field(default_factory=list)
+    # A kick or ban of the joiner heard meanwhile: it takes effect once the join is answered
+    # (a refused join needs none; an accepted one was accepted before it, so `left` follows).
+    removal: Removal | None = None
 
 
 class Room:
