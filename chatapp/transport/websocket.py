@@ -21,7 +21,7 @@ from gevent.pywsgi import WSGIHandler
 from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Stream, WebSocket
-from gunicorn.workers.ggevent import PyWSGIHandler, PyWSGIServer
+from gunicorn.workers.ggevent import PyWSGIHandler
 
 from ..metrics import NoMetrics
 from .frames import Close, Event, FrameParser, ProtocolFailure, encode_close
@@ -420,13 +420,6 @@ class ChatWorker(GeventWebSocketWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        if self.cfg.workers > 1:
-            # The workers share one listening socket, and gevent's server takes up to 100
-            # connections each time the socket is ready: whichever worker wakes first took a
-            # run of them, and the busiest worker held 1.6x the mean (issue measurement, 4
-            # workers, 800 connections in a row). One at a time, like gunicorn's own gevent
-            # worker with several workers, the kernel hands them round (bench/spread.py).
-            self.server_class = _OneAtATime
         chat = getattr(self.wsgi, "chat", None)
         timeout = chat.config.handshake_timeout if chat else ChatHandler.handshake_timeout
         self.wsgi_handler = GunicornChatHandler.configured(timeout)
@@ -450,9 +443,3 @@ class ChatWorker(GeventWebSocketWorker):
         if chat is not None:
             # Out of the signal handler, so the shutdown may block.
             gevent.spawn(chat.shutdown)
-
-
-class _OneAtATime(PyWSGIServer):
-    """gunicorn's gevent WSGI server, taking one connection each time the listener is ready."""
-
-    max_accept = 1
