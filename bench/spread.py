@@ -1,9 +1,11 @@
 """How the kernel spreads connections over gunicorn's workers: a server with WEB_CONCURRENCY
 workers on a redis-server of this script's own, CONNECTIONS WebSocket connections opened in a
-row (each kept open), then the count each worker holds, from `ss`.
+row (each kept open), or CONCURRENCY at a time (a crowd reconnecting after a deploy), then the
+count each worker holds, from `ss`.
 
     .venv/bin/python bench/spread.py                       # this checkout, 4 workers, 800
     .venv/bin/python bench/spread.py --repo /tmp/before --rounds 3
+    .venv/bin/python bench/spread.py --concurrency 64      # 64 handshakes in flight
 
 Prints each round's counts and the busiest worker against the mean (goal: at most 1.3x).
 """
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -66,7 +69,7 @@ def per_worker(master: int, port: int) -> list[int]:
     return sorted((sum(1 for line in out.splitlines() if f"pid={pid}," in line) for pid in children), reverse=True)
 
 
-def round_(repo: Path, workers: int, connections: int) -> list[int]:
+def round_(repo: Path, workers: int, connections: int, concurrency: int) -> list[int]:
     redis_port, port = free_port(), free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
                              stdout=subprocess.DEVNULL)
@@ -78,8 +81,8 @@ def round_(repo: Path, workers: int, connections: int) -> list[int]:
     try:
         wait_for(port)
         time.sleep(2)  # every worker up
-        for _ in range(connections):
-            socks.append(handshake(port))
+        with ThreadPoolExecutor(concurrency) as pool:
+            socks.extend(pool.map(lambda _: handshake(port), range(connections)))
         time.sleep(1)
         return per_worker(server.pid, port)
     finally:
@@ -97,9 +100,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--connections", type=int, default=800)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=1, help="handshakes in flight (default 1: in a row)")
     args = parser.parse_args()
     for i in range(args.rounds):
-        counts = round_(args.repo.resolve(), args.workers, args.connections)
+        counts = round_(args.repo.resolve(), args.workers, args.connections, args.concurrency)
         mean = statistics.mean(counts) if counts else 0
         print(f"{args.repo} round {i + 1}: per worker {counts}, busiest / mean {max(counts) / mean:.2f}", flush=True)
 
