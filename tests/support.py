@@ -58,6 +58,17 @@ def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "c
         time.sleep(interval)
 
 
+def two_hosts(request, start_server, engine: str, env: dict[str, str]):  # type: ignore[no-untyped-def]
+    """The chat on one engine as two servers to connect to: the same one twice ("memory": one
+    worker alone), or two hosts on one Redis ("redis") or on a Redis Cluster ("cluster")."""
+    if engine == "memory":
+        server = start_server("gunicorn", **env)
+        return server, server
+    redis = request.getfixturevalue("redis_server" if engine == "redis" else "redis_cluster")
+    env = {**env, "REDIS_URL": redis.url, "CHAT_REDIS_CLUSTER": "1" if engine == "cluster" else "0"}
+    return start_server("gunicorn", **env), start_server("wsgi", **env)
+
+
 def procfile_command() -> list[str]:
     """The Procfile's web command, as a platform runs it."""
     line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))

@@ -9,7 +9,7 @@ import json
 import urllib.request
 
 import pytest
-from support import V2Client, recv_until_close, wait_until
+from support import V2Client, recv_until_close, two_hosts, wait_until
 
 from chatapp.token import make
 
@@ -49,13 +49,7 @@ def chat(request, start_server):  # type: ignore[no-untyped-def]
     engine = request.param
 
     def start(**env: str):  # type: ignore[no-untyped-def]
-        env = {**ENV, **env}
-        if engine == "memory":
-            server = start_server("gunicorn", **env)
-            return server, server
-        redis = request.getfixturevalue("redis_server" if engine == "redis" else "redis_cluster")
-        env = {**env, "REDIS_URL": redis.url, "CHAT_REDIS_CLUSTER": "1" if engine == "cluster" else "0"}
-        return start_server("gunicorn", **env), start_server("wsgi", **env)
+        return two_hosts(request, start_server, engine, {**ENV, **env})
 
     start.engine = engine  # type: ignore[attr-defined]
     return start

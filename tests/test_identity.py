@@ -21,6 +21,7 @@ from support import (
     read_body,
     read_close,
     recv_until_close,
+    two_hosts,
     wait_until,
 )
 
@@ -42,13 +43,7 @@ def chat(request, start_server):  # type: ignore[no-untyped-def]
     engine = request.param
 
     def start(**env: str):  # type: ignore[no-untyped-def]
-        env = {**TOKEN_ENV, **env}
-        if engine == "memory":
-            server = start_server("gunicorn", **env)
-            return server, server
-        redis = request.getfixturevalue("redis_server" if engine == "redis" else "redis_cluster")
-        env = {**env, "REDIS_URL": redis.url, "CHAT_REDIS_CLUSTER": "1" if engine == "cluster" else "0"}
-        return start_server("gunicorn", **env), start_server("wsgi", **env)
+        return two_hosts(request, start_server, engine, {**TOKEN_ENV, **env})
 
     return start
 

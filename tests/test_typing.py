@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from support import V2Client, client_frame, raw_handshake, wait_until
+from support import V2Client, client_frame, raw_handshake, two_hosts, wait_until
 
 from chatapp.token import make
 
@@ -21,13 +21,7 @@ def token(sub: str, **claims) -> str:  # type: ignore[no-untyped-def]
 @pytest.fixture(params=["memory", "redis"])
 def hosts(request, start_server):  # type: ignore[no-untyped-def]
     """Two servers in token mode: the same one twice, or two hosts on one Redis."""
-    env = {"CHAT_AUTH": "token", "CHAT_TOKEN_KEYS": f"k1:{SECRET}"}
-    if request.param == "memory":
-        server = start_server("gunicorn", **env)
-        return server, server
-    redis = request.getfixturevalue("redis_server")
-    env["REDIS_URL"] = redis.url
-    return start_server("gunicorn", **env), start_server("wsgi", **env)
+    return two_hosts(request, start_server, request.param, {"CHAT_AUTH": "token", "CHAT_TOKEN_KEYS": f"k1:{SECRET}"})
 
 
 def typings(client: V2Client) -> list[dict]:  # type: ignore[type-arg]
