@@ -563,6 +563,17 @@
     return room.pinned;
   }
 
+  // Change what sits under a log (a "not yet delivered" row, "… is typing") without losing
+  // a reader at the bottom: measured before, put back at once after. (Left to the
+  // ResizeObserver, a row that goes and another that comes before it runs look like the
+  // reader scrolling up: the browser moved scrollTop down when the log grew.)
+  function underLog(room, change) {
+    if (!room) return change();
+    var follow = following(room);
+    change();
+    if (follow) stick(room);
+  }
+
   // To the bottom, if the reader follows.
   function stick(room) {
     if (!room.pinned) return;
@@ -937,7 +948,7 @@
     else if (names.length === 2) text = names[0] + " and " + names[1] + " are typing…";
     else if (names.length === 3) text = names[0] + ", " + names[1] + " and " + names[2] + " are typing…";
     else if (names.length > 3) text = names[0] + ", " + names[1] + " and " + (names.length - 2) + " others are typing…";
-    if (room.typingLine.textContent !== text) room.typingLine.textContent = text;
+    if (room.typingLine.textContent !== text) underLog(room, function () { room.typingLine.textContent = text; });
   }
 
   // ---- Older lines: asked for when the reader reaches the top of a log, a page at a time,
@@ -1291,22 +1302,25 @@
   }
 
   function showPending(entry, state) {
-    if (!entry.li) {
-      entry.li = document.createElement("li");
-      var text = document.createElement("span");
-      text.className = "text";
-      text.textContent = entry.text;
-      var label = document.createElement("span");
-      label.className = "state";
-      entry.li.append(text, label);
-      rooms.get(entry.room).pendingList.appendChild(entry.li);
-    }
-    entry.li.lastChild.textContent = state;
+    var room = rooms.get(entry.room);
+    underLog(room, function () {
+      if (!entry.li) {
+        entry.li = document.createElement("li");
+        var text = document.createElement("span");
+        text.className = "text";
+        text.textContent = entry.text;
+        var label = document.createElement("span");
+        label.className = "state";
+        entry.li.append(text, label);
+        room.pendingList.appendChild(entry.li);
+      }
+      entry.li.lastChild.textContent = state;
+    });
   }
 
   function dropEntry(entry) {
     clearTimeout(entry.timer);
-    if (entry.li) entry.li.remove();
+    if (entry.li) underLog(rooms.get(entry.room), function () { entry.li.remove(); });
     outbox.splice(outbox.indexOf(entry), 1);
   }
 
