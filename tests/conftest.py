@@ -24,7 +24,7 @@ def unavailable(reason: str) -> None:
 
 
 @pytest.fixture
-def start_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:  # type: ignore[no-untyped-def]
+def start_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:
     """start_server(kind="gunicorn", **env) starts a server on a free port and returns it."""
     started: list[ServerProcess] = []
 
@@ -52,26 +52,26 @@ def start_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:  # type: i
 
 
 @pytest.fixture(params=["gunicorn", "stock", "wsgi", "nginx"])
-def server_kind(request) -> str:  # type: ignore[no-untyped-def]
+def server_kind(request) -> str:
     """Each chat test runs under every way people start the chat: the Procfile, gevent-websocket's
     stock worker, `python wsgi.py`, and the Procfile behind nginx as the README configures it."""
     return request.param
 
 
 @pytest.fixture(params=["gunicorn", "wsgi"])
-def full_server_kind(request) -> str:  # type: ignore[no-untyped-def]
+def full_server_kind(request) -> str:
     """The start commands with our handler, for what the stock handler cannot do (refusals
     before the 101, handshake deadline, graceful close): the Procfile and `python wsgi.py`."""
     return request.param
 
 
 @pytest.fixture
-def server(start_server, server_kind) -> ServerProcess:  # type: ignore[no-untyped-def]
+def server(start_server, server_kind) -> ServerProcess:
     return start_server(server_kind)
 
 
 @pytest.fixture
-def redis_server(tmp_path) -> Iterator[RedisProcess]:  # type: ignore[no-untyped-def]
+def redis_server(tmp_path) -> Iterator[RedisProcess]:
     """A redis-server of this test's own; the test may stop and start it again."""
     if shutil.which("redis-server") is None:
         unavailable("redis-server not found: apt-get install -y redis-server")
@@ -81,7 +81,7 @@ def redis_server(tmp_path) -> Iterator[RedisProcess]:  # type: ignore[no-untyped
 
 
 @pytest.fixture
-def redis_cluster(tmp_path) -> Iterator[RedisClusterProcess]:  # type: ignore[no-untyped-def]
+def redis_cluster(tmp_path) -> Iterator[RedisClusterProcess]:
     """A Redis Cluster of three masters of this test's own."""
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         unavailable("redis-server or redis-cli not found: apt-get install -y redis-server")

@@ -46,7 +46,7 @@ def free_port() -> int:
     raise AssertionError(f"no free port left in this worker's block of {PORT_BLOCK}")
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
+def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
     """Poll predicate until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -58,7 +58,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "c
         time.sleep(interval)
 
 
-def two_hosts(request, start_server, engine: str, env: dict[str, str]):  # type: ignore[no-untyped-def]
+def two_hosts(request, start_server, engine: str, env: dict[str, str]):
     """The chat on one engine as two servers to connect to: the same one twice ("memory": one
     worker alone), or two hosts on one Redis ("redis") or on a Redis Cluster ("cluster")."""
     if engine == "memory":
@@ -223,7 +223,7 @@ def shut_client_sockets() -> None:
         sock.close()
 
 
-def connect(server: ServerProcess, **options) -> websocket.WebSocket:  # type: ignore[no-untyped-def]
+def connect(server: ServerProcess, **options) -> websocket.WebSocket:
     """A websocket-client connection to the server's chat, closed when the test ends."""
     ws = websocket.create_connection(server.ws_url, timeout=10, **options)
     _opened.append(ws.sock)
@@ -268,7 +268,7 @@ def raw_handshake(
 
 def read_body(sock: socket.socket, head: bytes) -> bytes:
     """The body after a response head (a refusal's), by its Content-Length."""
-    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
     body = b""
     while len(body) < length and (chunk := sock.recv(length - len(body))):
         body += chunk
@@ -312,7 +312,7 @@ def read_server_frame(sock: socket.socket) -> tuple[int, bytes]:
     return first & 0x0F, exactly(n)
 
 
-def recv_until_close(ws) -> tuple[list[str], int, str]:  # type: ignore[no-untyped-def]
+def recv_until_close(ws) -> tuple[list[str], int, str]:
     """Read a websocket-client connection up to the server's close frame.
 
     Returns the text messages before it, and the close frame's code and reason.
@@ -432,15 +432,15 @@ class V2Client:
     for assertions that nothing else came.
     """
 
-    def __init__(  # type: ignore[no-untyped-def]
+    def __init__(
         self, server: ServerProcess, nick: str | None = None, session: str | None = None,
         token: str | None = None, **options,
     ) -> None:
         """nick: say hello with it (open mode); token: say hello with it (token mode)."""
         self.ws = connect(server, subprotocols=["chat.v2"], **options)
         assert self.ws.getsubprotocol() == "chat.v2"
-        self.pending: list[dict] = []  # type: ignore[type-arg]
-        self.welcome: dict | None = None  # type: ignore[type-arg]
+        self.pending: list[dict] = []
+        self.welcome: dict | None = None
         if nick is not None:
             self.send(type="hello", nick=nick, session=session or f"session-of-{nick}")
             self.welcome = self.wait("welcome")
@@ -448,16 +448,16 @@ class V2Client:
             self.send(type="hello", token=token, session=session or f"session-{random.random()}")
             self.welcome = self.wait("welcome")
 
-    def send(self, **command) -> None:  # type: ignore[no-untyped-def]
+    def send(self, **command) -> None:
         self.ws.send(json.dumps(command))
 
-    def recv(self) -> dict:  # type: ignore[type-arg]
+    def recv(self) -> dict:
         """The next event off the wire (not from pending)."""
         return json.loads(self.ws.recv())
 
-    def wait(self, kind: str, **fields) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    def wait(self, kind: str, **fields) -> dict:
         """The first event of this type (and these field values), pending ones first."""
-        def matches(event: dict) -> bool:  # type: ignore[type-arg]
+        def matches(event: dict) -> bool:
             return event["type"] == kind and all(event.get(k) == v for k, v in fields.items())
 
         for index, event in enumerate(self.pending):
@@ -467,19 +467,19 @@ class V2Client:
             self.pending.append(event)
         return event
 
-    def join(self, room: str, since: dict | None = None) -> dict:  # type: ignore[type-arg]
+    def join(self, room: str, since: dict | None = None) -> dict:
         self.send(type="join", room=room, **({"since": since} if since is not None else {}))
         return self.wait("joined", room=room)
 
-    def say(self, room: str, text: str, ref: str | None = None) -> dict:  # type: ignore[type-arg]
+    def say(self, room: str, text: str, ref: str | None = None) -> dict:
         """Say a line and return its ack."""
         self.send(type="say", room=room, text=text, **({"ref": ref} if ref is not None else {}))
         return self.wait("ack", room=room)
 
-    def messages(self, room: str, count: int) -> list[dict]:  # type: ignore[type-arg]
+    def messages(self, room: str, count: int) -> list[dict]:
         return [self.wait("message", room=room) for _ in range(count)]
 
-    def wait_any(self, kinds: tuple[str, ...]) -> dict:  # type: ignore[type-arg]
+    def wait_any(self, kinds: tuple[str, ...]) -> dict:
         """The first event of any of these types, pending ones first."""
         for index, event in enumerate(self.pending):
             if event["type"] in kinds:
@@ -488,7 +488,7 @@ class V2Client:
             self.pending.append(event)
         return event
 
-    def settle(self) -> list[dict]:  # type: ignore[type-arg]
+    def settle(self) -> list[dict]:
         """Everything not yet waited for, up to the answer to a `rooms` asked now (the hub
         answers it after everything caused before it): proves what did not come."""
         self.send(type="rooms")

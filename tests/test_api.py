@@ -18,11 +18,11 @@ SECRET = "a-test-secret-of-at-least-32-characters"
 ENV = {"CHAT_API_KEY": KEY, "CHAT_AUTH": "token", "CHAT_TOKEN_KEYS": f"k1:{SECRET}", "CHAT_API_RATE": "1000"}
 
 
-def token(sub: str, **claims) -> str:  # type: ignore[no-untyped-def]
+def token(sub: str, **claims) -> str:
     return make(("k1", SECRET), sub, **claims)
 
 
-def api(server, method: str, body: object = None, *, key: str | None = KEY, raw: bytes | None = None,  # type: ignore[no-untyped-def]
+def api(server, method: str, body: object = None, *, key: str | None = KEY, raw: bytes | None = None,
         content_type: str = "application/json", http_method: str = "POST", path: str | None = None):
     """(status, JSON answer, headers) of one API request."""
     headers = {"Content-Type": content_type}
@@ -43,19 +43,19 @@ def api(server, method: str, body: object = None, *, key: str | None = KEY, raw:
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
-def chat(request, start_server):  # type: ignore[no-untyped-def]
+def chat(request, start_server):
     """chat(**env): two servers to talk to (the same one twice without Redis; two hosts on one
     Redis, or on a Redis Cluster)."""
     engine = request.param
 
-    def start(**env: str):  # type: ignore[no-untyped-def]
+    def start(**env: str):
         return two_hosts(request, start_server, engine, {**ENV, **env})
 
-    start.engine = engine  # type: ignore[attr-defined]
+    start.engine = engine
     return start
 
 
-def test_publish_reaches_every_host_once_per_ref(chat) -> None:  # type: ignore[no-untyped-def]
+def test_publish_reaches_every_host_once_per_ref(chat) -> None:
     """publish: members on both hosts get the line (nick null without one); the same ref again
     publishes nothing and answers the first seq."""
     a, b = chat()
@@ -73,7 +73,7 @@ def test_publish_reaches_every_host_once_per_ref(chat) -> None:  # type: ignore[
     assert [e["text"] for e in there.settle() if e["type"] == "message"] == ["deployed"]
 
 
-def test_moderation_through_the_api(chat) -> None:  # type: ignore[no-untyped-def]
+def test_moderation_through_the_api(chat) -> None:
     """kick, ban, unban, mute, unmute, delete: {} and their effect on every host."""
     a, b = chat()
     user = V2Client(b, token=token("troll"))
@@ -97,7 +97,7 @@ def test_moderation_through_the_api(chat) -> None:  # type: ignore[no-untyped-de
     assert api(a, "delete", {"room": "tea", "seq": 999})[:2] == (400, missing)
 
 
-def test_disconnect_closes_the_user_everywhere(chat) -> None:  # type: ignore[no-untyped-def]
+def test_disconnect_closes_the_user_everywhere(chat) -> None:
     """disconnect: every connection of the user, on both hosts, closes with 4003; the answer
     counts them; others stay."""
     a, b = chat()
@@ -110,7 +110,7 @@ def test_disconnect_closes_the_user_everywhere(chat) -> None:  # type: ignore[no
     stays.join("tea")
 
 
-def test_presence_info_and_rooms_count_every_host(chat) -> None:  # type: ignore[no-untyped-def]
+def test_presence_info_and_rooms_count_every_host(chat) -> None:
     """presence lists the members of both hosts; info counts the workers and their
     connections; rooms lists every room, private ones marked."""
     a, b = chat()
@@ -130,7 +130,7 @@ def test_presence_info_and_rooms_count_every_host(chat) -> None:  # type: ignore
     assert {"room": "tea", "members": 2, "private": False} in rooms
 
 
-def test_history_pages_to_the_start_of_the_kept_window(chat) -> None:  # type: ignore[no-untyped-def]
+def test_history_pages_to_the_start_of_the_kept_window(chat) -> None:
     """history (API and command): pages of `limit` back by `before` until more is false at the
     start of what is kept; `since` forward; deleted lines as tombstones."""
     a, b = chat(CHAT_RECOVERY_WINDOW="120", CHAT_HISTORY="50")
@@ -167,7 +167,7 @@ def test_history_pages_to_the_start_of_the_kept_window(chat) -> None:  # type: i
         ("no key", {"key": None}, 401, "unauthorized"),
     ],
 )
-def test_bad_requests_get_a_clear_status(start_server, case, request_, status, code) -> None:  # type: ignore[no-untyped-def]
+def test_bad_requests_get_a_clear_status(start_server, case, request_, status, code) -> None:
     """Each bad request: its status and a JSON error, logged once; the chat goes on."""
     server = start_server("gunicorn", **ENV)
     body = request_.pop("body", {"room": "tea", "text": "x"})
@@ -176,7 +176,7 @@ def test_bad_requests_get_a_clear_status(start_server, case, request_, status, c
     assert api(server, "publish", {"room": "tea", "text": "fine"})[0] == 200
 
 
-def test_the_methods_routes_and_limits(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_the_methods_routes_and_limits(start_server) -> None:
     """Unknown method 404, GET on a method 405, the key in the query string 401, limit 10^9
     and before negative 400; past CHAT_API_RATE, 429 with Retry-After and nothing else slows;
     the description is served without the key; without CHAT_API_KEY everything is 404."""
@@ -198,7 +198,7 @@ def test_the_methods_routes_and_limits(start_server) -> None:  # type: ignore[no
     assert api(off, "", path="/api/openapi.json", http_method="GET")[0] == 404
 
 
-def test_moderation_is_forbidden_in_open_mode_but_delete(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_moderation_is_forbidden_in_open_mode_but_delete(start_server) -> None:
     """In open mode kick (and the other methods naming users) is 403; delete works."""
     server = start_server("gunicorn", CHAT_API_KEY=KEY)
     alice = V2Client(server, "alice")
@@ -210,7 +210,7 @@ def test_moderation_is_forbidden_in_open_mode_but_delete(start_server) -> None: 
     assert alice.wait("deleted")["target"] == seq
 
 
-def test_the_api_answers_as_its_description_says(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_the_api_answers_as_its_description_says(start_server) -> None:
     """schemathesis, against the running server and the description it serves: every method,
     generated bodies (valid and not): no 500, every answer matches its schema, only the
     documented status codes."""
@@ -237,7 +237,7 @@ def test_the_api_answers_as_its_description_says(start_server) -> None:  # type:
 
             @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             @given(operation.as_strategy(generation_mode=mode))
-            def check(case) -> None:  # type: ignore[no-untyped-def]
+            def check(case) -> None:
                 case.call_and_validate(base_url=server.url, headers=headers, checks=checks)
 
             try:

@@ -79,7 +79,7 @@ def test_any_frame_decodes_to_a_valid_command_or_a_well_formed_error(frame: str,
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory) -> Iterator[tuple[ServerProcess, V2Client]]:  # type: ignore[no-untyped-def]
+def live(tmp_path_factory) -> Iterator[tuple[ServerProcess, V2Client]]:
     """A running server and one welcomed client in a room, for the whole fuzz run."""
     log_path = tmp_path_factory.mktemp("fuzz") / "server.log"
     server = ServerProcess(kind="wsgi", port=free_port(), env=TEST_ENV, log_path=log_path).start()
@@ -93,7 +93,7 @@ def live(tmp_path_factory) -> Iterator[tuple[ServerProcess, V2Client]]:  # type:
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(frame=frames)
-def test_the_server_answers_any_frame_and_goes_on(live, frame: str) -> None:  # type: ignore[no-untyped-def]
+def test_the_server_answers_any_frame_and_goes_on(live, frame: str) -> None:
     """Sent to a real server, any text frame gets a well-formed error or a valid effect, and the
     connection still answers the next command."""
     _, client = live

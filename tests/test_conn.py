@@ -15,13 +15,13 @@ from chatapp.transport.websocket import ConnectionLost
 
 
 @pytest.fixture(autouse=True)
-def no_close_wait(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def no_close_wait(monkeypatch) -> None:
     """No peer answers a stub's close frame: do not wait for one."""
     monkeypatch.setattr(conn_module, "CLOSE_WAIT", 0.0)
 
 
 def make_conn(ws: StubWebSocket, queue_size: int, queue_bytes: int = 1 << 20) -> Conn:
-    return Conn(ws, send_queue_size=queue_size, send_queue_bytes=queue_bytes, write_wait=1.0)  # type: ignore[arg-type]
+    return Conn(ws, send_queue_size=queue_size, send_queue_bytes=queue_bytes, write_wait=1.0)
 
 
 class StubSocket:
@@ -92,7 +92,7 @@ def test_a_pong_goes_out_before_messages_queued_ahead_of_it() -> None:
     assert ws.stream().startswith(frames.encode_frame(frames.OP_PONG, b"p") + frame)
 
 
-def test_a_ping_to_an_idle_connection_is_answered_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_ping_to_an_idle_connection_is_answered_at_once(monkeypatch) -> None:
     """With no write pump running, a ping starts one that sends the pong without lingering."""
     monkeypatch.setattr(conn_module, "WRITER_LINGER", 3600.0)  # a pong that waited for it never comes
     ws = StubWebSocket([Ping(b"p")], then_lost=False)
@@ -148,7 +148,7 @@ def test_the_backlog_is_paid_back_as_the_pump_writes() -> None:
     conn.wait_closed(2)
 
 
-def test_an_idle_write_pump_ends_and_lets_its_queue_go(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_an_idle_write_pump_ends_and_lets_its_queue_go(monkeypatch) -> None:
     """After WRITER_LINGER with nothing to write the pump ends and the queue is dropped; the
     next frame that must wait starts them again."""
     monkeypatch.setattr(conn_module, "WRITER_LINGER", 0.05)

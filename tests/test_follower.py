@@ -30,7 +30,7 @@ class Out:
     def resync(self, follower: Follower) -> None:
         self.resyncs += 1
 
-    def answer(self, joiner: str, answer: JoinAnswer) -> None:  # type: ignore[override]
+    def answer(self, joiner: str, answer: JoinAnswer) -> None:
         self.answers.append((joiner, answer))
 
     def restart(self, follower: Follower, answer: JoinAnswer) -> None:
@@ -60,7 +60,7 @@ def test_lines_before_the_first_answer_wait_then_follow_it_in_order() -> None:
     for seq in (5, 3, 4):
         room.heard(line(seq))
     assert room.state is SYNCING and out.delivered == []
-    room.answered("joiner", answer(3, messages=[line(2), line(3)]))  # type: ignore[arg-type]
+    room.answered("joiner", answer(3, messages=[line(2), line(3)]))
     assert room.state is LIVE and out.delivered == [("e1", 4), ("e1", 5)]
     assert [j for j, _ in out.answers] == ["joiner"]
 
@@ -69,8 +69,8 @@ def test_a_join_answer_waits_until_delivery_reaches_its_seq() -> None:
     """An answer read after lines this worker has not delivered yet is given once they are
     (the hub adds those lines to the joined)."""
     room, out = follower()
-    room.answered("first", answer(2))  # type: ignore[arg-type]
-    room.answered("second", answer(4))  # type: ignore[arg-type]
+    room.answered("first", answer(2))
+    room.answered("second", answer(4))
     assert [j for j, _ in out.answers] == ["first"]
     room.heard(line(3))
     assert [j for j, _ in out.answers] == ["first"]
@@ -82,7 +82,7 @@ def test_a_gap_is_filled_from_the_history_and_nothing_is_delivered_twice() -> No
     """LIVE -> FILLING on a line ahead of seq + 1: the gap is read back, later lines wait; a
     line heard twice goes once; filled -> LIVE."""
     room, out = follower()
-    room.answered("joiner", answer(1))  # type: ignore[arg-type]
+    room.answered("joiner", answer(1))
     room.heard(line(2))
     room.heard(line(5))
     room.heard(line(6))
@@ -100,7 +100,7 @@ def test_lines_the_history_lost_are_skipped_and_their_senders_acked() -> None:
     """A fill that finds the gap trimmed from the history: delivery goes on after it, and a
     line this worker said in the lost range is settled (its sender is acked)."""
     room, out = follower()
-    room.answered("joiner", answer(1))  # type: ignore[arg-type]
+    room.answered("joiner", answer(1))
     room.published(line_id=41, epoch="e1", seq=3)
     room.heard(line(5))
     room.filled()  # (nothing was read back)
@@ -112,7 +112,7 @@ def test_a_line_said_here_is_acked_by_its_delivery_or_settled() -> None:
     """Redis's answer to a publish comes before the line or after it: before, the line's
     delivery acks it (nothing settled); after, it is settled (the hub acks it once)."""
     room, out = follower()
-    room.answered("joiner", answer(0))  # type: ignore[arg-type]
+    room.answered("joiner", answer(0))
     room.published(line_id=7, epoch="e1", seq=1)
     room.heard(line(1, origin=7))
     assert out.settled == [] and room.own == {}
@@ -126,8 +126,8 @@ def test_a_new_epoch_restarts_the_room() -> None:
     the room (members get a fresh joined, with the new epoch's lines heard meanwhile), settles
     lines said here in the old one, answers joins that waited, and delivery goes on."""
     room, out = follower()
-    room.answered("joiner", answer(2))  # type: ignore[arg-type]
-    room.answered("waiting", answer(5))  # type: ignore[arg-type]
+    room.answered("joiner", answer(2))
+    room.answered("waiting", answer(5))
     room.published(line_id=9, epoch="e1", seq=4)
     room.heard(line(2, epoch="e2"))
     room.heard(line(3, epoch="e2"))
@@ -145,7 +145,7 @@ def test_a_new_epoch_restarts_the_room() -> None:
 def test_a_resync_in_the_same_epoch_delivers_what_was_missed() -> None:
     """Redis back: the resync's answer holds the lines said meanwhile; they go out in order."""
     room, out = follower()
-    room.answered("joiner", answer(2))  # type: ignore[arg-type]
+    room.answered("joiner", answer(2))
     room.resynced(answer(4, messages=[line(3), line(4)]))
     assert out.delivered == [("e1", 3), ("e1", 4)] and out.restarts == []
 

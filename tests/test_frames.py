@@ -14,7 +14,7 @@ from chatapp.transport import frames
 from chatapp.transport.frames import Close, FrameParser, Message, Ping, Pong, ProtocolFailure
 
 
-def parse(data: bytes, limit: int = 512) -> list:  # type: ignore[type-arg]
+def parse(data: bytes, limit: int = 512) -> list:
     return FrameParser(limit).feed(data)
 
 

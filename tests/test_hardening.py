@@ -23,7 +23,7 @@ from support import (
 )
 
 
-def health(server) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def health(server) -> dict:
     with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
         return json.load(response)
 
@@ -35,7 +35,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_capacity_is_refused_at_once(start_server, server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_capacity_is_refused_at_once(start_server, server_kind) -> None:
     """Past CHAT_MAX_CONNECTIONS a handshake gets 503 straight away (close 1013 where the stock
     handler has already said 101), and a freed place is reused."""
     server = start_server(server_kind, CHAT_MAX_CONNECTIONS="3")
@@ -57,7 +57,7 @@ def test_capacity_is_refused_at_once(start_server, server_kind) -> None:  # type
     assert again.recv() == "back in"
 
 
-def test_idle_and_trickling_connections_are_cut(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_idle_and_trickling_connections_are_cut(start_server, full_server_kind) -> None:
     """A TCP connection that sends nothing, or trickles its request, is closed after the handshake timeout."""
     server = start_server(full_server_kind, CHAT_HANDSHAKE_TIMEOUT="1")
     idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
@@ -85,7 +85,7 @@ def test_idle_and_trickling_connections_are_cut(start_server, full_server_kind) 
     assert chat.recv() == "still serving"
 
 
-def test_one_writer_under_a_ping_flood(start_server, server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_one_writer_under_a_ping_flood(start_server, server_kind) -> None:
     """Pings hammered at a connection while broadcasts flow: pongs and messages arrive, no error."""
     server = start_server(server_kind)
     sock, head = raw_handshake(server.port)
@@ -112,7 +112,7 @@ def test_one_writer_under_a_ping_flood(start_server, server_kind) -> None:  # ty
     assert "ConcurrentObjectUseError" not in log and "Traceback" not in log
 
 
-def test_graceful_shutdown(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_graceful_shutdown(start_server, full_server_kind) -> None:
     """On SIGTERM the lines the server has taken are delivered, every client gets close 1001,
     and the server exits."""
     server = start_server(full_server_kind)
@@ -134,7 +134,7 @@ def test_graceful_shutdown(start_server, full_server_kind) -> None:  # type: ign
     assert time.monotonic() - started < 20  # gunicorn's graceful_timeout
 
 
-def test_garbage_costs_nothing(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_garbage_costs_nothing(start_server, full_server_kind) -> None:
     """A few hundred garbage connections later, two fresh clients chat and memory is back near the start."""
     server = start_server(full_server_kind, CHAT_HANDSHAKE_TIMEOUT="2")
     rng = random.Random(6455)

@@ -56,14 +56,14 @@ class FakeConn:
 
 def client(nick: str | None = None, session: str = "s", queue_size: int = 256, conn: FakeConn | None = None) -> Peer:
     """A connection as the hub sees it: v2 with a welcomed nick, or v1 without."""
-    peer = Peer(conn or FakeConn(queue_size), V2 if nick else V1, rate_limit=0)  # type: ignore[arg-type]
+    peer = Peer(conn or FakeConn(queue_size), V2 if nick else V1, rate_limit=0)
     if nick:
         peer.identify(nick, session)
     return peer
 
 
 def delivered(peer: Peer) -> list[tuple[bytes, int]]:
-    return peer.conn.delivered  # type: ignore[attr-defined,no-any-return]
+    return peer.conn.delivered
 
 
 def texts(peer: Peer) -> list[str]:
@@ -72,16 +72,16 @@ def texts(peer: Peer) -> list[str]:
     return [payload.decode() for opcode, payload in parse_server_frames(received) if opcode == 0x1]
 
 
-def events(peer: Peer) -> list[dict]:  # type: ignore[type-arg]
+def events(peer: Peer) -> list[dict]:
     """Every v2 event delivered, decoded."""
     return [json.loads(text) for text in texts(peer)]
 
 
 def closed_with(peer: Peer) -> tuple[int, str] | None:
-    return peer.conn.closed_with  # type: ignore[attr-defined,no-any-return]
+    return peer.conn.closed_with
 
 
-class WatchedInbox(Queue):  # type: ignore[type-arg]
+class WatchedInbox(Queue):
     """The hub's inbox, telling when run() waits on it empty: the hub is then idle (mid-fan-out
     it yields with the inbox empty too, but it only calls get() again once the fan-out is done)."""
 
@@ -89,7 +89,7 @@ class WatchedInbox(Queue):  # type: ignore[type-arg]
         super().__init__(maxsize)
         self.idle = Event()
 
-    def get(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def get(self, *args, **kwargs):
         if not self.qsize():
             self.idle.set()
         item = super().get(*args, **kwargs)
@@ -107,7 +107,7 @@ def watched(hub: Hub) -> Hub:
 
 
 @pytest.fixture
-def hub():  # type: ignore[no-untyped-def]
+def hub():
     hub = watched(Hub(memory(), inbox_size=16))
     hub.start()
     yield hub
@@ -118,8 +118,8 @@ def settle(hub: Hub) -> None:
     """Wait until the hub has handled everything put in its inbox so far, fan-outs included."""
     inbox = hub._inbox
     with gevent.Timeout(5):
-        while inbox.qsize() or not inbox.idle.is_set():  # type: ignore[attr-defined]
-            inbox.idle.wait(0.01)  # type: ignore[attr-defined]
+        while inbox.qsize() or not inbox.idle.is_set():
+            inbox.idle.wait(0.01)
             gevent.sleep(0)
 
 
@@ -133,7 +133,7 @@ def registered(hub: Hub, *peers: Peer) -> None:
     settle(hub)
 
 
-def join(hub: Hub, peer: Peer, room: str, since: Position | None = None) -> dict:  # type: ignore[type-arg]
+def join(hub: Hub, peer: Peer, room: str, since: Position | None = None) -> dict:
     """Join and return the `joined` event."""
     before = len(events(peer))
     hub.command(peer, Join(room, since))
@@ -365,7 +365,7 @@ class LateEngine(MemoryEngine):
     def publish(self, line: Line) -> None:
         self.held.append(lambda: MemoryEngine.publish(self, line))
 
-    def join(self, joiner, room, since, member) -> None:  # type: ignore[no-untyped-def]
+    def join(self, joiner, room, since, member) -> None:
         self.held.append(lambda: MemoryEngine.join(self, joiner, room, since, member))
 
     def release(self) -> None:
@@ -530,7 +530,7 @@ def test_a_failing_connection_is_dropped(hub: Hub) -> None:
     assert closed_with(broken) == (1013, "too slow: send queue full")
 
 
-def test_a_failing_request_does_not_stop_the_hub(caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_request_does_not_stop_the_hub(caplog) -> None:
     """A bug hit while handling one request (here, in the engine) is logged; the next
     requests are served."""
 
@@ -559,11 +559,11 @@ def test_a_failing_request_does_not_stop_the_hub(caplog) -> None:  # type: ignor
         hub.stop()
 
 
-def test_ref_memory_is_bounded_in_count_and_time(hub: Hub, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_ref_memory_is_bounded_in_count_and_time(hub: Hub, monkeypatch) -> None:
     """The engine remembers at most REF_MEMORY refs (the oldest go first) and none older than
     REF_WINDOW: however many refs a client invents, that memory stays bounded."""
     monkeypatch.setattr(memory_module, "REF_MEMORY", 5)
-    engine: MemoryEngine = hub.engine  # type: ignore[assignment]
+    engine: MemoryEngine = hub.engine
     alice = client(nick="alice", session="a")
     registered(hub, alice)
     join(hub, alice, "tea")

@@ -32,23 +32,23 @@ KEY = ("k1", SECRET)
 TOKEN_ENV = {"CHAT_AUTH": "token", "CHAT_TOKEN_KEYS": f"k1:{SECRET}"}
 
 
-def token(sub: str, name: str | None = None, **claims) -> str:  # type: ignore[no-untyped-def]
+def token(sub: str, name: str | None = None, **claims) -> str:
     return make(KEY, sub, name, **claims)
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
-def chat(request, start_server):  # type: ignore[no-untyped-def]
+def chat(request, start_server):
     """chat(**env) starts the chat in token mode on one engine and returns two servers to connect
     to: the same one twice (one worker alone), or two hosts on one Redis (or Redis Cluster)."""
     engine = request.param
 
-    def start(**env: str):  # type: ignore[no-untyped-def]
+    def start(**env: str):
         return two_hosts(request, start_server, engine, {**TOKEN_ENV, **env})
 
     return start
 
 
-def test_a_user_on_two_hosts_is_one_member(chat) -> None:  # type: ignore[no-untyped-def]
+def test_a_user_on_two_hosts_is_one_member(chat) -> None:
     """A token user connected to each host (two sessions) is one member: one `joined`, users
     and presence carry the user, and `left` only when the last connection goes."""
     a, b = chat()
@@ -72,7 +72,7 @@ def test_a_user_on_two_hosts_is_one_member(chat) -> None:  # type: ignore[no-unt
     assert [e for e in bob.settle() if e["type"] == "presence"] == []  # one joined, one left
 
 
-def test_names_are_display_names_not_unique(chat) -> None:  # type: ignore[no-untyped-def]
+def test_names_are_display_names_not_unique(chat) -> None:
     """Two users may share a name: both are members, told apart by user."""
     a, b = chat()
     one, two = V2Client(a, token=token("u1", "Sam")), V2Client(b, token=token("u2", "Sam"))
@@ -80,7 +80,7 @@ def test_names_are_display_names_not_unique(chat) -> None:  # type: ignore[no-un
     assert two.join("tea")["users"] == [{"user": "u1", "nick": "Sam"}, {"user": "u2", "nick": "Sam"}]
 
 
-def test_a_private_room_needs_the_claim(chat) -> None:  # type: ignore[no-untyped-def]
+def test_a_private_room_needs_the_claim(chat) -> None:
     """A private room is refused without a matching `rooms` claim, joined with it, and listed
     only to those who may join it."""
     a, b = chat(CHAT_PRIVATE_ROOMS="private-*,team-*")
@@ -97,7 +97,7 @@ def test_a_private_room_needs_the_claim(chat) -> None:  # type: ignore[no-untype
         assert ("team-red" in listed) is sees, listed
 
 
-def test_a_ban_on_one_host_holds_on_the_other_and_outlives_a_restart(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_ban_on_one_host_holds_on_the_other_and_outlives_a_restart(start_server, redis_server) -> None:
     """A moderator bans a user on host a: the user's connections on both hosts leave the room
     (`left`, reason banned), a join on host b is `banned`, and after both hosts restart the
     ban still holds; unban lets the user back."""
@@ -129,7 +129,7 @@ def test_a_ban_on_one_host_holds_on_the_other_and_outlives_a_restart(start_serve
     assert again.join("tea")["room"] == "tea"
 
 
-def test_kick_mute_and_their_limits(chat) -> None:  # type: ignore[no-untyped-def]
+def test_kick_mute_and_their_limits(chat) -> None:
     """kick takes a user out (they may come back); mute holds their says (muted, until) until
     unmute; a non-moderator's command and a moderator's kick of themselves are forbidden."""
     a, b = chat()
@@ -157,7 +157,7 @@ def test_kick_mute_and_their_limits(chat) -> None:  # type: ignore[no-untyped-de
     assert user.say("tea", "thank you", ref="m2")["seq"] >= 1
 
 
-def test_a_deleted_line_is_never_recovered(chat) -> None:  # type: ignore[no-untyped-def]
+def test_a_deleted_line_is_never_recovered(chat) -> None:
     """The author deletes their line: members get a `deleted` event in the room's sequence; a
     client coming back with `since` gets a tombstone and the event, never the text; others
     may not delete it, a moderator may delete anyone's."""
@@ -193,7 +193,7 @@ def test_a_deleted_line_is_never_recovered(chat) -> None:  # type: ignore[no-unt
     assert mod.wait("error")["code"] == "bad_message"
 
 
-def test_the_per_user_limit_holds_across_hosts(chat) -> None:  # type: ignore[no-untyped-def]
+def test_the_per_user_limit_holds_across_hosts(chat) -> None:
     """CHAT_MAX_CONNECTIONS_PER_USER counts a user's connections on every host: past it the
     hello is answered too_many_connections and the connection closed with 1008; a closed
     connection frees its place."""
@@ -208,7 +208,7 @@ def test_the_per_user_limit_holds_across_hosts(chat) -> None:  # type: ignore[no
     del second
 
 
-def _welcomed(server, signed: str) -> bool:  # type: ignore[no-untyped-def]
+def _welcomed(server, signed: str) -> bool:
     client = V2Client(server)
     client.send(type="hello", token=signed, session="again")
     welcomed = client.wait_any(("welcome", "error"))["type"] == "welcome"
@@ -217,7 +217,7 @@ def _welcomed(server, signed: str) -> bool:  # type: ignore[no-untyped-def]
     return welcomed
 
 
-def test_an_expired_token_is_closed_with_4001_unless_refreshed(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_an_expired_token_is_closed_with_4001_unless_refreshed(start_server) -> None:
     """exp passes: error token_expired; a refresh within the grace keeps the connection; none
     closes it with 4001."""
     server = start_server("gunicorn", **TOKEN_ENV, CHAT_TOKEN_GRACE="2")
@@ -234,7 +234,7 @@ def test_an_expired_token_is_closed_with_4001_unless_refreshed(start_server) -> 
     assert keeper.say("tea", "still here")["seq"] == 1
 
 
-def test_a_refresh_changes_rights_at_once(chat) -> None:  # type: ignore[no-untyped-def]
+def test_a_refresh_changes_rights_at_once(chat) -> None:
     """A refresh whose `rooms` no longer names a private room leaves it (`left`, forbidden);
     one for another user or name is bad_token and changes nothing."""
     a, _ = chat(CHAT_PRIVATE_ROOMS="team-*")
@@ -249,7 +249,7 @@ def test_a_refresh_changes_rights_at_once(chat) -> None:  # type: ignore[no-unty
     assert client.wait("left") == {"type": "left", "room": "team-red", "reason": "forbidden"}
 
 
-def test_bad_tokens_get_a_clear_answer(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_tokens_get_a_clear_answer(start_server, tmp_path) -> None:
     """Forged, alg none, HMAC under a public key, unknown kid, expired, not yet valid, wrong
     audience, a sub of 5,000 characters, 1,001 patterns: each a bad_token or token_expired
     that closes nothing (the next hello is welcomed); a token of 1 MB, or with a sub of 10 KB
@@ -298,25 +298,25 @@ def test_bad_tokens_get_a_clear_answer(start_server, tmp_path) -> None:  # type:
     assert log.count("token refused") == len(cases)  # each logged once
 
 
-def header_of(fields: dict) -> str:  # type: ignore[type-arg]
+def header_of(fields: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(fields).encode()).rstrip(b"=").decode()
 
 
-def forge_hs256(claims: dict, key: bytes, kid: str) -> str:  # type: ignore[type-arg]
+def forge_hs256(claims: dict, key: bytes, kid: str) -> str:
     """An HS256 token whose HMAC key is a public key's PEM: the classic confusion attack."""
     signing = f"{header_of({'alg': 'HS256', 'typ': 'JWT', 'kid': kid})}.{header_of(claims)}"
     signature = base64.urlsafe_b64encode(hmac.new(key, signing.encode(), hashlib.sha256).digest()).rstrip(b"=")
     return f"{signing}.{signature.decode()}"
 
 
-def test_v1_is_refused_in_token_mode(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_v1_is_refused_in_token_mode(start_server) -> None:
     """A v1 client carries no token: its handshake gets 403 with a reason."""
     server = start_server("gunicorn", **TOKEN_ENV)
     sock, head = raw_handshake(server.port)
     assert head.startswith(b"HTTP/1.1 403") and b"chat.v2" in read_body(sock, head)
 
 
-def test_moderation_needs_token_mode(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_moderation_needs_token_mode(start_server) -> None:
     """In open mode a moderation command is forbidden, a private room too."""
     server = start_server("gunicorn")
     alice = V2Client(server, "alice")
@@ -329,7 +329,7 @@ def test_moderation_needs_token_mode(start_server) -> None:  # type: ignore[no-u
 
 
 @pytest.mark.parametrize("kind", ["gunicorn", "nginx"])
-def test_the_per_address_limit_counts_real_clients(start_server, kind: str) -> None:  # type: ignore[no-untyped-def]
+def test_the_per_address_limit_counts_real_clients(start_server, kind: str) -> None:
     """CHAT_MAX_CONNECTIONS_PER_IP: direct, or behind the README's nginx block (the address
     from X-Forwarded-For), the next handshake from that address gets 429 and Retry-After;
     another address (through nginx: another X-Forwarded-For hop) still connects."""
@@ -343,7 +343,7 @@ def test_the_per_address_limit_counts_real_clients(start_server, kind: str) -> N
         assert raw_handshake(server.port, {"X-Forwarded-For": "203.0.113.8"})[1].startswith(b"HTTP/1.1 101")
 
 
-def test_forwarded_for_from_an_untrusted_peer_is_ignored(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_forwarded_for_from_an_untrusted_peer_is_ignored(start_server) -> None:
     """With no trusted proxy, a client's own X-Forwarded-For does not make it another address."""
     server = start_server("gunicorn", CHAT_MAX_CONNECTIONS_PER_IP="2", CHAT_TRUSTED_PROXIES="10.9.9.9/32")
     for fake in ("198.51.100.1", "198.51.100.2"):
@@ -351,7 +351,7 @@ def test_forwarded_for_from_an_untrusted_peer_is_ignored(start_server) -> None: 
     assert raw_handshake(server.port, {"X-Forwarded-For": "198.51.100.3"})[1].startswith(b"HTTP/1.1 429")
 
 
-def test_the_connect_rate_per_address(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_the_connect_rate_per_address(start_server) -> None:
     """Past CHAT_CONNECT_RATE_PER_IP handshakes a second (bursts of twice that): 429."""
     server = start_server("gunicorn", CHAT_CONNECT_RATE_PER_IP="2")
     answers = []
@@ -363,7 +363,7 @@ def test_the_connect_rate_per_address(start_server) -> None:  # type: ignore[no-
 
 
 @pytest.mark.parametrize("engine", ["memory", "redis"])
-def test_control_characters_are_removed(start_server, redis_server, engine: str) -> None:  # type: ignore[no-untyped-def]
+def test_control_characters_are_removed(start_server, redis_server, engine: str) -> None:
     """NUL, ESC and other control characters (but TAB) never reach a reader, v1 or v2."""
     env = {"REDIS_URL": redis_server.url} if engine == "redis" else {}
     server = start_server("gunicorn", **env)

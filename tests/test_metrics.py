@@ -33,7 +33,7 @@ from chatapp.metrics import Metrics
 TOKEN = "s3cret-token"
 
 
-def scrape(server, token: str | None = TOKEN) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+def scrape(server, token: str | None = TOKEN) -> tuple[int, str, str]:
     """(status, content type, body) of GET /metrics."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(server.url + "/metrics", headers=headers)
@@ -53,22 +53,22 @@ def value(body: str, name: str) -> float:
     return total
 
 
-def sample(server, name: str) -> float:  # type: ignore[no-untyped-def]
+def sample(server, name: str) -> float:
     return value(scrape(server)[2], name)
 
 
 @pytest.fixture
-def server(start_server):  # type: ignore[no-untyped-def]
+def server(start_server):
     return start_server("gunicorn", CHAT_METRICS_TOKEN=TOKEN, CHAT_HISTORY="0")
 
 
-def test_metrics_are_off_by_default(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_are_off_by_default(start_server) -> None:
     """Without CHAT_METRICS_TOKEN, /metrics is a 404."""
     status, _, body = scrape(start_server("wsgi"))
     assert status == 404 and "CHAT_METRICS_TOKEN" in body
 
 
-def test_metrics_want_the_token(server) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_want_the_token(server) -> None:
     """No token or a wrong one: 401; the right one: Prometheus' text format."""
     assert scrape(server, None)[0] == 401
     assert scrape(server, "wrong")[0] == 401
@@ -77,7 +77,7 @@ def test_metrics_want_the_token(server) -> None:  # type: ignore[no-untyped-def]
     assert "# TYPE chat_deliveries_total counter" in body
 
 
-def test_promtool_finds_nothing_to_fix(server) -> None:  # type: ignore[no-untyped-def]
+def test_promtool_finds_nothing_to_fix(server) -> None:
     """`promtool check metrics` (Debian's prometheus package) passes on a scrape with every metric moving."""
     if shutil.which("promtool") is None:
         unavailable("promtool not found: apt-get install -y prometheus")
@@ -90,7 +90,7 @@ def test_promtool_finds_nothing_to_fix(server) -> None:  # type: ignore[no-untyp
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_connections_by_protocol_and_closes_by_code(server) -> None:  # type: ignore[no-untyped-def]
+def test_connections_by_protocol_and_closes_by_code(server) -> None:
     """chat_connections counts open connections by protocol; accepted and closed (by code) count them in and out."""
     v1 = [connect(server) for _ in range(2)]
     v2 = V2Client(server, "alice")
@@ -105,7 +105,7 @@ def test_connections_by_protocol_and_closes_by_code(server) -> None:  # type: ig
     wait_until(lambda: sample(server, 'chat_connections{protocol="v2"}') == 0, 10, what="the v2 close")
 
 
-def test_refused_handshakes_by_reason(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_refused_handshakes_by_reason(start_server) -> None:
     """A foreign origin, a full server and a malformed handshake each count under their reason."""
     server = start_server("wsgi", CHAT_METRICS_TOKEN=TOKEN, CHAT_MAX_CONNECTIONS="1")
     raw_handshake(server.port, {"Origin": "http://evil.example"})
@@ -117,7 +117,7 @@ def test_refused_handshakes_by_reason(start_server) -> None:  # type: ignore[no-
         assert value(body, f'chat_handshakes_refused_total{{reason="{reason}"}}') == 1, reason
 
 
-def test_messages_deliveries_and_fan_out_time(server) -> None:  # type: ignore[no-untyped-def]
+def test_messages_deliveries_and_fan_out_time(server) -> None:
     """Received counts what clients sent; deliveries one per message per connection; the fan-out
     histogram one observation per line."""
     clients = [connect(server) for _ in range(3)]
@@ -133,7 +133,7 @@ def test_messages_deliveries_and_fan_out_time(server) -> None:  # type: ignore[n
     assert 0 < value(body, "chat_fanout_seconds_sum") < 5
 
 
-def test_slow_clients_and_rate_limit_closes(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_slow_clients_and_rate_limit_closes(start_server) -> None:
     """A stuck client dropped counts once; a flooder closed with 1008 counts once."""
     server = start_server("gunicorn", CHAT_METRICS_TOKEN=TOKEN, CHAT_HISTORY="0", CHAT_SEND_QUEUE_SIZE="32")
     stuck, _ = raw_handshake(server.port, receive_buffer=4096)
@@ -155,7 +155,7 @@ def test_slow_clients_and_rate_limit_closes(start_server) -> None:  # type: igno
     wait_until(lambda: sample(limited, "chat_rate_limit_closes_total") == 1, 10, what="the rate-limit close")
 
 
-def test_rooms_members_inbox_and_greenlets(server) -> None:  # type: ignore[no-untyped-def]
+def test_rooms_members_inbox_and_greenlets(server) -> None:
     """Rooms and members follow joins and leaves; the inbox depth and greenlet count are there
     and the greenlets come back down when connections go."""
     before = scrape(server)[2]
@@ -174,7 +174,7 @@ def test_rooms_members_inbox_and_greenlets(server) -> None:  # type: ignore[no-u
     wait_until(lambda: sample(server, "chat_greenlets") < greenlets, 10, what="bob's greenlets to end")
 
 
-def test_broker_state_and_redis_round_trips(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_broker_state_and_redis_round_trips(start_server, redis_server) -> None:
     """With Redis: the broker is up and publishing takes timed round trips; Redis away: down."""
     server = start_server("wsgi", CHAT_METRICS_TOKEN=TOKEN, REDIS_URL=redis_server.url)
     alice = V2Client(server, "alice")
@@ -204,14 +204,14 @@ def test_lines_lost_to_a_full_outbox_are_counted() -> None:
     metrics = Metrics("token")
     engine = RedisEngine(Config(redis_url="redis://127.0.0.1:1/0"), metrics)
     engine._outbox = Queue(maxsize=1)
-    engine._sink = sink = Sink()  # type: ignore[assignment]
+    engine._sink = sink = Sink()
     engine.publish(Line(1, "tea", "alice", "s", None, "fits"))
     engine.publish(Line(2, "tea", "alice", "s", None, "finds it full"))
     assert sink.refused == [(2, "unavailable")]
     assert value(metrics.exposition()[0].decode(), "chat_outbox_lost_total") == 1
 
 
-def test_a_real_prometheus_scrapes_both_workers(start_server, redis_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_real_prometheus_scrapes_both_workers(start_server, redis_server, tmp_path) -> None:
     """Debian's Prometheus scrapes a gunicorn with two workers (Redis between them): its API
     gives the connections and deliveries the test made, across both workers."""
     if shutil.which("prometheus") is None:
@@ -261,7 +261,7 @@ def test_a_real_prometheus_scrapes_both_workers(start_server, redis_server, tmp_
         prometheus.wait(10)
 
 
-def connection_pids(server) -> list[int]:  # type: ignore[no-untyped-def]
+def connection_pids(server) -> list[int]:
     """The worker each /healthz answer came from, with connections open there."""
     pids = []
     for _ in range(10):
@@ -272,7 +272,7 @@ def connection_pids(server) -> list[int]:  # type: ignore[no-untyped-def]
     return pids
 
 
-def test_frames_count_as_received(server) -> None:  # type: ignore[no-untyped-def]
+def test_frames_count_as_received(server) -> None:
     """Every data frame counts as received, a binary one too (which then closes with 1003)."""
     sock, _ = raw_handshake(server.port)
     sock.sendall(client_frame(0x2, b"\x00"))
@@ -280,7 +280,7 @@ def test_frames_count_as_received(server) -> None:  # type: ignore[no-untyped-de
     wait_until(lambda: sample(server, 'chat_messages_received_total{protocol="v1"}') == 1, 10, what="the frame")
 
 
-def test_token_refusals_moderation_and_limits_are_counted(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_token_refusals_moderation_and_limits_are_counted(start_server) -> None:
     """chat_auth_refused_total by reason, chat_moderation_actions_total by action,
     chat_limit_refused_total by limit: each moved by what it counts."""
     from chatapp.token import make

@@ -14,7 +14,7 @@ from support import V2Client
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
-def engine_env(request) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def engine_env(request) -> dict[str, str]:
     """The environment that picks the engine: none (one worker alone), Redis with two
     workers, or a Redis Cluster."""
     if request.param == "memory":
@@ -24,7 +24,7 @@ def engine_env(request) -> dict[str, str]:  # type: ignore[no-untyped-def]
             "WEB_CONCURRENCY": "2"}
 
 
-def test_answers_come_in_command_order_and_acks_before_their_lines(engine_env, start_server) -> None:  # type: ignore[no-untyped-def]
+def test_answers_come_in_command_order_and_acks_before_their_lines(engine_env, start_server) -> None:
     """300 says in one room sent at once, a say to a room the client is not in after every
     tenth, a join halfway and a listing at the end: every answer comes in command order, and
     each ack before its line."""

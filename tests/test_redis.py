@@ -21,7 +21,7 @@ from chatapp.engines.redis.link import RedisLink
 from chatapp.metrics import NoMetrics
 
 
-def health(server) -> tuple[int, dict]:  # type: ignore[no-untyped-def,type-arg]
+def health(server) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
             return response.status, json.load(response)
@@ -33,7 +33,7 @@ def recv_n(ws: websocket.WebSocket, n: int) -> list[str]:
     return [ws.recv() for _ in range(n)]
 
 
-def test_two_workers_are_one_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_two_workers_are_one_chat(start_server, redis_server) -> None:
     """WEB_CONCURRENCY=2 with Redis: clients on both workers get every message once, each sender in order."""
     server = start_server("gunicorn", REDIS_URL=redis_server.url, WEB_CONCURRENCY="2", CHAT_HISTORY="0")
     wait_until(lambda: len(server.worker_pids()) == 2, 15, what="two workers")
@@ -71,7 +71,7 @@ def test_two_workers_are_one_chat(start_server, redis_server) -> None:  # type: 
     assert all(client.recv() == "end" for client in clients)
 
 
-def test_two_hosts_share_the_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_two_hosts_share_the_chat(start_server, redis_server) -> None:
     """Two servers on different ports and one Redis: each side hears the other."""
     a = start_server("gunicorn", REDIS_URL=redis_server.url)
     b = start_server("wsgi", REDIS_URL=redis_server.url)
@@ -82,7 +82,7 @@ def test_two_hosts_share_the_chat(start_server, redis_server) -> None:  # type: 
     assert on_a.recv() == "from b" and on_b.recv() == "from b"
 
 
-def test_late_joiner_gets_the_last_50(start_server, redis_server, server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_late_joiner_gets_the_last_50(start_server, redis_server, server_kind) -> None:
     """After 60 messages a new client gets exactly the last 50, oldest first, then live ones (Redis and in-process)."""
     env = {"REDIS_URL": redis_server.url} if server_kind == "gunicorn" else {}
     server = start_server(server_kind, **env)
@@ -95,7 +95,7 @@ def test_late_joiner_gets_the_last_50(start_server, redis_server, server_kind) -
     assert recv_n(late, 51) == [f"line {i}" for i in range(10, 60)] + ["live"]
 
 
-def test_new_worker_starts_from_the_stream(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_new_worker_starts_from_the_stream(start_server, redis_server) -> None:
     """A server started after the chat began gives its clients the stream's last messages."""
     first = start_server("gunicorn", REDIS_URL=redis_server.url, CHAT_HISTORY="5")
     talker = connect(first)
@@ -106,7 +106,7 @@ def test_new_worker_starts_from_the_stream(start_server, redis_server) -> None: 
     assert recv_n(connect(second), 5) == [f"line {i}" for i in range(3, 8)]
 
 
-def test_redis_outage_and_return(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_redis_outage_and_return(start_server, redis_server) -> None:
     """Redis dies: each server serves its own clients, degraded; back: outage lines reach the rest once, in order."""
     a = start_server("gunicorn", REDIS_URL=redis_server.url, CHAT_HISTORY="0")
     b = start_server("wsgi", REDIS_URL=redis_server.url, CHAT_HISTORY="0")
@@ -134,7 +134,7 @@ def test_redis_outage_and_return(start_server, redis_server) -> None:  # type: i
     assert a.log().count("Redis unavailable") == 1  # logged once per outage
 
 
-def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server) -> None:
     """Redis fails while a v1 line waits for it, and the heartbeat notices before the publisher
     does: this worker's v1 clients still hear every line at once, once, in the order said (the
     line waiting first); back, Redis gets them all in that order. (The engine in this process,
@@ -145,7 +145,7 @@ def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server)
             self.shown: list[str] = []
             self.calls = 0
 
-        def call(self, action, lines: bool = False) -> None:  # type: ignore[no-untyped-def]
+        def call(self, action, lines: bool = False) -> None:
             self.calls += 1
             action()
 
@@ -156,7 +156,7 @@ def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server)
             raise AssertionError("no v2 line here")
 
     engine = RedisEngine(Config(redis_url=redis_server.url), NoMetrics())
-    engine._sink = sink = Sink()  # type: ignore[assignment]
+    engine._sink = sink = Sink()
     publisher = gevent.spawn(engine._publish_forever)
     try:
         redis_server.stop()
@@ -229,7 +229,7 @@ def test_a_garbled_subscription_is_started_afresh_and_its_reader_goes_on() -> No
         reader.kill()
 
 
-def test_blocked_redis_does_not_block_the_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_blocked_redis_does_not_block_the_chat(start_server, redis_server) -> None:
     """A frozen Redis (SIGSTOP) neither blocks read pumps nor the hub: local clients keep chatting."""
     server = start_server("gunicorn", REDIS_URL=redis_server.url, CHAT_HISTORY="0")
     a, b = connect(server), connect(server)
@@ -248,7 +248,7 @@ def test_blocked_redis_does_not_block_the_chat(start_server, redis_server) -> No
     assert a.recv() == "while frozen" and a.recv() == "thawed"
 
 
-def test_bad_redis_url_is_a_clear_startup_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_redis_url_is_a_clear_startup_error(tmp_path) -> None:
     """A malformed REDIS_URL stops the server at start-up with a message naming the variable."""
     import os
     import subprocess

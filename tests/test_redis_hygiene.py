@@ -14,7 +14,7 @@ ROOMS = 2000
 TTL = "3"  # seconds: CHAT_ROOM_TTL, short for the test
 
 
-def test_rooms_opened_and_left_leave_no_keys(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_rooms_opened_and_left_leave_no_keys(start_server, redis_server) -> None:
     """Two thousand rooms joined (some with a line said) and left by clients who never come
     back: once they are quiet for CHAT_ROOM_TTL, Redis is back at the keys it had before and
     the listing names none of them."""
@@ -53,7 +53,7 @@ def test_rooms_opened_and_left_leave_no_keys(start_server, redis_server) -> None
     assert asker.wait("rooms")["rooms"] == [{"room": "lobby", "members": 0}]
 
 
-def test_a_dead_workers_keys_go_with_it(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_workers_keys_go_with_it(start_server, redis_server) -> None:
     """kill -9 of a worker with members: the others evict it, and nothing in Redis names it."""
     watcher_host = start_server("gunicorn", REDIS_URL=redis_server.url)
     doomed = start_server("wsgi", REDIS_URL=redis_server.url)

@@ -19,7 +19,7 @@ import redis as redis_client
 from support import V2Client, connect, wait_until
 
 
-def health(server) -> tuple[int, dict]:  # type: ignore[no-untyped-def,type-arg]
+def health(server) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
             return response.status, json.load(response)
@@ -28,18 +28,18 @@ def health(server) -> tuple[int, dict]:  # type: ignore[no-untyped-def,type-arg]
 
 
 @pytest.fixture(params=["redis", "cluster"])
-def redis(request):  # type: ignore[no-untyped-def]
+def redis(request):
     """A Redis of the test's own: one redis-server, or a 3-master Redis Cluster."""
     return request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
 
 
 @pytest.fixture
-def hosts(redis, start_server):  # type: ignore[no-untyped-def]
+def hosts(redis, start_server):
     """hosts(**env) starts two servers (two hosts: the Procfile's command and wsgi.py) on the
     test's Redis and returns both."""
     cluster = "1" if hasattr(redis, "nodes") else "0"
 
-    def start(**env: str):  # type: ignore[no-untyped-def]
+    def start(**env: str):
         env = {"REDIS_URL": redis.url, "CHAT_REDIS_CLUSTER": cluster, **env}
         servers = start_server("gunicorn", **env), start_server("wsgi", **env)
         for server in servers:
@@ -49,7 +49,7 @@ def hosts(redis, start_server):  # type: ignore[no-untyped-def]
     return start
 
 
-def test_one_seq_and_one_member_list_across_hosts(hosts) -> None:  # type: ignore[no-untyped-def]
+def test_one_seq_and_one_member_list_across_hosts(hosts) -> None:
     """Clients on two hosts share one seq sequence per room and one member list."""
     a, b = hosts()
     alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
@@ -70,7 +70,7 @@ def test_one_seq_and_one_member_list_across_hosts(hosts) -> None:  # type: ignor
     assert later["members"] == ["alice", "bob", "carol"]
 
 
-def test_two_workers_of_one_gunicorn_are_one_chat(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_two_workers_of_one_gunicorn_are_one_chat(start_server, redis_server) -> None:
     """WEB_CONCURRENCY=2, as a dyno runs it: members on both workers (Redis's presence keys say
     which worker holds whom) see one seq sequence and one member list."""
     server = start_server("gunicorn", REDIS_URL=redis_server.url, WEB_CONCURRENCY="2")
@@ -101,7 +101,7 @@ def test_two_workers_of_one_gunicorn_are_one_chat(start_server, redis_server) ->
     assert sorted(text for _, text in seen[0]) == sorted(f"line {i}" for i in range(len(everyone)))
 
 
-def test_a_client_moving_to_the_other_host_recovers_what_it_missed(hosts) -> None:  # type: ignore[no-untyped-def]
+def test_a_client_moving_to_the_other_host_recovers_what_it_missed(hosts) -> None:
     """A client whose connection to one host drops comes back on the other with since and gets
     exactly what was said meanwhile; its nick does not flicker for the others."""
     a, b = hosts()
@@ -122,7 +122,7 @@ def test_a_client_moving_to_the_other_host_recovers_what_it_missed(hosts) -> Non
     assert [e for e in bob.settle() if e["type"] == "presence"] == []  # no left, no joined
 
 
-def test_a_ref_publishes_once_across_hosts(hosts) -> None:  # type: ignore[no-untyped-def]
+def test_a_ref_publishes_once_across_hosts(hosts) -> None:
     """A page resending a line with its ref on another host publishes nothing new."""
     a, b = hosts()
     first, again = V2Client(a, "alice", session="a"), V2Client(b, "alice", session="a")
@@ -133,7 +133,7 @@ def test_a_ref_publishes_once_across_hosts(hosts) -> None:  # type: ignore[no-un
     assert again.say("tea", "next")["seq"] == 2
 
 
-def test_nick_taken_across_hosts(hosts) -> None:  # type: ignore[no-untyped-def]
+def test_nick_taken_across_hosts(hosts) -> None:
     """A nick held in a room on one host is taken for another session on the other."""
     a, b = hosts()
     V2Client(a, "alice", session="a").join("tea")
@@ -142,7 +142,7 @@ def test_nick_taken_across_hosts(hosts) -> None:  # type: ignore[no-untyped-def]
     assert impostor.wait("error")["code"] == "nick_taken"
 
 
-def test_rooms_lists_the_whole_chat(hosts) -> None:  # type: ignore[no-untyped-def]
+def test_rooms_lists_the_whole_chat(hosts) -> None:
     """rooms counts the members of every host."""
     a, b = hosts()
     for host, nick in ((a, "alice"), (b, "bob"), (b, "carol")):
@@ -155,7 +155,7 @@ def test_rooms_lists_the_whole_chat(hosts) -> None:  # type: ignore[no-untyped-d
     assert {"room": "lobby", "members": 0} in listed
 
 
-def test_a_killed_host_leaves_no_ghosts(hosts) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_host_leaves_no_ghosts(hosts) -> None:
     """kill -9 of one host: the others hear its members leave within 30 s."""
     a, b = hosts()
     watcher = V2Client(a, "watcher")
@@ -170,7 +170,7 @@ def test_a_killed_host_leaves_no_ghosts(hosts) -> None:  # type: ignore[no-untyp
     assert V2Client(a, "ghost", session="another").join("tea")["members"] == ["ghost", "watcher"]
 
 
-def test_lost_redis_data_means_a_new_epoch(hosts, redis) -> None:  # type: ignore[no-untyped-def]
+def test_lost_redis_data_means_a_new_epoch(hosts, redis) -> None:
     """FLUSHALL: members still connected get a fresh joined (recovered false, the new epoch),
     presence is rebuilt, and a join with the old epoch is not recovered."""
     a, b = hosts()
@@ -195,13 +195,13 @@ def test_lost_redis_data_means_a_new_epoch(hosts, redis) -> None:  # type: ignor
     assert carol.join("tea", since={"epoch": old, "seq": 1})["recovered"] is False
 
 
-def flush(redis) -> None:  # type: ignore[no-untyped-def]
+def flush(redis) -> None:
     """FLUSHALL on every master of the Redis (one server, or each cluster node)."""
     for port in redis.ports:
         subprocess.run(["redis-cli", "-p", str(port), "flushall"], check=True, capture_output=True)
 
 
-def test_redis_away_and_back(start_server, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_redis_away_and_back(start_server, redis_server) -> None:
     """Redis stops mid-chat: v2 says get unavailable (nothing published), joins are answered from
     what the host has, /healthz says degraded; v1 clients keep chatting on their host. Redis
     comes back empty: resending every unavailable line with its ref, every acknowledged line
@@ -244,7 +244,7 @@ def test_redis_away_and_back(start_server, redis_server) -> None:  # type: ignor
         assert texts.count(f"during {i}") == 1, texts
 
 
-def test_a_worker_receives_no_line_of_a_room_it_has_no_member_in(hosts) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_receives_no_line_of_a_room_it_has_no_member_in(hosts) -> None:
     """Bytes Redis sends each host: the host without members in a busy room receives none of its
     lines (measured on each process's connections to Redis)."""
     a, b = hosts()
@@ -265,7 +265,7 @@ def test_a_worker_receives_no_line_of_a_room_it_has_no_member_in(hosts) -> None:
     assert grown_b < 20_000, grown_b  # b: heartbeats only
 
 
-def redis_bytes_received(server) -> int:  # type: ignore[no-untyped-def]
+def redis_bytes_received(server) -> int:
     """Bytes the server's processes have received on their TCP connections to Redis."""
     pids = set(server.worker_pids())
     out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True, text=True).stdout

@@ -17,7 +17,7 @@ def said(seq: int, room: str = "tea", text: str = "x" * 100) -> ChatMessage:
     return message
 
 
-def test_members_are_listed_by_casefolded_nick_and_capped(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_members_are_listed_by_casefolded_nick_and_capped(monkeypatch) -> None:
     """joined.members: nicks as shown, sorted by casefolded form, at most PRESENCE_LIMIT; leaving keeps the order."""
     monkeypatch.setattr(presence_module, "PRESENCE_LIMIT", 3)
     tally = Tally()
@@ -96,7 +96,7 @@ class Answers:
 def engine(max_rooms: int) -> tuple[MemoryEngine, Answers]:
     memory = MemoryEngine(history=3, recovery_window=10, max_rooms=max_rooms, history_bytes=1 << 20)
     sink = Answers()
-    memory.start(sink)  # type: ignore[arg-type]
+    memory.start(sink)
     return memory, sink
 
 
@@ -104,18 +104,18 @@ def test_past_max_rooms_the_idle_room_longest_unused_goes() -> None:
     """A new room past the limit forgets the least recently active room without members; when
     every room has members, a new one is refused."""
     memory, sink = engine(max_rooms=3)  # the lobby and two
-    memory.join(None, "old", None, None)  # type: ignore[arg-type]
-    memory.join(None, "used", None, Member("bob", "bob", "b"))  # type: ignore[arg-type]
-    memory.join(None, "old", None, None)  # type: ignore[arg-type]  (old: the more recently active)
-    memory.join(None, "new", None, None)  # type: ignore[arg-type]
+    memory.join(None, "old", None, None)
+    memory.join(None, "used", None, Member("bob", "bob", "b"))
+    memory.join(None, "old", None, None)  # (old: the more recently active)
+    memory.join(None, "new", None, None)
     assert set(memory._rooms) == {"lobby", "used", "new"}
-    memory.join(None, "new", None, Member("carol", "carol", "c"))  # type: ignore[arg-type]
-    memory.join(None, "newer", None, None)  # type: ignore[arg-type]
+    memory.join(None, "new", None, Member("carol", "carol", "c"))
+    memory.join(None, "newer", None, None)
     refused = sink.answers[-1]
     assert isinstance(refused, CommandError) and refused.code == "too_many_rooms"
 
 
-def test_the_listing_is_busiest_first_with_the_lobby(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_listing_is_busiest_first_with_the_lobby(monkeypatch) -> None:
     """rooms: by members then name; rooms with history only at 0; the lobby's entry even past the limit."""
     from chatapp.engines import memory as memory_module
 
@@ -123,6 +123,6 @@ def test_the_listing_is_busiest_first_with_the_lobby(monkeypatch) -> None:  # ty
     memory, sink = engine(max_rooms=10)
     for name, members in [("b", 2), ("a", 2), ("c", 5), ("d", 1)]:
         for i in range(members):
-            memory.join(None, name, None, Member(f"n{i}", f"n{i}", f"s{i}"))  # type: ignore[arg-type]
+            memory.join(None, name, None, Member(f"n{i}", f"n{i}", f"s{i}"))
     memory.list_rooms()
     assert sink.listings[-1] == [("c", 5), ("a", 2), ("b", 2), ("lobby", 0)]

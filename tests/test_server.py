@@ -22,7 +22,7 @@ from support import (
 )
 
 
-def http_get(server, path: str, method: str = "GET") -> tuple[int, str, bytes]:  # type: ignore[no-untyped-def]
+def http_get(server, path: str, method: str = "GET") -> tuple[int, str, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     conn.request(method, path)
     response = conn.getresponse()
@@ -35,7 +35,7 @@ def recv_close(ws: websocket.WebSocket) -> tuple[int, str]:
     return code, reason
 
 
-def test_page_is_served(server) -> None:  # type: ignore[no-untyped-def]
+def test_page_is_served(server) -> None:
     """GET / serves the chat page as UTF-8 HTML."""
     status, content_type, body = http_get(server, "/")
     assert status == 200
@@ -47,7 +47,7 @@ def test_page_is_served(server) -> None:  # type: ignore[no-untyped-def]
     ("method", "path", "status"),
     [("GET", "/nope", 404), ("POST", "/", 405), ("DELETE", "/", 405), ("GET", "/ws", 400)],
 )
-def test_http_errors(server, method: str, path: str, status: int) -> None:  # type: ignore[no-untyped-def]
+def test_http_errors(server, method: str, path: str, status: int) -> None:
     """Unknown paths are 404, other methods on / are 405, a plain GET of /ws is 400 with a reason."""
     got, content_type, body = http_get(server, path, method)
     assert got == status
@@ -55,27 +55,27 @@ def test_http_errors(server, method: str, path: str, status: int) -> None:  # ty
     assert body.startswith(str(status).encode())
 
 
-def test_head_of_page(server) -> None:  # type: ignore[no-untyped-def]
+def test_head_of_page(server) -> None:
     """HEAD / answers like GET, without a body."""
     status, _, body = http_get(server, "/", "HEAD")
     assert status == 200 and body == b""
 
 
-def test_broadcast_reaches_every_client(server) -> None:  # type: ignore[no-untyped-def]
+def test_broadcast_reaches_every_client(server) -> None:
     """Three clients; one message from one reaches all three, sender included."""
     clients = [connect(server) for _ in range(3)]
     clients[1].send("hello from one")
     assert [c.recv() for c in clients] == ["hello from one"] * 3
 
 
-def test_messages_are_trimmed_to_one_line(server) -> None:  # type: ignore[no-untyped-def]
+def test_messages_are_trimmed_to_one_line(server) -> None:
     """Surrounding whitespace goes; newlines inside become spaces."""
     a, b = connect(server), connect(server)
     a.send("  \n first line\nsecond\r\nthird \t ")
     assert b.recv() == "first line second third"
 
 
-def test_size_limit(server) -> None:  # type: ignore[no-untyped-def]
+def test_size_limit(server) -> None:
     """512 bytes pass; 513 close the connection with 1009."""
     a, b = connect(server), connect(server)
     a.send("é" * 256)  # 512 bytes of UTF-8
@@ -86,7 +86,7 @@ def test_size_limit(server) -> None:  # type: ignore[no-untyped-def]
     assert b.recv() == "still here"
 
 
-def test_cross_origin_is_refused(server) -> None:  # type: ignore[no-untyped-def]
+def test_cross_origin_is_refused(server) -> None:
     """A browser handshake from another origin is refused (403, or close 1008 where the stock
     handler has already said 101); same origin or none is accepted."""
     sock, head = raw_handshake(server.port, {"Origin": "http://evil.example"})
@@ -104,7 +104,7 @@ def test_cross_origin_is_refused(server) -> None:  # type: ignore[no-untyped-def
     assert same.recv() == "same origin"
 
 
-def test_allowed_origins_widen_the_check(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_allowed_origins_widen_the_check(start_server) -> None:
     """CHAT_ALLOWED_ORIGINS lets a named other origin in."""
     server = start_server("gunicorn", CHAT_ALLOWED_ORIGINS="https://chat.example.com")
     ok = connect(server, origin="https://chat.example.com")
@@ -125,7 +125,7 @@ STUCK_DEADLINE = 15.0
 
 # Not behind nginx: its buffers (megabytes) absorb what a stuck browser does not read.
 @pytest.mark.parametrize("kind", ["gunicorn", "stock", "wsgi"])
-def test_one_stuck_client_never_slows_the_others(start_server, kind: str) -> None:  # type: ignore[no-untyped-def]
+def test_one_stuck_client_never_slows_the_others(start_server, kind: str) -> None:
     """S never reads, P sends as fast as it can, F reads: every run, F gets every line in order
     at once, and S is dropped with 1013 after a gap-free prefix."""
     server = start_server(kind, CHAT_HISTORY="0")
@@ -134,7 +134,7 @@ def test_one_stuck_client_never_slows_the_others(start_server, kind: str) -> Non
         stuck_scenario(server, lines, f"run {run}")
 
 
-def stuck_scenario(server, lines: list[bytes], run: str) -> None:  # type: ignore[no-untyped-def]
+def stuck_scenario(server, lines: list[bytes], run: str) -> None:
     stuck, head = raw_handshake(server.port, receive_buffer=4096)
     assert head.startswith(b"HTTP/1.1 101"), head
     fast_sock, head = raw_handshake(server.port)
@@ -170,7 +170,7 @@ def stuck_scenario(server, lines: list[bytes], run: str) -> None:  # type: ignor
     echoes.close()
 
 
-def test_silent_peer_is_dropped_in_time(start_server, server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_silent_peer_is_dropped_in_time(start_server, server_kind) -> None:
     """A peer that never answers pings is closed (1001) after a few pings; one that answers stays."""
     server = start_server(server_kind, CHAT_PING_PERIOD="0.3", CHAT_PONG_WAIT="1.5")
     live = connect(server)
@@ -208,7 +208,7 @@ def test_silent_peer_is_dropped_in_time(start_server, server_kind) -> None:  # t
     assert heard == ["still connected"]
 
 
-def test_handshake_refusals_are_clean(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_handshake_refusals_are_clean(start_server, full_server_kind) -> None:
     """Bad keys and versions get 400/426 with a reason, never a 500."""
     server = start_server(full_server_kind)
     for headers, status in [
@@ -223,7 +223,7 @@ def test_handshake_refusals_are_clean(start_server, full_server_kind) -> None:  
     assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400"), head
 
 
-def test_protocol_errors_close_with_a_code(server) -> None:  # type: ignore[no-untyped-def]
+def test_protocol_errors_close_with_a_code(server) -> None:
     """Unmasked frames close with 1002 and a reason; others on the server are unaffected."""
     other = connect(server)
     sock, head = raw_handshake(server.port)
@@ -235,14 +235,14 @@ def test_protocol_errors_close_with_a_code(server) -> None:  # type: ignore[no-u
     assert other.recv() == "fine"
 
 
-def test_client_close_is_answered(server) -> None:  # type: ignore[no-untyped-def]
+def test_client_close_is_answered(server) -> None:
     """A client's close frame gets the same code back."""
     sock, head = raw_handshake(server.port)
     sock.sendall(client_frame(0x8, struct.pack("!H", 4001) + b"bye"))
     assert read_close(sock) == (4001, "bye")
 
 
-def test_rate_limit(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_rate_limit(start_server) -> None:
     """Past the burst, a flooding connection is closed with 1008 and a reason."""
     server = start_server("gunicorn", CHAT_RATE_LIMIT="5")
     flooder = connect(server)

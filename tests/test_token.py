@@ -63,7 +63,7 @@ def test_any_string_is_an_identity_or_a_clear_refusal(token: str) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(claims, st.sampled_from(["HS256", "HS384", "none"]), st.sampled_from(["k1", "k2", None]))
-def test_signed_claims_of_any_shape(payload: dict, algorithm: str, kid: str | None) -> None:  # type: ignore[type-arg]
+def test_signed_claims_of_any_shape(payload: dict, algorithm: str, kid: str | None) -> None:
     """Tokens signed with the right secret (or another algorithm, or another kid) holding claims
     of any type: each an identity that keeps the rules, or a clear refusal."""
     headers = {"kid": kid} if kid else {}
@@ -76,7 +76,7 @@ def test_signed_claims_of_any_shape(payload: dict, algorithm: str, kid: str | No
 
 @settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit", "jku"]), json_values), claims)
-def test_forged_headers(header: dict, payload: dict) -> None:  # type: ignore[type-arg]
+def test_forged_headers(header: dict, payload: dict) -> None:
     """Hand-made headers (any alg, kid of any type), unsigned: refused."""
 
     def part(value: object) -> str:

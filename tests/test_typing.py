@@ -14,21 +14,21 @@ from chatapp.token import make
 SECRET = "a-test-secret-of-at-least-32-characters"
 
 
-def token(sub: str, **claims) -> str:  # type: ignore[no-untyped-def]
+def token(sub: str, **claims) -> str:
     return make(("k1", SECRET), sub, **claims)
 
 
 @pytest.fixture(params=["memory", "redis"])
-def hosts(request, start_server):  # type: ignore[no-untyped-def]
+def hosts(request, start_server):
     """Two servers in token mode: the same one twice, or two hosts on one Redis."""
     return two_hosts(request, start_server, request.param, {"CHAT_AUTH": "token", "CHAT_TOKEN_KEYS": f"k1:{SECRET}"})
 
 
-def typings(client: V2Client) -> list[dict]:  # type: ignore[type-arg]
+def typings(client: V2Client) -> list[dict]:
     return [e for e in client.settle() if e["type"] == "typing"]
 
 
-def test_the_others_hear_it_once_every_two_seconds(hosts) -> None:  # type: ignore[no-untyped-def]
+def test_the_others_hear_it_once_every_two_seconds(hosts) -> None:
     """The others get {room, nick, user}; the typer nothing; a second within 2 s is dropped."""
     a, b = hosts
     alice, bob = V2Client(a, token=token("a", name="Alice")), V2Client(b, token=token("b", name="Bob"))
@@ -51,7 +51,7 @@ def test_the_others_hear_it_once_every_two_seconds(hosts) -> None:  # type: igno
     assert [e for e in alice.settle() if e["type"] == "error"] == []
 
 
-def test_none_from_the_muted(hosts) -> None:  # type: ignore[no-untyped-def]
+def test_none_from_the_muted(hosts) -> None:
     a, b = hosts
     mod, quiet = V2Client(a, token=token("mod", mod=["*"])), V2Client(b, token=token("quiet"))
     mod.join("tea")
@@ -68,7 +68,7 @@ def test_none_from_the_muted(hosts) -> None:  # type: ignore[no-untyped-def]
     assert mod.wait("typing")["user"] == "quiet"
 
 
-def test_none_in_rooms_of_more_than_100(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_none_in_rooms_of_more_than_100(start_server) -> None:
     """Past 100 members nobody's typing is passed on (presence still is)."""
     server = start_server("gunicorn")
     watcher = V2Client(server, "watcher")

@@ -32,7 +32,7 @@ from support import (
 
 
 @pytest.fixture(scope="module", params=["gunicorn", "wsgi"])
-def server(request, tmp_path_factory) -> Iterator[ServerProcess]:  # type: ignore[no-untyped-def]
+def server(request, tmp_path_factory) -> Iterator[ServerProcess]:
     """A server for the module's tests, under the Procfile's command and under `python wsgi.py`."""
     kind = request.param
     log_path = tmp_path_factory.mktemp("v2") / f"{kind}.log"
@@ -55,7 +55,7 @@ def nick() -> str:
 # Choosing a version
 
 
-def test_v2_is_chosen_by_the_subprotocol(server) -> None:  # type: ignore[no-untyped-def]
+def test_v2_is_chosen_by_the_subprotocol(server) -> None:
     """Offering chat.v2 (among others) gets it named in the 101; offering only unknown tokens gets
     no header and v1; offering nothing gets v1."""
     sock, head = raw_handshake(server.port, {"Sec-WebSocket-Protocol": "x.other, chat.v2"})
@@ -67,7 +67,7 @@ def test_v2_is_chosen_by_the_subprotocol(server) -> None:  # type: ignore[no-unt
         pass
 
 
-def test_v2_under_the_stock_worker(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_v2_under_the_stock_worker(start_server) -> None:
     """gevent-websocket's stock worker negotiates chat.v2 too (it asks the app), and v2 works there."""
     stock = start_server("stock")
     alice = V2Client(stock, "alice")
@@ -78,7 +78,7 @@ def test_v2_under_the_stock_worker(start_server) -> None:  # type: ignore[no-unt
 # Client to server, row by row
 
 
-def test_hello_is_welcomed_with_the_normalised_nick_and_the_limits(server) -> None:  # type: ignore[no-untyped-def]
+def test_hello_is_welcomed_with_the_normalised_nick_and_the_limits(server) -> None:
     """hello gets welcome: the nick NFKC-normalised, and the limits (text, frame, rooms, rate)."""
     client = V2Client(server)
     client.send(type="hello", nick="Ａｌｉｃｅ_1", session="s")  # fullwidth letters
@@ -89,7 +89,7 @@ def test_hello_is_welcomed_with_the_normalised_nick_and_the_limits(server) -> No
     }
 
 
-def test_join_then_live_messages(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_join_then_live_messages(server, room) -> None:
     """join gets joined (epoch, seq 0, members with the joiner), then the room's live messages."""
     alice, bob = V2Client(server, "alice"), V2Client(server, "bob")
     joined = alice.join(room)
@@ -107,7 +107,7 @@ def test_join_then_live_messages(server, room) -> None:  # type: ignore[no-untyp
     assert abs(message["time"] - time.time() * 1000) < 60_000
 
 
-def test_say_is_acked_and_reaches_every_member_sender_included(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_say_is_acked_and_reaches_every_member_sender_included(server, room) -> None:
     """say: the sender gets an ack with the seq and the ref as sent (null without one); every
     member gets the message, the sender included."""
     alice, bob, carol = V2Client(server, "alice"), V2Client(server, "bob"), V2Client(server, "carol")
@@ -121,7 +121,7 @@ def test_say_is_acked_and_reaches_every_member_sender_included(server, room) -> 
         ]
 
 
-def test_leave_is_answered_with_left(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_leave_is_answered_with_left(server, room) -> None:
     """leave gets left, and the room's messages stop coming."""
     alice, bob = V2Client(server, "alice"), V2Client(server, "bob")
     alice.join(room)
@@ -132,7 +132,7 @@ def test_leave_is_answered_with_left(server, room) -> None:  # type: ignore[no-u
     assert [e for e in alice.settle() if e["type"] == "message"] == []
 
 
-def test_rooms_lists_the_busiest_first(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_rooms_lists_the_busiest_first(start_server) -> None:
     """rooms: nicks present per room (v1 connections not counted), busiest first, ties by name,
     rooms with history and no members with 0, the lobby always; rooms without either not at all."""
     server = start_server("gunicorn")
@@ -157,7 +157,7 @@ def test_rooms_lists_the_busiest_first(start_server) -> None:  # type: ignore[no
     ]
 
 
-def test_rooms_lists_at_most_100_and_always_the_lobby(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_rooms_lists_at_most_100_and_always_the_lobby(start_server) -> None:
     """With more than 100 rooms in use the listing stops at 100, and the lobby is in it."""
     server = start_server("wsgi")
     clients = [V2Client(server, f"c{i}") for i in range(7)]
@@ -173,7 +173,7 @@ def test_rooms_lists_at_most_100_and_always_the_lobby(start_server) -> None:  # 
 # The rules of hello
 
 
-def test_hello_comes_first_and_once(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_hello_comes_first_and_once(server, room) -> None:
     """A known command before welcome is not_hello; a refused hello does not count; a second
     hello is bad_message; an unknown type is bad_message before and after hello."""
     client = V2Client(server)
@@ -192,7 +192,7 @@ def test_hello_comes_first_and_once(server, room) -> None:  # type: ignore[no-un
     assert client.join(room)["members"] == ["fine"]
 
 
-def test_sixteen_rooms_per_connection(server) -> None:  # type: ignore[no-untyped-def]
+def test_sixteen_rooms_per_connection(server) -> None:
     """A connection may be in 16 rooms; the 17th join is too_many_rooms; after a leave it fits."""
     client = V2Client(server, nick())
     rooms = [f"r{uuid.uuid4().hex[:12]}" for _ in range(17)]
@@ -206,7 +206,7 @@ def test_sixteen_rooms_per_connection(server) -> None:  # type: ignore[no-untype
     assert client.join(rooms[16])["room"] == rooms[16]
 
 
-def test_joining_again_answers_a_fresh_joined_and_changes_no_presence(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_joining_again_answers_a_fresh_joined_and_changes_no_presence(server, room) -> None:
     """A join of a room the connection is in gets a fresh joined (honouring since); nobody hears of it."""
     alice, bob = V2Client(server, "alice"), V2Client(server, "bob")
     bob.join(room)
@@ -250,7 +250,7 @@ def test_joining_again_answers_a_fresh_joined_and_changes_no_presence(server, ro
     ],
     ids=lambda value: value if len(value) < 40 else value[:37] + "...",
 )
-def test_bad_commands_get_an_error_and_the_connection_goes_on(server, frame: str, code: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_commands_get_an_error_and_the_connection_goes_on(server, frame: str, code: str) -> None:
     """Each malformed or refused command gets an error with its code (room and ref when it named
     them); no error closes the connection."""
     client = V2Client(server, nick())
@@ -267,7 +267,7 @@ def test_bad_commands_get_an_error_and_the_connection_goes_on(server, frame: str
     assert client.wait("rooms")["type"] == "rooms"  # still connected, still served
 
 
-def test_bad_nicks(server) -> None:  # type: ignore[no-untyped-def]
+def test_bad_nicks(server) -> None:
     """Nicks must match the rule after NFKC: bad_nick otherwise; session must be 1 to 64 characters."""
     client = V2Client(server)
     for bad in ["", "-dash", "has space", "x" * 25, "émile", 7, None]:
@@ -282,7 +282,7 @@ def test_bad_nicks(server) -> None:  # type: ignore[no-untyped-def]
         assert other.wait("welcome")["nick"] == (good if good != "Ⅻ" else "XII")
 
 
-def test_nick_taken_by_another_session_in_the_room(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_nick_taken_by_another_session_in_the_room(server, room) -> None:
     """A nick belongs to one session per room (casefolded); another room is free; the same
     session on a second connection shares it."""
     V2Client(server, "Alice", session="a").join(room)
@@ -295,7 +295,7 @@ def test_nick_taken_by_another_session_in_the_room(server, room) -> None:  # typ
     assert second_tab.join(room)["members"] == ["Alice"]  # shown as the room knows it
 
 
-def test_rate_limited_then_closed_when_flooding(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_rate_limited_then_closed_when_flooding(start_server, full_server_kind) -> None:
     """Over CHAT_RATE_LIMIT (bursts of twice it) a say gets rate_limited and is not published,
     and so does a join; past twice the rate the connection is closed with 1008."""
     server = start_server(full_server_kind, CHAT_RATE_LIMIT="2")
@@ -318,7 +318,7 @@ def test_rate_limited_then_closed_when_flooding(start_server, full_server_kind) 
     assert code == 1008 and "rate limit" in reason
 
 
-def test_a_frame_over_the_frame_limit_closes_with_1009(server) -> None:  # type: ignore[no-untyped-def]
+def test_a_frame_over_the_frame_limit_closes_with_1009(server) -> None:
     """A v2 frame may be up to limits.frame bytes; one byte more closes with 1009."""
     client = V2Client(server, nick())
     limit = client.welcome["limits"]["frame"]
@@ -332,7 +332,7 @@ def test_a_frame_over_the_frame_limit_closes_with_1009(server) -> None:  # type:
 # Text
 
 
-def test_text_is_one_line_for_everyone(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_text_is_one_line_for_everyone(start_server) -> None:
     """CR and LF become spaces and the text is trimmed, so v1 readers see one line."""
     server = start_server("wsgi")
     alice = V2Client(server, nick())
@@ -346,7 +346,7 @@ def test_text_is_one_line_for_everyone(start_server) -> None:  # type: ignore[no
 # Rooms, ids, history, recovery
 
 
-def test_v1_and_v2_share_the_lobby(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_v1_and_v2_share_the_lobby(start_server, full_server_kind) -> None:
     """v1 clients hear v2 lines as "nick: text" and are not members; v2 clients hear v1 lines with nick null."""
     server = start_server(full_server_kind)
     alice = V2Client(server, "alice")
@@ -361,7 +361,7 @@ def test_v1_and_v2_share_the_lobby(start_server, full_server_kind) -> None:  # t
     assert alice.join("lobby")["member_count"] == before["member_count"]
 
 
-def test_seqs_count_up_per_room_without_gaps(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_seqs_count_up_per_room_without_gaps(server, room) -> None:
     """Every message in a room gets the next seq, 1, 2, 3..., whoever says it; rooms count apart."""
     alice, bob = V2Client(server, "alice"), V2Client(server, "bob")
     for client in (alice, bob):
@@ -374,7 +374,7 @@ def test_seqs_count_up_per_room_without_gaps(server, room) -> None:  # type: ign
     assert alice.wait("message", room=f"{room}-2")["seq"] == 1
 
 
-def test_a_room_going_empty_keeps_its_epoch_and_history(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_a_room_going_empty_keeps_its_epoch_and_history(server, room) -> None:
     """When everyone has left, the room's epoch and messages stay for the next joiner."""
     alice = V2Client(server, "alice")
     first = alice.join(room)
@@ -386,7 +386,7 @@ def test_a_room_going_empty_keeps_its_epoch_and_history(server, room) -> None:  
     assert [m["text"] for m in later["messages"]] == ["still here later"]
 
 
-def test_join_without_since_gets_the_last_history(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_join_without_since_gets_the_last_history(start_server) -> None:
     """Without since, recovered is false and messages are the last CHAT_HISTORY, oldest first."""
     server = start_server("wsgi", CHAT_HISTORY="5")
     alice = V2Client(server, "alice")
@@ -399,7 +399,7 @@ def test_join_without_since_gets_the_last_history(start_server) -> None:  # type
     assert [(m["seq"], m["text"]) for m in joined["messages"]] == [(i + 1, f"line {i}") for i in range(3, 8)]
 
 
-def test_recovery_with_since(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_recovery_with_since(start_server, full_server_kind) -> None:
     """since in the epoch with everything after it kept: exactly those, recovered; at the latest:
     none, recovered; another epoch, a seq above the latest, or messages no longer kept: the last
     CHAT_HISTORY, recovered false."""
@@ -411,7 +411,7 @@ def test_recovery_with_since(start_server, full_server_kind) -> None:  # type: i
     alice.messages("tea", 15)
     bob = V2Client(server, "bob")
 
-    def join(since: dict) -> tuple[bool, list[int]]:  # type: ignore[type-arg]
+    def join(since: dict) -> tuple[bool, list[int]]:
         joined = bob.join("tea", since)
         return joined["recovered"], [m["seq"] for m in joined["messages"]]
 
@@ -423,7 +423,7 @@ def test_recovery_with_since(start_server, full_server_kind) -> None:  # type: i
     assert join({"epoch": epoch, "seq": 16}) == (False, [13, 14, 15])
 
 
-def test_reconnect_recovers_exactly_what_was_missed(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_reconnect_recovers_exactly_what_was_missed(server, room) -> None:
     """A client whose TCP connection drops, while others say things, comes back with since and
     gets exactly the missed messages, then live ones with no gap or repeat at the seam."""
     alice, bob = V2Client(server, "alice", session="a"), V2Client(server, "bob", session="b")
@@ -444,7 +444,7 @@ def test_reconnect_recovers_exactly_what_was_missed(server, room) -> None:  # ty
     assert [e for e in back.settle() if e["type"] == "message"] == []
 
 
-def test_a_restart_means_a_new_epoch(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_a_restart_means_a_new_epoch(start_server, full_server_kind) -> None:
     """After a restart (no Redis) the room's history is gone: a join with the old epoch gets
     recovered false and the new epoch."""
     server = start_server(full_server_kind)
@@ -457,7 +457,7 @@ def test_a_restart_means_a_new_epoch(start_server, full_server_kind) -> None:  #
     assert joined["recovered"] is False and joined["epoch"] != old and joined["seq"] == 0
 
 
-def test_a_ref_publishes_once(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_a_ref_publishes_once(server, room) -> None:
     """A say with a ref the session already had published in that room publishes nothing new,
     whatever the text, and its ack carries the first seq; another room or session is separate."""
     alice, bob = V2Client(server, "alice", session="a"), V2Client(server, "bob", session="b")
@@ -477,7 +477,7 @@ def test_a_ref_publishes_once(server, room) -> None:  # type: ignore[no-untyped-
 # Presence
 
 
-def test_presence_joined_and_left_on_first_and_last_connection(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_presence_joined_and_left_on_first_and_last_connection(server, room) -> None:
     """Two tabs of one session share a nick without flicker: others hear joined on the first and
     left on the last; nobody hears about their own nick."""
     watcher = V2Client(server, "watcher")
@@ -503,7 +503,7 @@ def allow_open_files(count: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count)), hard))
 
 
-def test_no_presence_in_rooms_over_1000(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_no_presence_in_rooms_over_1000(start_server) -> None:
     """Past 1,000 members a room sends no presence (member_count still counts them all, and
     members lists 1,000)."""
     allow_open_files(4096)
@@ -527,7 +527,7 @@ def test_no_presence_in_rooms_over_1000(start_server) -> None:  # type: ignore[n
 # Limits
 
 
-def test_rooms_past_chat_max_rooms_forget_the_idle_one(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_rooms_past_chat_max_rooms_forget_the_idle_one(start_server) -> None:
     """Past CHAT_MAX_ROOMS the least recently active room without members is forgotten: its
     history goes and its epoch changes; rooms in use stay; when all are in use, a new one is refused."""
     server = start_server("wsgi", CHAT_MAX_ROOMS="5")  # the lobby and four more
@@ -558,7 +558,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_history_stays_within_its_byte_budget(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_history_stays_within_its_byte_budget(start_server) -> None:
     """Fill 300 rooms with five times CHAT_HISTORY_BYTES of lines: the worker's memory grows by
     about the budget, the oldest lines of the least recently active rooms went first, and a join
     reaching into them says recovered false."""
@@ -591,7 +591,7 @@ def test_history_stays_within_its_byte_budget(start_server) -> None:  # type: ig
     assert newest["recovered"] is True and len(newest["messages"]) == 50
 
 
-def test_a_client_that_never_reads_cannot_pin_megabytes_by_joining(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_client_that_never_reads_cannot_pin_megabytes_by_joining(start_server) -> None:
     """Joins with long replays to a client that does not read fill its queue's byte bound and it
     is dropped with 1013, instead of the server holding each replay."""
     server = start_server("gunicorn", CHAT_HISTORY="100", CHAT_SEND_QUEUE_BYTES="262144")
@@ -618,7 +618,7 @@ def test_a_client_that_never_reads_cannot_pin_megabytes_by_joining(start_server)
     alice.say("big", "the others go on")
 
 
-def test_a_slow_v2_client_is_dropped_and_nobody_waits(start_server, full_server_kind) -> None:  # type: ignore[no-untyped-def]
+def test_a_slow_v2_client_is_dropped_and_nobody_waits(start_server, full_server_kind) -> None:
     """A v2 member that never reads is dropped with 1013 once its queue fills; the reading
     members get every message, in seq order."""
     server = start_server(full_server_kind, CHAT_HISTORY="0")
@@ -641,7 +641,7 @@ def test_a_slow_v2_client_is_dropped_and_nobody_waits(start_server, full_server_
     assert read_close(stuck)[0] == 1013
 
 
-def test_the_hub_answers_in_command_order(server, room) -> None:  # type: ignore[no-untyped-def]
+def test_the_hub_answers_in_command_order(server, room) -> None:
     """Answers come in the order of the commands, errors included."""
     client = V2Client(server, nick())
     client.send(type="join", room=room)
@@ -651,14 +651,14 @@ def test_the_hub_answers_in_command_order(server, room) -> None:  # type: ignore
     assert [client.recv()["type"] for _ in range(5)] == ["joined", "error", "ack", "message", "left"]
 
 
-def test_binary_frames_close_with_1003(server) -> None:  # type: ignore[no-untyped-def]
+def test_binary_frames_close_with_1003(server) -> None:
     """v2 is text frames only: a binary frame closes with 1003, as in v1."""
     sock, head = raw_handshake(server.port, {"Sec-WebSocket-Protocol": "chat.v2"})
     sock.sendall(client_frame(0x2, b"\x00\x01"))
     assert read_close(sock)[0] == 1003
 
 
-def test_a_join_storm_does_not_freeze_the_worker(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_join_storm_does_not_freeze_the_worker(start_server) -> None:
     """A thousand clients joining one room at once (pages back after a restart): the worker
     keeps answering meanwhile, and every member hears of the others' joins, batched."""
     allow_open_files(4096)

@@ -23,7 +23,7 @@ from chatapp.transport.websocket import ChatHandler  # noqa: E402
 config = Config.from_env()
 
 
-def echo(environ: dict, start_response):  # type: ignore[no-untyped-def]
+def echo(environ: dict, start_response):
     ws = environ.get("wsgi.websocket")
     if ws is None:
         start_response("400 Bad Request", [("Content-Type", "text/plain")])
