@@ -842,51 +842,56 @@ class RedisEngine:
 
         self._control.put((history, lambda: sink.paged(asker, unavailable())))
 
-    def presence(self, call: BackendCall, room: str) -> None:
-        sink, link = self._sink, self.link
+    def _reply(self, call: BackendCall, question: Callable[[], dict[str, Any]]) -> None:
+        """Answer the app's backend with what question() reads from Redis (in the controller's
+        greenlet), or `unavailable` while Redis is away."""
+        sink = self._sink
         assert sink is not None
 
-        def presence() -> None:
+        def ask() -> None:
+            result = question()
+            self._post(lambda: sink.replied(call, result))
+
+        self._control.put((ask, lambda: sink.replied(call, unavailable())))
+
+    def presence(self, call: BackendCall, room: str) -> None:
+        link = self.link
+
+        def presence() -> dict[str, Any]:
             sorted_key = link.room_key(room, "sorted")
             entries = link.client.zrange(sorted_key, 0, PRESENCE_LIMIT - 1)
             listed = [self._member(*entry.decode().split("\t", 2)[1:]) for entry in entries]
             members = [{"user": member.user, "nick": member.nick} for member in listed]
-            result = {"members": members, "count": link.client.zcard(sorted_key)}
-            self._post(lambda: sink.replied(call, result))
+            return {"members": members, "count": link.client.zcard(sorted_key)}
 
-        self._control.put((presence, lambda: sink.replied(call, unavailable())))
+        self._reply(call, presence)
 
     def disconnect_user(self, call: BackendCall, user: str, reason: str | None) -> None:
-        sink, link = self._sink, self.link
-        assert sink is not None
+        link = self.link
 
-        def disconnect() -> None:
+        def disconnect() -> dict[str, Any]:
             connections = int(link.client.hget(link.chat_key("users"), user) or 0)
             link.client.spublish(link.chat_key("control"), f"x\n{user}\n{reason or ''}")
-            self._post(lambda: sink.replied(call, {"connections": connections}))
+            return {"connections": connections}
 
-        self._control.put((disconnect, lambda: sink.replied(call, unavailable())))
+        self._reply(call, disconnect)
 
     def every_room(self, call: BackendCall) -> None:
-        sink, link = self._sink, self.link
-        assert sink is not None
+        link = self.link
 
-        def every_room() -> None:
+        def every_room() -> dict[str, Any]:
             listed = link.client.zrange(link.chat_key("rooms"), 0, -1, withscores=True)
-            rooms = [{"room": room.decode(), "members": -int(score)} for room, score in listed]
-            self._post(lambda: sink.replied(call, {"rooms": rooms}))
+            return {"rooms": [{"room": room.decode(), "members": -int(score)} for room, score in listed]}
 
-        self._control.put((every_room, lambda: sink.replied(call, unavailable())))
+        self._reply(call, every_room)
 
     def info(self, call: BackendCall) -> None:
-        sink, link = self._sink, self.link
-        assert sink is not None
+        link = self.link
 
-        def info() -> None:
+        def info() -> dict[str, Any]:
             client = link.client
             connections = sum(int(n) for n in client.hvals(link.chat_key("conns")))
-            result = {"workers": client.zcard(link.chat_key("workers")), "connections": connections,
-                      "rooms": client.zcard(link.chat_key("rooms"))}
-            self._post(lambda: sink.replied(call, result))
+            return {"workers": client.zcard(link.chat_key("workers")), "connections": connections,
+                    "rooms": client.zcard(link.chat_key("rooms"))}
 
-        self._control.put((info, lambda: sink.replied(call, unavailable())))
+        self._reply(call, info)
