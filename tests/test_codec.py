@@ -13,6 +13,7 @@ from support import ServerProcess, V2Client, free_port, parse_server_frames, shu
 
 from chatapp.chat.codec import V2Codec
 from chatapp.chat.commands import MAX_ID, NICK, ROOM, CommandError, Hello, Join, Leave, ListRooms, Say
+from chatapp.chat.message import ChatMessage
 
 CODES = {
     "bad_message", "not_hello", "bad_nick", "nick_taken", "bad_room", "not_member",
@@ -61,6 +62,27 @@ def check(result: object) -> None:
         assert ROOM.fullmatch(result.room)
     else:
         assert isinstance(result, ListRooms)
+
+
+@settings(max_examples=500)
+@given(
+    room=st.from_regex(ROOM, fullmatch=True),
+    nick=st.none() | st.text(max_size=64),
+    user=st.none() | st.text(max_size=64),
+    text=st.text(min_size=1, max_size=100),
+    seq=st.integers(min_value=1, max_value=2**53),
+)
+def test_a_message_is_the_json_of_its_fields(
+    room: str, nick: str | None, user: str | None, text: str, seq: int
+) -> None:
+    """The message event is put together by hand: it must be exactly what a JSON encoder writes."""
+    message = ChatMessage(room, "0123456789ab", seq, 1764466800000, nick, text, 0, user)
+    encoded = V2Codec.message_json(message)
+    assert json.loads(encoded) == {
+        "type": "message", "room": room, "epoch": "0123456789ab", "seq": seq, "time": 1764466800000,
+        "nick": nick, "user": user, "text": text,
+    }
+    assert list(json.loads(encoded)) == ["type", "room", "epoch", "seq", "time", "nick", "user", "text"]
 
 
 @settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
