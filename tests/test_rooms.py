@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from chatapp.chat import presence as presence_module
 from chatapp.chat.commands import CommandError, Position
-from chatapp.chat.history import Histories, History, held_bytes
+from chatapp.chat.history import Histories, History
 from chatapp.chat.message import ChatMessage
 from chatapp.chat.presence import Member, Tally
 from chatapp.engines.memory import MemoryEngine
@@ -46,7 +46,7 @@ def test_a_member_on_two_connections_is_counted_once() -> None:
 
 def test_history_trims_the_least_recently_active_rooms_first() -> None:
     """Past the byte budget the oldest lines of the least recently active room go first; a busy room keeps its own."""
-    one = held_bytes(said(1))
+    one = History(window=1).append(said(1))  # what one line of these costs a history
     histories = Histories(window=10, budget=6 * one)
     quiet, busy = histories.get("quiet"), histories.get("busy")
     for seq in range(1, 4):

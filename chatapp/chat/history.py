@@ -25,14 +25,6 @@ def new_epoch() -> str:
     return secrets.token_hex(6)
 
 
-def held_bytes(message: ChatMessage) -> int:
-    """What a message in a history costs in memory, its nick aside (shared with its sender).
-    Both encodings are counted from the start, although each is made only when a client of
-    its version first needs it: the budget holds whichever come."""
-    text = message.text or ""
-    return _FIXED + getsizeof(text) + 2 * len(text)
-
-
 class History:
     """One room's last messages, oldest first."""
 
@@ -40,7 +32,7 @@ class History:
 
     def __init__(self, window: int) -> None:
         self.messages: deque[ChatMessage] = deque(maxlen=window)
-        # Bytes the messages hold (held_bytes of each).
+        # Bytes the messages hold (each one's `held`).
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -49,7 +41,11 @@ class History:
     def append(self, message: ChatMessage) -> int:
         """Keep a message; the bytes this changed the history by."""
         messages = self.messages
-        change = message.held = held_bytes(message)
+        # What it costs in memory, its nick aside (shared with its sender). Both encodings
+        # are counted from the start, although each is made only when a client of its version
+        # first needs it: the budget holds whichever come.
+        text = message.text or ""
+        change = message.held = _FIXED + getsizeof(text) + 2 * len(text)
         if len(messages) == messages.maxlen:
             change -= messages[0].held
         messages.append(message)

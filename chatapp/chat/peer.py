@@ -107,7 +107,9 @@ class Peer:
         self.greeted = True
         self.identity = identity
         if identity is None:
-            self.member = Member(nick.casefold(), nick, session)
+            key = nick.casefold()
+            # (casefold() makes a new string even when nothing changes: keep one per idle connection)
+            self.member = Member(nick if key == nick else key, nick, session)
         else:
             self.member = Member(identity.user, identity.name, session, identity.user)
 

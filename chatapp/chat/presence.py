@@ -106,4 +106,6 @@ class Tally:
 
 def order(member: Member) -> tuple[str, str]:
     """Where a member is listed: by casefolded nick, then (nicks need not be unique) user."""
-    return member.nick.casefold(), member.key
+    folded = member.nick.casefold()
+    # (In open mode that is the key: one string kept, not two, for each member of a room.)
+    return (member.key if folded == member.key else folded), member.key
