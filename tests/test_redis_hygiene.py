@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 import redis as redis_client
 from support import V2Client, wait_until
@@ -75,3 +76,32 @@ def test_a_dead_workers_keys_go_with_it(start_server, redis_server) -> None:
         10, 0.2, "the dead worker's keys to go",
     )
     assert store.zscore("{chat}:rooms", "coffee") == 0
+
+
+PUBLISH = (Path(__file__).parent.parent / "chatapp" / "engines" / "redis" / "lua" / "publish.lua").read_text()
+
+
+def publish(store: redis_client.Redis, room: str, refresh: bool, ref: str = "") -> None:
+    """One v2 line through publish.lua, its arguments laid out as the engine lays them
+    (RedisEngine._publish): period 7 of the refs, the room's keys to live 100 s."""
+    keys = [f"{{chat:{room}}}:meta", f"{{chat:{room}}}:history", f"{{chat:{room}}}:refs:7", f"{{chat:{room}}}:refs:6"]
+    args = ["e0", 50, 100, f"{{chat:{room}}}:live", 240, "w1", int(refresh), f"0\nalice\n\n1\nhello\n{ref}"]
+    store.eval(PUBLISH, len(keys), *keys, *args)
+
+
+def test_a_line_that_does_not_push_the_expiry_back_leaves_no_key_without_one(redis_server) -> None:
+    """A worker pushes a room's expiry back only once in a while (RedisEngine._refreshed),
+    but whatever a line creates expires: a new room's keys, and a new period's refs hash."""
+    store = redis_client.Redis(port=redis_server.port)
+    publish(store, "new", refresh=False, ref="s\x00r1")
+    assert all(store.ttl(key) > 0 for key in store.keys("{chat:new}*"))
+    assert len(store.keys("{chat:new}*")) == 3  # meta, history, refs
+    publish(store, "known", refresh=True)  # (a line without a ref: no refs hash yet)
+    publish(store, "known", refresh=False, ref="s\x00r1")
+    assert store.ttl("{chat:known}:refs:7") > 0
+    # And without the push, a line does leave the room's expiry as it was.
+    store.expire("{chat:known}:meta", 50)
+    publish(store, "known", refresh=False, ref="s\x00r2")
+    assert store.ttl("{chat:known}:meta") <= 50
+    publish(store, "known", refresh=True, ref="s\x00r3")
+    assert store.ttl("{chat:known}:meta") > 50

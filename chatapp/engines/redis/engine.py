@@ -6,7 +6,7 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
     {chat:tea}:meta         hash: epoch, seq, time
     {chat:tea}:history      stream of lines, ids "<seq>-0" (trimmed to the recovery window)
     {chat:tea}:refs:<n>     session NUL ref -> the seq it got, for refs said in the
-                            n-th two-minute period (kept two periods)
+                            n-th two-minute period (kept two periods); "." from its start
     {chat:tea}:owners       casefolded nick -> session TAB nick
     {chat:tea}:totals       casefolded nick -> connections in all workers
     {chat:tea}:sorted       the member list, sorted
@@ -27,7 +27,7 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
     {chat}:control          shard channel every worker follows: kicks, bans, disconnects
 
 Redis keeps only what is alive: a room's keys expire CHAT_ROOM_TTL seconds after its last
-line, join or leave (refreshed while it has members), its entry leaves the listing as long
+line (up to a quarter more), join or leave (refreshed while it has members), its entry leaves the listing as long
 after its last member went, and a silent worker's keys go with it.
 
 Ownership: every bit of the engine's state (the followed rooms, this worker's counts) lives
@@ -83,6 +83,8 @@ OUTBOX_SIZE = 10000
 SHOWN_HERE_LIMIT = 100000
 # Quiet rooms the heartbeat takes out of the listing at most per beat.
 PRUNE_BATCH = 1000
+# Rooms whose keys' expiry the publisher remembers pushing back, at most (the oldest go first).
+REFRESHED_LIMIT = 10000
 
 
 def unavailable() -> CommandError:
@@ -101,6 +103,12 @@ class RedisEngine:
         self.recovery_window = config.recovery_window
         # Seconds a quiet room's keys live.
         self.room_ttl = config.room_ttl
+        # Lines push their room's expiry back once a quarter of room_ttl, not each time (the
+        # EXPIREs were a sixth of Redis's CPU per line), so by a quarter more: keys still live
+        # room_ttl after the last line at least. By room: when this worker's lines last did
+        # (monotonic; the publisher's).
+        self._publish_ttl = config.room_ttl + -(-config.room_ttl // 4)
+        self._refreshed: dict[str, float] = {}
         # Token mode: members are users (and a nick belongs to no session); a user's
         # connections in the whole chat are counted.
         self.token_mode = config.auth == "token"
@@ -385,15 +393,19 @@ class RedisEngine:
             by_room.setdefault(line.room, []).append(index)
         rooms = list(by_room)
         results: list[Any] = [None] * len(batch)
+        period, now = int(time() // REF_PERIOD), monotonic()
         for pipe, room_indexes in link.pipelines(rooms):
             calls = [by_room[rooms[i]] for i in room_indexes]
+            refreshing = []
             for indexes in calls:
                 room = batch[indexes[0]][0].room
-                period = int(time() // REF_PERIOD)
+                refresh = now - self._refreshed.get(room, -self.room_ttl) >= self.room_ttl / 4
+                if refresh:
+                    refreshing.append(room)
                 keys = [link.room_key(room, "meta"), link.room_key(room, "history"),
                         link.room_key(room, f"refs:{period}"), link.room_key(room, f"refs:{period - 1}")]
-                args: list[Any] = [new_epoch(), self.recovery_window, self.room_ttl, link.channel(room),
-                                   2 * REF_PERIOD, self.worker]
+                args: list[Any] = [new_epoch(), self.recovery_window, self._publish_ttl, link.channel(room),
+                                   2 * REF_PERIOD, self.worker, int(refresh)]
                 mutes: dict[str, int] = {}  # user -> the index of their mute key, from 1
                 for index in indexes:
                     line, tag = batch[index]
@@ -409,6 +421,11 @@ class RedisEngine:
             for indexes, (epoch, *room_results) in zip(calls, pipe.execute()):
                 for index, result in zip(indexes, room_results):
                     results[index] = (epoch, result)
+            for room in refreshing:  # (pushed back: once Redis has answered)
+                self._refreshed.pop(room, None)
+                self._refreshed[room] = now
+                if len(self._refreshed) > REFRESHED_LIMIT:
+                    del self._refreshed[next(iter(self._refreshed))]
         return results
 
     # What the subscription readers hear.
@@ -639,6 +656,8 @@ class RedisEngine:
     # Redis away and back
 
     def _went_down(self, error: Exception) -> None:
+        # (A failover may have lost keys that the expiries pushed back: the next lines push again.)
+        self._refreshed.clear()
         if self._up:
             log.warning("Redis unavailable (%s): serving this worker's clients alone", error)
             self._up = False

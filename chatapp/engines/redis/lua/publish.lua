@@ -8,18 +8,21 @@
 --       before, then the mute key of each user who speaks in the batch
 -- ARGV: 1 an epoch for a room that has none (new, or lost with Redis's data), 2 lines to keep
 --       at least, 3 seconds a quiet room's keys live, 4 the room's shard channel, 5 seconds a
---       period's refs live, 6 the worker that said them, then per line one argument of six
---       fields, a newline after each but the last: the index of its user's mute key among the
+--       period's refs live, 6 the worker that said them, 7 "1" to push the room's expiry back
+--       (a worker does once in a while: three EXPIREs were a sixth of this script's cost; a
+--       new room's keys, and a period's refs, get theirs anyway), then per line one argument
+--       of six fields, a newline after each but the last: the index of its user's mute key among the
 --       mute keys (0: no user), nick ("" for a v1 line), user, the worker's id for the line,
 --       text, ref ("" for none: a client's session and ref, or the worker's id for a v1 line,
 --       so that a retried publish is no second line; the only field that may hold a newline)
 -- Returns {epoch, then per line: its seq; minus the seq when the ref had been published
 -- already (nothing new); or "muted <until>" ("0": no end)}.
-local lines = #ARGV - 6
+local lines = #ARGV - 7
+local refresh = ARGV[7] == '1'
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'time')
 local epoch, seq, last = meta[1], tonumber(meta[2]), tonumber(meta[3])
 if not epoch then
-  epoch, seq, last = ARGV[1], 0, 0
+  epoch, seq, last, refresh = ARGV[1], 0, 0, true
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'time', 0)
 end
 local now = redis.call('TIME')
@@ -32,7 +35,7 @@ local time_s = tostring(time)
 -- time), and nick to text as one piece, as the channel's message carries them.
 local said, refs = {}, {}
 for i = 1, lines do
-  local s = ARGV[6 + i]
+  local s = ARGV[7 + i]
   local a = string.find(s, '\n', 1, true)
   local b = string.find(s, '\n', a + 1, true)
   local c = string.find(s, '\n', b + 1, true)
@@ -43,14 +46,18 @@ for i = 1, lines do
   said[i] = line
   if line[6] ~= '' then refs[#refs + 1] = line[6] end
 end
--- ref -> the seq it got, in either period (the later one first)
-local known = {}
+-- ref -> the seq it got, in either period (the later one first). A period's hash holds a
+-- field "." (no ref is: each holds a NUL) from its first write on: without it, it is new.
+local known, new_period = {}, false
 if #refs > 0 then
-  for k = 4, 3, -1 do
-    local seqs = redis.call('HMGET', KEYS[k], unpack(refs))
-    for j, ref in ipairs(refs) do
-      if seqs[j] then known[ref] = seqs[j] end
-    end
+  local seqs = redis.call('HMGET', KEYS[4], unpack(refs))
+  for j, ref in ipairs(refs) do
+    if seqs[j] then known[ref] = seqs[j] end
+  end
+  seqs = redis.call('HMGET', KEYS[3], '.', unpack(refs))
+  new_period = not seqs[1]
+  for j, ref in ipairs(refs) do
+    if seqs[j + 1] then known[ref] = seqs[j + 1] end
   end
 end
 
@@ -85,13 +92,19 @@ for i, line in ipairs(said) do
   end
 end
 if #remembered > 0 then
+  if new_period then
+    remembered[#remembered + 1] = '.'
+    remembered[#remembered + 1] = '1'
+  end
   redis.call('HSET', KEYS[3], unpack(remembered))
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  if new_period then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
+end
+if refresh then  -- (a new room's meta too, even when nothing of the batch was kept)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  if #heard > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 end
 if #heard > 0 then
   redis.call('HSET', KEYS[1], 'seq', tostring(seq), 'time', time_s)
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
   redis.call('SPUBLISH', ARGV[4], 'm\n' .. epoch .. '\n' .. ARGV[6] .. '\n' .. #heard .. '\n' .. table.concat(heard, '\n'))
 end
 return results
