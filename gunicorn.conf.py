@@ -39,6 +39,13 @@ if not _config.redis_url:
             _asked,
         )
 
+# With Redis, several workers share the port: each binds a listening socket of its own with
+# SO_REUSEPORT (gunicorn does so, and the arbiter then holds none), and the kernel hands each
+# new connection to one of them by its addresses' hash, evenly; on one shared socket
+# whichever worker woke first took it (bench/README.md, "Connections over workers"). Without
+# Redis there is one worker: no need.
+reuse_port = bool(_config.redis_url)
+
 # worker_connections: the worker sets it above CHAT_MAX_CONNECTIONS (gunicorn's default of
 # 1000 would leave the 1001st connection unanswered instead of refused).
 

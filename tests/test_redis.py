@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import gevent
 import redis
@@ -69,6 +71,42 @@ def test_two_workers_are_one_chat(start_server, redis_server) -> None:
     # Exactly once: nothing more arrives.
     clients[0].send("end")
     assert all(client.recv() == "end" for client in clients)
+
+
+def sockets_on(pid: int, port: int, state: str = "0A") -> set[str]:
+    """The inodes of the TCP sockets on local port that process pid holds, in a state of
+    /proc/net/tcp (0A: listening, 01: established)."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                listening.add(fields[9])
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # (closed meanwhile)
+        if target.startswith("socket:["):
+            held.add(target[len("socket:[") : -1])
+    return held & listening
+
+
+def test_each_worker_listens_on_a_socket_of_its_own(start_server, redis_server) -> None:
+    """WEB_CONCURRENCY=3 with Redis: each worker listens on a socket of its own in the port's
+    SO_REUSEPORT group, which the kernel spreads connections over by their addresses' hash
+    (bench/README.md, "Connections over workers"), and none on one they share; each takes some."""
+    server = start_server("gunicorn", REDIS_URL=redis_server.url, WEB_CONCURRENCY="3")
+    workers = server.worker_pids()
+    wait_until(lambda: all(sockets_on(pid, server.port) for pid in workers), 10, 0.1, "every worker to listen")
+    held = [sockets_on(pid, server.port) for pid in workers]
+    assert all(len(sockets) == 1 for sockets in held) and len(set.union(*held)) == len(workers)
+    assert not sockets_on(server.proc.pid, server.port)  # (the arbiter holds none)
+    clients = [connect(server) for _ in range(60)]
+    wait_until(lambda: all(sockets_on(pid, server.port, "01") for pid in workers), 10, 0.1, "every worker to take some")
+    for client in clients:
+        client.close()
 
 
 def test_two_hosts_share_the_chat(start_server, redis_server) -> None:
