@@ -1,0 +1,82 @@
+"""Redis's own cost of publish.lua, per line, by batch size: no workers, no clients.
+
+A redis-server of its own; 100 rooms, each call carrying BATCH v2 lines of one room with a
+ref each (so the refs hashes are read and written, as for every v2 line), laid out as
+RedisEngine._publish lays them out; calls pipelined a round of rooms at a time. Prints
+Redis's CPU (user + system) per line and the script's own time per line from INFO
+commandstats. --repo measures another checkout's script (its argument layout is recognised).
+
+    .venv/bin/python bench/publish_lua.py
+    .venv/bin/python bench/publish_lua.py --repo /tmp/before
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import redis
+
+LINES, ROOMS = 40000, 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
+    args = parser.parse_args()
+    script = (args.repo / "chatapp" / "engines" / "redis" / "lua" / "publish.lua").read_text()
+    # Since 466efa1 a seventh argument says whether to push the room's expiry back (mostly not).
+    flag = ["0"] if "local refresh = ARGV[7]" in script else []
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        sha = client.script_load(script)
+        process = psutil.Process(server.pid)
+        for batch in (1, 2, 4, 8):
+            client.flushall()
+            client.config_resetstat()
+            cpu = sum(process.cpu_times()[:2])
+            said = 0
+            while said < LINES:
+                pipe = client.pipeline(transaction=False)
+                for room in range(ROOMS):
+                    tag = f"{{chat:r{room}}}"
+                    keys = [f"{tag}:meta", f"{tag}:history", f"{tag}:refs:1", f"{tag}:refs:0"]
+                    lines = []
+                    for _ in range(batch):
+                        said += 1
+                        lines.append(f"0\nnick{room}\n\n{said}\nb 1 {said} 1764466800000000000\ns{room}\x00r{said}")
+                    pipe.evalsha(sha, len(keys), *keys, "e0", 500, 86400, f"{tag}:live", 240, "w1", *flag, *lines)
+                pipe.execute()
+            cpu = sum(process.cpu_times()[:2]) - cpu
+            stats = client.info("commandstats")["cmdstat_evalsha"]
+            print(f"{args.repo}: {batch} line(s) a call: Redis CPU {cpu / said * 1e6:.2f} us a line, "
+                  f"the script {stats['usec'] / said:.2f} us a line ({stats['usec_per_call']:.1f} us a call)")
+    finally:
+        server.kill()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
