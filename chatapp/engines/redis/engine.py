@@ -27,8 +27,8 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
     {chat}:control          shard channel every worker follows: kicks, bans, disconnects
 
 Redis keeps only what is alive: a room's keys expire CHAT_ROOM_TTL seconds after its last
-line (up to a quarter more), join or leave (refreshed while it has members), its entry leaves the listing as long
-after its last member went, and a silent worker's keys go with it.
+line (up to a quarter more), join or leave (refreshed while it has members), its entry
+leaves the listing as long after its last member went, and a silent worker's keys go with it.
 
 Ownership: every bit of the engine's state (the followed rooms, this worker's counts) lives
 in the hub's greenlet, where the Engine methods and everything posted through Sink.call
