@@ -282,8 +282,7 @@ class V2Codec:
         # Put together by hand: every v2 line has one, and the JSON encoder's walk of a dict
         # cost a third of the hub's own work per v2 line (bench/hub_line.py --v2: 10.0 -> 8.8
         # us). A room name needs no escaping (commands.ROOM); a ref may.
-        ref_json = b"null" if ref is None else _dumps(ref).encode()
-        ack = b'{"type":"ack","ref":%b,"room":"%b","seq":%d}' % (ref_json, room.encode(), seq)
+        ack = b'{"type":"ack","ref":%b,"room":"%b","seq":%d}' % (_string_or_null(ref).encode(), room.encode(), seq)
         return encode_frame(OP_TEXT, ack)
 
     @staticmethod
