@@ -106,10 +106,7 @@ class MemoryEngine:
                 sink.settled(line.id, (room.epoch, known))
                 return
         room.seq += 1
-        now = time_ns() // 1_000_000  # (self._now(), inlined: every line passes here)
-        if now > self._last_time:
-            self._last_time = now
-        message = ChatMessage(name, room.epoch, room.seq, self._last_time, line.nick, line.text, line.id, line.user)
+        message = ChatMessage(name, room.epoch, room.seq, self._now(), line.nick, line.text, line.id, line.user)
         self._histories.keep(name, room.history, message)
         if ref_key is not None:
             self._refs[ref_key] = (message.seq, monotonic())
