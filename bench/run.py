@@ -298,12 +298,15 @@ class Server:
         return sum(sum(p.cpu_times()[:2]) for p in self.workers)
 
     def redis_counters(self):
-        """The redis-server's CPU seconds and bytes in and out so far, or None without one."""
+        """The redis-server's CPU seconds, bytes in and out, and script calls (EVALSHA: the
+        publishes, mostly) and the microseconds spent in them so far, or None without one."""
         if self.redis is None:
             return None
         stats = self.redis_client.info("stats")
+        scripts = self.redis_client.info("commandstats").get("cmdstat_evalsha", {})
         return (sum(psutil.Process(self.redis.pid).cpu_times()[:2]),
-                stats["total_net_input_bytes"], stats["total_net_output_bytes"])
+                stats["total_net_input_bytes"], stats["total_net_output_bytes"],
+                scripts.get("calls", 0), scripts.get("usec", 0))
 
     def _sample(self):
         while not self._stop.wait(0.1):
@@ -497,11 +500,14 @@ def redis_figures(before, after, seconds, result):
     """The redis-server's share of a core over the send phase, its CPU per line said, and the
     bytes it received and sent per delivery and per line (INFO stats: every client, subscriber
     connections included; the workers' replies to the load generator are not Redis traffic)."""
-    cpu, bytes_in, bytes_out = (b - a for a, b in zip(before, after))
+    cpu, bytes_in, bytes_out, calls, script_us = (b - a for a, b in zip(before, after))
     deliveries, lines = result["delivered_per_s"] * seconds, result["sent"]
     return {
         "redis_cpu_pct": round(100 * cpu / seconds, 1),
         "redis_cpu_us_per_line": round(1e6 * cpu / lines, 1) if lines else None,
+        # Inside the scripts (publish.lua, mostly), and lines per call: the batches' size.
+        "redis_script_us_per_line": round(script_us / lines, 1) if lines else None,
+        "lines_per_script_call": round(lines / calls, 1) if calls else None,
         "redis_in_bytes_per_delivery": round(bytes_in / deliveries, 2) if deliveries else None,
         "redis_out_bytes_per_delivery": round(bytes_out / deliveries, 2) if deliveries else None,
         "redis_in_bytes_per_line": round(bytes_in / lines) if lines else None,
@@ -584,9 +590,11 @@ def print_table(results, ratio_rows):
                   f" ({r['api_failures']} failed), p50 {r['api_p50_ms']} ms, p99 {r['api_p99_ms']} ms")
         if "redis_cpu_pct" in r:
             print(f"{r['scenario']} {r['server']}: redis-server CPU {r['redis_cpu_pct']}% "
-                  f"({r['redis_cpu_us_per_line']} us/line); bytes per delivery in {r['redis_in_bytes_per_delivery']}"
-                  f" out {r['redis_out_bytes_per_delivery']}; per line in {r['redis_in_bytes_per_line']}"
-                  f" out {r['redis_out_bytes_per_line']}; connections per worker {r.get('conns_per_worker')}")
+                  f"({r['redis_cpu_us_per_line']} us/line, {r.get('redis_script_us_per_line')} in scripts, "
+                  f"{r.get('lines_per_script_call')} lines a call); bytes per delivery in "
+                  f"{r['redis_in_bytes_per_delivery']} out {r['redis_out_bytes_per_delivery']}; per line in "
+                  f"{r['redis_in_bytes_per_line']} out {r['redis_out_bytes_per_line']}; "
+                  f"connections per worker {r.get('conns_per_worker')}")
     for keys in (RATIO_KEYS, HS_RATIO_KEYS):
         rows = [r for r in ratio_rows if ratio_keys(r["scenario"]) is keys]
         if rows:
