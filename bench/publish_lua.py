@@ -37,6 +37,8 @@ def main() -> None:
     script = (args.repo / "chatapp" / "engines" / "redis" / "lua" / "publish.lua").read_text()
     # Since 466efa1 a seventh argument says whether to push the room's expiry back (mostly not).
     flag = ["0"] if "local refresh = ARGV[7]" in script else []
+    # Since then three arguments a line (mute, ref, the rest as one piece), not one.
+    split = "local lines = (#ARGV - 7) / 3" in script
     port = free_port()
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
@@ -66,7 +68,8 @@ def main() -> None:
                     lines = []
                     for _ in range(batch):
                         said += 1
-                        lines.append(f"0\nnick{room}\n\n{said}\nb 1 {said} 1764466800000000000\ns{room}\x00r{said}")
+                        piece, ref = f"nick{room}\n\n{said}\nb 1 {said} 1764466800000000000", f"s{room}\x00r{said}"
+                        lines += ["0", ref, piece] if split else [f"0\n{piece}\n{ref}"]
                     pipe.evalsha(sha, len(keys), *keys, "e0", 500, 86400, f"{tag}:live", 240, "w1", *flag, *lines)
                 pipe.execute()
             cpu = sum(process.cpu_times()[:2]) - cpu

@@ -215,7 +215,8 @@ def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server)
         while history.xlen("{chat:lobby}:history") < 3:
             assert time.monotonic() < deadline, "the lines never reached Redis"
             gevent.sleep(0.05)
-        assert [f[b"x"] for _, f in history.xrange("{chat:lobby}:history")] == [b"one", b"two", b"three"]
+        assert [f[b"e"].rsplit(b"\n", 1)[1] for _, f in history.xrange("{chat:lobby}:history")] == [
+            b"one", b"two", b"three"]
         assert sink.shown == ["one", "two", "three"]
     finally:
         publisher.kill()

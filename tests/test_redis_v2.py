@@ -121,6 +121,26 @@ def test_a_client_moving_to_the_other_host_recovers_what_it_missed(hosts) -> Non
     assert [e for e in bob.settle() if e["type"] == "presence"] == []  # no left, no joined
 
 
+def test_history_kept_in_the_earlier_layout_is_read_after_an_upgrade(hosts, redis) -> None:
+    """A room's history written before publish.lua kept a line in one field (a field each:
+    t, n, x, o, l, u) is replayed and paged as before: an upgrade loses nobody's lines."""
+    a, b = hosts()
+    store = (redis_client.RedisCluster if hasattr(redis, "nodes") else redis_client.Redis).from_url(redis.url)
+    store.hset("{chat:old}:meta", mapping={"epoch": "e-old", "seq": 2, "time": 1764466800000})
+    for seq, nick, text in ((1, "alice", "kept before"), (2, "bob", "the upgrade")):
+        store.xadd("{chat:old}:history", {"t": 1764466800000 + seq, "n": nick, "x": text, "o": "w-gone", "l": "7",
+                                          "u": ""}, id=f"{seq}-0")
+    joined = V2Client(a, "carol").join("old", since={"epoch": "e-old", "seq": 0})
+    assert joined["recovered"] is True
+    assert [(m["seq"], m["nick"], m["text"], m["time"]) for m in joined["messages"]] == [
+        (1, "alice", "kept before", 1764466800001), (2, "bob", "the upgrade", 1764466800002)]
+    reader = V2Client(b, "dave")
+    reader.join("old")
+    reader.send(type="history", room="old", before=3, limit=10)
+    assert [m["text"] for m in reader.wait("history")["messages"]] == ["kept before", "the upgrade"]
+    assert reader.say("old", "after")["seq"] == 3
+
+
 def test_a_ref_publishes_once_across_hosts(hosts) -> None:
     """A page resending a line with its ref on another host publishes nothing new."""
     a, b = hosts()

@@ -4,7 +4,9 @@ each room's seqs, history and member list (docs/protocol.md, "Across workers").
 Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster per room):
 
     {chat:tea}:meta         hash: epoch, seq, time
-    {chat:tea}:history      stream of lines, ids "<seq>-0" (trimmed to the recovery window)
+    {chat:tea}:history      stream of lines, ids "<seq>-0" (trimmed to the recovery window),
+                            fields o (the worker that said it) and e ("<time>\n<nick>\n
+                            <user>\n<the worker's id>\n<text>"); a deletion's, g too (its target)
     {chat:tea}:refs:<n>     session NUL ref -> the seq it got, for refs said in the
                             n-th two-minute period (kept two periods); "." from its start
     {chat:tea}:owners       casefolded nick -> session TAB nick
@@ -415,7 +417,7 @@ class RedisEngine:
                         ref = "" if line.id else f"\x00{self.worker}:{tag}"
                     user = line.user or ""
                     mute = mutes.setdefault(user, len(mutes) + 1) if user else 0
-                    args.append(f"{mute}\n{line.nick or ''}\n{user}\n{tag}\n{line.text}\n{ref}")
+                    args += (mute, ref, f"{line.nick or ''}\n{user}\n{tag}\n{line.text}")
                 keys += [link.room_key(room, f"mute:{user}") for user in mutes]
                 link.script(pipe, "publish", keys, args)
             for indexes, (epoch, *room_results) in zip(calls, pipe.execute()):
@@ -561,12 +563,14 @@ class RedisEngine:
         entry_id, fields = entry
         if isinstance(fields, list):  # (what a script returns: a flat list)
             fields = dict(zip(fields[::2], fields[1::2]))
-        tag = fields.get(b"l", b"").decode()
+        if b"e" in fields:  # (publish.lua's layout: "<time>\n<nick>\n<user>\n<tag>\n<text>")
+            time, nick, user, tag, text = fields[b"e"].decode().split("\n", 4)
+        else:  # (entries kept before it: a field each, read after an upgrade)
+            time, nick, user, tag, text = (fields.get(key, b"").decode() for key in (b"t", b"n", b"u", b"l", b"x"))
         mine = fields.get(b"o", b"").decode() == self.worker
         message = ChatMessage(
-            room, epoch, int(entry_id.split(b"-", 1)[0]), int(fields[b"t"]), fields[b"n"].decode() or None,
-            fields[b"x"].decode(), int(tag) if mine and tag.isdigit() else 0, fields.get(b"u", b"").decode() or None,
-            int(fields.get(b"g", 0)),
+            room, epoch, int(entry_id.split(b"-", 1)[0]), int(time), nick or None, text,
+            int(tag) if mine and tag.isdigit() else 0, user or None, int(fields.get(b"g", 0)),
         )
         if message.target or deleted:
             message.delete()

@@ -16,7 +16,10 @@ for i = 1, #entry, 2 do fields[entry[i]] = entry[i + 1] end
 if fields['g'] then
   return {'missing'}  -- a deletion, not a line
 end
-if ARGV[3] ~= '1' and (ARGV[2] == '' or fields['u'] ~= ARGV[2]) then
+-- Its author: the third of e's fields (publish.lua), or the field u of an entry kept before.
+local author = fields['u']
+if fields['e'] then author = string.match(fields['e'], '^[^\n]*\n[^\n]*\n([^\n]*)') end
+if ARGV[3] ~= '1' and (ARGV[2] == '' or author ~= ARGV[2]) then
   return {'forbidden'}
 end
 if redis.call('HEXISTS', KEYS[3], seq) == 1 then
@@ -30,7 +33,7 @@ local time = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local last = tonumber(redis.call('HGET', KEYS[1], 'time'))
 if time < last then time = last end
 redis.call('HSET', KEYS[1], 'time', time)
-redis.call('XADD', KEYS[2], next .. '-0', 't', time, 'n', ARGV[4], 'x', '', 'o', ARGV[7], 'l', '', 'u', '', 'g', seq)
+redis.call('XADD', KEYS[2], next .. '-0', 'o', ARGV[7], 'e', time .. '\n' .. ARGV[4] .. '\n\n\n', 'g', seq)
 for i = 1, 3 do
   redis.call('EXPIRE', KEYS[i], ARGV[6])
 end
