@@ -15,6 +15,7 @@ class Out:
 
     def __init__(self) -> None:
         self.delivered: list[tuple[str, int]] = []
+        self.handed: list[int] = []  # how many lines each deliver() carried
         self.fills: list[tuple[int, int]] = []
         self.resyncs = 0
         self.answers: list[tuple[str, JoinAnswer]] = []
@@ -23,6 +24,7 @@ class Out:
 
     def deliver(self, follower: Follower, messages: list[ChatMessage]) -> None:
         self.delivered += [(m.epoch, m.seq) for m in messages]
+        self.handed.append(len(messages))
 
     def fill(self, follower: Follower, first: int, last: int) -> None:
         self.fills.append((first, last))
@@ -156,3 +158,13 @@ def test_followed_from_here_while_redis_is_away() -> None:
     room.heard(line(7))
     room.start_local("local")
     assert room.state is LIVE and (room.epoch, room.seq) == ("local", 0) and room.early == {}
+
+
+def test_what_one_read_found_goes_to_the_hub_in_one_delivery() -> None:
+    """Lines heard together (one read of the channel) are handed over together, a repeat and
+    a line of the gap they close included: one fan-out for the hub, not one per line."""
+    room, out = follower()
+    room.answered("joiner", answer(2))
+    room.heard(line(3), line(5), line(3), line(4), line(6))
+    assert out.delivered == [("e1", 3), ("e1", 4), ("e1", 5), ("e1", 6)] and out.handed == [4]
+    assert room.state is FILLING and out.fills == [(4, 4)]  # (asked when 5 came ahead of 4)

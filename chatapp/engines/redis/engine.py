@@ -319,10 +319,11 @@ class RedisEngine:
         if follower is None:
             return  # Nobody here any more (the unsubscription is on its way).
         for message, tag in heard:
-            self._unshown.pop(tag, None)  # (published: Redis shows it)
-            if tag and tag in self._shown_here:
-                message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
-            follower.heard(message)
+            if tag:
+                self._unshown.pop(tag, None)  # (published: Redis shows it)
+                if tag in self._shown_here:
+                    message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
+        follower.heard(*(message for message, _ in heard))
 
     def _published(self, batch: list[tuple[Line, str]], results: list[Any]) -> None:
         assert self._sink is not None
@@ -624,8 +625,7 @@ class RedisEngine:
 
         def heard() -> None:
             if self._current(follower):
-                for message in messages:
-                    follower.heard(message)
+                follower.heard(*messages)
                 follower.filled()
 
         self._post(heard, lines=True)

@@ -96,6 +96,8 @@ class Follower:
         self.own: dict[int, tuple[str, int]] = {}
         # Whether a resync is on its way (one at a time).
         self.resyncing = False
+        # Lines delivered but not yet handed to the hub (Out.deliver), in order.
+        self._ready: list[ChatMessage] = []
         self._out = out
 
     def __repr__(self) -> str:
@@ -103,8 +105,14 @@ class Follower:
 
     # What Redis says
 
-    def heard(self, message: ChatMessage) -> None:
-        """A line from the room's channel, or read back from its history."""
+    def heard(self, *messages: ChatMessage) -> None:
+        """Lines from the room's channel (all that one read found, in the order heard), or
+        read back from its history: those due go to the hub together."""
+        for message in messages:
+            self._hear(message)
+        self._hand_over()
+
+    def _hear(self, message: ChatMessage) -> None:
         if message.origin:
             self.own.pop(message.origin, None)
         if self.state is SYNCING or message.epoch != self.epoch:
@@ -121,7 +129,7 @@ class Follower:
                 self.state = FILLING
                 self._out.fill(self, self.seq + 1, message.seq - 1)
             return
-        self._deliver(message)
+        self._take(message)
 
     def filled(self) -> None:
         """The lines read back for a gap have all been heard (those the history still had)."""
@@ -138,7 +146,8 @@ class Follower:
                     del self.own[line_id]
                     self._out.settle(line_id, epoch, seq)
             self.seq = first - 1
-            self._deliver(self.early.pop(first))
+            self._take(self.early.pop(first))
+            self._hand_over()
 
     def answered(self, joiner: Peer, answer: JoinAnswer) -> None:
         """Redis's answer to a join: given once delivery has reached its seq."""
@@ -151,8 +160,7 @@ class Follower:
         epoch, everything it keeps)."""
         self.resyncing = False
         if self._sync(answer):
-            for message in answer.messages:
-                self.heard(message)
+            self.heard(*answer.messages)
 
     def published(self, line_id: int, epoch: str, seq: int) -> None:
         """Redis numbered a line this worker said here."""
@@ -175,8 +183,7 @@ class Follower:
         (False: the room started over there)."""
         if self.state is SYNCING:
             self._start(answer)
-            for message in self._take_early():
-                self.heard(message)
+            self.heard(*self._take_early())
             return True
         if answer.epoch == self.epoch:
             return True
@@ -198,8 +205,7 @@ class Follower:
         self._out.restart(self, answer)
         for joiner, _ in waiting:  # Asked in the old epoch: the new one is their answer.
             self._out.answer(joiner, answer)
-        for message in early:
-            self.heard(message)
+        self.heard(*early)
         return False
 
     def _start(self, answer: JoinAnswer) -> None:
@@ -216,8 +222,9 @@ class Follower:
         early, self.early = self.early, {}
         return [early[seq] for seq in sorted(early) if seq > self.seq and early[seq].epoch == self.epoch]
 
-    def _deliver(self, message: ChatMessage | None) -> None:
-        ready = []
+    def _take(self, message: ChatMessage | None) -> None:
+        """Deliver the line seq + 1, and those that came early behind it (to the hub at the
+        next _hand_over)."""
         histories, room = self.histories, self.room
         history = histories.get(room)
         while message is not None:
@@ -227,9 +234,13 @@ class Follower:
                     if kept.seq == message.target:
                         kept.delete()
             histories.keep(room, history, message)
-            ready.append(message)
+            self._ready.append(message)
             message = self.early.pop(self.seq + 1, None)
-        self._out.deliver(self, ready)
+
+    def _hand_over(self) -> None:
+        if self._ready:
+            ready, self._ready = self._ready, []
+            self._out.deliver(self, ready)
         self._answer_waiting()
 
     def _answer_waiting(self) -> None:
