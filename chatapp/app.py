@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
@@ -116,6 +117,7 @@ class Chat:
         # The codecs every connection shares: they hold only the limits.
         self.v1 = V1Codec(config.max_message_size)
         self.v2 = V2Codec(config.max_message_size, config.rate_limit, token=config.auth == "token")
+        self._received_v1, self._received_v2 = (self.metrics.received.labels(v) for v in ("v1", "v2"))
         # Open WebSocket connections in this process, for the connection cap.
         self.connections = 0
         self.shutting_down = False
@@ -208,7 +210,8 @@ class Chat:
         self.connections += 1
         self.hub.register(peer)
         try:
-            conn.read_pump(self._reader(peer))
+            # (a partial, not a closure over what it reads: an idle connection holds one object)
+            conn.read_pump(partial(self._on_message, peer))
         finally:
             self.hub.unregister(peer)
             conn.wait_closed(timeout=2 * config.write_wait + 5)
@@ -216,51 +219,45 @@ class Chat:
             metrics.connections.labels(protocol).dec()
             metrics.closed.labels(str(conn.close_code)).inc()
 
-    def _reader(self, peer: Peer) -> Callable[[str | bytes], None]:
-        """What the read pump does with each message: decode it, pace it, hand it to the hub."""
-        v1, v1_codec, v2_codec, verifier = not peer.v2, self.v1, self.v2, self.verifier
-        hub = self.hub
-        limit = self.config.rate_limit
-        received = self.metrics.received.labels("v1" if v1 else "v2")
-        rate_closes = self.metrics.rate_closes
-
-        def on_message(data: str | bytes) -> None:
-            received.inc()
-            if isinstance(data, bytes):
-                raise ProtocolFailure(frames.CLOSE_UNSUPPORTED_DATA, "text messages only")
-            pace = peer.spend() if limit else WITHIN
-            if pace is not WITHIN and (v1 or pace is FLOODING):
-                rate_closes.inc()
-                raise ProtocolFailure(frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s")
-            if peer.waiting:
-                peer.wait_turn()
-            if v1:
-                say = v1_codec.decode(data)
-                if say is not None:
-                    hub.say(peer, say)
+    def _on_message(self, peer: Peer, data: str | bytes) -> None:
+        """What the read pump does with each message of a connection: decode it, pace it, hand
+        it to the hub."""
+        v1, limit, hub = not peer.v2, self.config.rate_limit, self.hub
+        (self._received_v1 if v1 else self._received_v2).inc()
+        if isinstance(data, bytes):
+            raise ProtocolFailure(frames.CLOSE_UNSUPPORTED_DATA, "text messages only")
+        pace = peer.spend() if limit else WITHIN
+        if pace is not WITHIN and (v1 or pace is FLOODING):
+            self.metrics.rate_closes.inc()
+            raise ProtocolFailure(frames.CLOSE_POLICY_VIOLATION, f"rate limit: {limit:g} messages/s")
+        if peer.waiting:
+            peer.wait_turn()
+        if v1:
+            say = self.v1.decode(data)
+            if say is not None:
+                hub.say(peer, say)
+            return
+        try:
+            command = self.v2.decode(data, peer.greeted)
+            if pace is OVER:
+                raise CommandError(
+                    "rate_limited",
+                    f"over {limit:g} messages/s: not done",
+                    getattr(command, "room", None),
+                    getattr(command, "ref", None),
+                )
+            if isinstance(command, Say):
+                hub.say(peer, command)
                 return
-            try:
-                command = v2_codec.decode(data, peer.greeted)
-                if pace is OVER:
-                    raise CommandError(
-                        "rate_limited",
-                        f"over {limit:g} messages/s: not done",
-                        getattr(command, "room", None),
-                        getattr(command, "ref", None),
-                    )
-                if isinstance(command, Say):
-                    hub.say(peer, command)
-                    return
-                if isinstance(command, Hello | Refresh) and verifier is not None:
-                    command = self._verified(command, verifier)
-                if isinstance(command, Hello):
-                    peer.greeted = True  # (what comes after it is carried out after it, in the hub)
-                hub.command(peer, command)
-            except CommandError as error:
-                log.debug("%r: %s", peer, error)
-                hub.reply(peer, V2Codec.error(error))
-
-        return on_message
+            verifier = self.verifier
+            if isinstance(command, Hello | Refresh) and verifier is not None:
+                command = self._verified(command, verifier)
+            if isinstance(command, Hello):
+                peer.greeted = True  # (what comes after it is carried out after it, in the hub)
+            hub.command(peer, command)
+        except CommandError as error:
+            log.debug("%r: %s", peer, error)
+            hub.reply(peer, V2Codec.error(error))
 
     def _verified(self, command: Hello | Refresh, verifier: Verifier) -> Hello | Refresh:
         """A hello or refresh with the identity its token vouches for (in the read pump: the
