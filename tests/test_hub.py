@@ -16,9 +16,9 @@ from support import parse_server_frames
 
 from chatapp.chat.codec import V1Codec, V2Codec
 from chatapp.chat.commands import Join, Leave, ListRooms, Position, Say
-from chatapp.chat.engine import Line
 from chatapp.chat.hub import LOOK_UP_EVERY, Hub
 from chatapp.chat.peer import Peer
+from chatapp.chat.presence import Member
 from chatapp.engines import memory as memory_module
 from chatapp.engines.memory import MemoryEngine
 
@@ -362,8 +362,8 @@ class LateEngine(MemoryEngine):
         self.held: list[Callable[[], None]] = []
         self.hub: Hub | None = None
 
-    def publish(self, line: Line) -> None:
-        self.held.append(lambda: MemoryEngine.publish(self, line))
+    def publish(self, line_id: int, say: Say, speaker: Member | None) -> None:
+        self.held.append(lambda: MemoryEngine.publish(self, line_id, say, speaker))
 
     def join(self, joiner, room, since, member) -> None:
         self.held.append(lambda: MemoryEngine.join(self, joiner, room, since, member))

@@ -24,8 +24,8 @@ from support import (
     wait_until,
 )
 
-from chatapp.chat.commands import CommandError
-from chatapp.chat.engine import Line
+from chatapp.chat.commands import CommandError, Say
+from chatapp.chat.presence import Member
 from chatapp.config import Config
 from chatapp.engines.redis import RedisEngine
 from chatapp.metrics import Metrics
@@ -205,8 +205,8 @@ def test_lines_lost_to_a_full_outbox_are_counted() -> None:
     engine = RedisEngine(Config(redis_url="redis://127.0.0.1:1/0"), metrics)
     engine._outbox = Queue(maxsize=1)
     engine._sink = sink = Sink()
-    engine.publish(Line(1, "tea", "alice", "s", None, "fits"))
-    engine.publish(Line(2, "tea", "alice", "s", None, "finds it full"))
+    engine.publish(1, Say("tea", "fits", None), Member("alice", "alice", "s"))
+    engine.publish(2, Say("tea", "finds it full", None), Member("alice", "alice", "s"))
     assert sink.refused == [(2, "unavailable")]
     assert value(metrics.exposition()[0].decode(), "chat_outbox_lost_total") == 1
 

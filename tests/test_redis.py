@@ -16,7 +16,7 @@ import redis
 import websocket
 from support import connect, wait_until
 
-from chatapp.chat.engine import Line
+from chatapp.chat.commands import Say
 from chatapp.config import Config
 from chatapp.engines.redis.engine import RedisEngine
 from chatapp.engines.redis.link import RedisLink
@@ -198,15 +198,15 @@ def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server)
     publisher = gevent.spawn(engine._publish_forever)
     try:
         redis_server.stop()
-        engine.publish(Line(0, "lobby", None, None, None, "one"))  # (the publisher has not run yet)
+        engine.publish(0, Say("lobby", "one", None), None)  # (the publisher has not run yet)
         engine._went_down(redis.ConnectionError("the heartbeat found Redis gone"))
-        engine.publish(Line(0, "lobby", None, None, None, "two"))
+        engine.publish(0, Say("lobby", "two", None), None)
         assert sink.shown == ["one", "two"]
         deadline = time.monotonic() + 10
         while not sink.calls:  # the publisher's own attempt fails: it shows nothing again
             assert time.monotonic() < deadline, "the publisher never tried"
             gevent.sleep(0.01)
-        engine.publish(Line(0, "lobby", None, None, None, "three"))
+        engine.publish(0, Say("lobby", "three", None), None)
         assert sink.shown == ["one", "two", "three"]
 
         redis_server.start()

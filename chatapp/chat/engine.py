@@ -17,28 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .commands import BackendCall, CommandError, Moderate, Position
+from .commands import BackendCall, CommandError, Moderate, Position, Say
 from .message import ChatMessage
 from .presence import Member, PresenceChange
 
 if TYPE_CHECKING:
     from .peer import Peer
-
-
-@dataclass(slots=True)
-class Line:
-    """A line a connection said, before the engine gives it a seq."""
-
-    # This worker's id for it: the message it becomes carries it back as its origin, and the
-    # hub finds the sender to ack by it. 0 for a line nobody waits on (a v1 client's).
-    id: int
-    room: str
-    nick: str | None
-    session: str | None
-    ref: str | None
-    text: str
-    # The speaker's user (token mode): a mute holds it back, and a delete checks it.
-    user: str | None = None
 
 
 @dataclass(slots=True)
@@ -159,8 +143,13 @@ class Engine(Protocol):
     def healthy(self) -> bool:
         """False while the engine cannot carry lines to the rest of the chat."""
 
-    def publish(self, line: Line) -> None:
-        """Number, keep and deliver a line: it arrives (or is settled) through the sink."""
+    def publish(self, line_id: int, say: Say, speaker: Member | None) -> None:
+        """Number, keep and deliver a line: it arrives (or is settled) through the sink.
+
+        line_id is this worker's id for it: the message it becomes carries it back as its
+        origin, and the hub finds the sender to ack by it; 0 for a line nobody waits on. The
+        speaker's nick, session (its refs' scope) and user (a mute holds the line back, a
+        delete checks it); None for a v1 client's line (no nick, no ref)."""
 
     def join(self, joiner: Peer, room: str, since: Position | None, member: Member | None) -> None:
         """Where the room is for a joiner (answered), counting member's connection in it

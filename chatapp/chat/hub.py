@@ -35,7 +35,7 @@ from .commands import (
     Say,
     Typing,
 )
-from .engine import Engine, HistoryPage, JoinAnswer, Line, Moderator, Removal
+from .engine import Engine, HistoryPage, JoinAnswer, Moderator, Removal
 from .identity import matches
 from .message import ChatMessage
 from .peer import HubCommand, Peer, Pending
@@ -418,12 +418,12 @@ class Hub:
             return  # (A v1 client is in the lobby until the hub drops it: then it is closing.)
         member = peer.member
         if member is None:  # (a v1 client: nobody waits on its lines)
-            self.engine.publish(Line(0, say.room, None, None, None, say.text))
+            self.engine.publish(0, say, None)
             return
         line_id = next(self._line_ids)
         peer.pend(Pending(say.room, line_id, say.ref))
         self._acks[line_id] = peer
-        self.engine.publish(Line(line_id, say.room, member.nick, member.session, say.ref, say.text, member.user))
+        self.engine.publish(line_id, say, member)
 
     def arrived(self, messages: list[ChatMessage]) -> None:
         """Sink: lines numbered by the engine, in each room's seq order."""
@@ -1087,8 +1087,9 @@ class Hub:
         if method == "publish":
             line_id = next(self._line_ids)
             self._acks[line_id] = call
-            line = Line(line_id, body["room"], body.get("nick"), "", body.get("ref"), body["text"], body.get("user"))
-            self.engine.publish(line)
+            # (the backend speaks as the nick and user it names, its refs in a session of its own: "")
+            speaker = Member("", body.get("nick") or "", "", body.get("user"))
+            self.engine.publish(line_id, Say(body["room"], body["text"], body.get("ref")), speaker)
         elif method in ("kick", "ban", "unban", "mute", "unmute", "delete"):
             if method != "delete" and not self.token_mode:
                 call.reply(403, {"error": "forbidden", "message": "moderation names users: it needs CHAT_AUTH=token"})

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING
 
-from ..chat.commands import LISTING_LIMIT, LOBBY, BackendCall, CommandError, Moderate, Position
-from ..chat.engine import HistoryPage, JoinAnswer, Line, Moderator, Removal, Sink
+from ..chat.commands import LISTING_LIMIT, LOBBY, BackendCall, CommandError, Moderate, Position, Say
+from ..chat.engine import HistoryPage, JoinAnswer, Moderator, Removal, Sink
 from ..chat.history import Histories, History, new_epoch
 from ..chat.message import ChatMessage
 from ..chat.presence import PRESENCE_LIMIT, Member, PresenceChange, Tally
@@ -88,25 +88,28 @@ class MemoryEngine:
 
     # Lines
 
-    def publish(self, line: Line) -> None:
+    def publish(self, line_id: int, say: Say, speaker: Member | None) -> None:
         sink = self._sink
         assert sink is not None
-        name = line.room
+        name = say.room
         room = self._rooms.get(name) or self._room(name)
-        if line.user is not None and self._mutes:
-            until = _in_force(self._mutes, (name, line.user))
+        nick = session = user = None
+        if speaker is not None:
+            nick, session, user = speaker.nick or None, speaker.session, speaker.user
+        if user is not None and self._mutes:
+            until = _in_force(self._mutes, (name, user))
             if until is not False:
-                sink.settled(line.id, CommandError("muted", f"you are muted in {name}", until=until))
+                sink.settled(line_id, CommandError("muted", f"you are muted in {name}", until=until))
                 return
         ref_key = None
-        if line.ref is not None:
-            ref_key = (name, room.epoch, line.session, line.ref)
+        if say.ref is not None:
+            ref_key = (name, room.epoch, session, say.ref)
             known = self._known_ref(ref_key)
             if known is not None:
-                sink.settled(line.id, (room.epoch, known))
+                sink.settled(line_id, (room.epoch, known))
                 return
         room.seq += 1
-        message = ChatMessage(name, room.epoch, room.seq, self._now(), line.nick, line.text, line.id, line.user)
+        message = ChatMessage(name, room.epoch, room.seq, self._now(), nick, say.text, line_id, user)
         self._histories.keep(name, room.history, message)
         if ref_key is not None:
             self._refs[ref_key] = (message.seq, monotonic())

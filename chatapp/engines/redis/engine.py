@@ -46,6 +46,7 @@ import os
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from itertools import count
 from time import monotonic, time, time_ns
@@ -55,8 +56,8 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Empty, Full, Queue
 
-from ...chat.commands import LISTING_LIMIT, LOBBY, BackendCall, CommandError, Moderate, Position
-from ...chat.engine import HistoryPage, JoinAnswer, Line, Moderator, Removal, Sink
+from ...chat.commands import LISTING_LIMIT, LOBBY, BackendCall, CommandError, Moderate, Position, Say
+from ...chat.engine import HistoryPage, JoinAnswer, Moderator, Removal, Sink
 from ...chat.history import Histories, new_epoch
 from ...chat.message import ChatMessage
 from ...chat.presence import PRESENCE_LIMIT, Member, PresenceChange
@@ -87,6 +88,20 @@ SHOWN_HERE_LIMIT = 100000
 PRUNE_BATCH = 1000
 # Rooms whose keys' expiry the publisher remembers pushing back, at most (the oldest go first).
 REFRESHED_LIMIT = 10000
+
+
+@dataclass(slots=True)
+class Line:
+    """A line said here on its way to Redis (the publisher's outbox)."""
+
+    # This worker's id for it (Engine.publish); 0 for a v1 client's.
+    id: int
+    room: str
+    nick: str | None
+    session: str | None
+    ref: str | None
+    text: str
+    user: str | None = None
 
 
 def unavailable() -> CommandError:
@@ -171,9 +186,13 @@ class RedisEngine:
         where it is (then the worker starts degraded)."""
         self.ready.wait(2 * COMMAND_TIMEOUT + 1)
 
-    def publish(self, line: Line) -> None:
+    def publish(self, line_id: int, say: Say, speaker: Member | None) -> None:
         sink = self._sink
         assert sink is not None
+        if speaker is None:
+            line = Line(0, say.room, None, None, None, say.text)
+        else:
+            line = Line(line_id, say.room, speaker.nick or None, speaker.session, say.ref, say.text, speaker.user)
         tag = str(line.id) if line.id else f"v{next(self._v1_ids)}"
         if self._up:
             try:
