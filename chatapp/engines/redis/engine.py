@@ -333,16 +333,16 @@ class RedisEngine:
         assert self._sink is not None
         self._sink.heard_here(room, text)
 
-    def _heard(self, room: str, heard: list[tuple[ChatMessage, str]]) -> None:
+    def _heard(self, room: str, messages: list[ChatMessage], tags: list[str] | None) -> None:
+        """Lines of the room's channel, with their tags when this worker said them."""
         follower = self._followers.get(room)
         if follower is None:
             return  # Nobody here any more (the unsubscription is on its way).
-        for message, tag in heard:
-            if tag:
-                self._unshown.pop(tag, None)  # (published: Redis shows it)
-                if tag in self._shown_here:
-                    message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
-        follower.heard(*(message for message, _ in heard))
+        for message, tag in zip(messages, tags or ()):
+            self._unshown.pop(tag, None)  # (published: Redis shows it)
+            if tag in self._shown_here:
+                message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
+        follower.heard(*messages)
 
     def _published(self, batch: list[tuple[Line, str]], results: list[Any]) -> None:
         assert self._sink is not None
@@ -478,19 +478,22 @@ class RedisEngine:
         room = self.link.room_of(channel)
         if kind == b"m":  # lines said in the room: epoch, worker, count, then 6 fields a line
             parts = rest.split("\n")
-            epoch, worker, count = parts[0], parts[1], int(parts[2])
-            mine = worker == self.worker
-            heard = []
-            for at in range(3, 3 + 6 * count, 6):
-                seq, time, nick, user, tag, text = parts[at : at + 6]
-                origin = int(tag) if mine and tag.isdigit() else 0
-                message = ChatMessage(room, epoch, int(seq), int(time), nick or None, text, origin, user or None)
-                heard.append((message, tag if mine else ""))
-            return lambda: self._heard(room, heard)
+            epoch, lines = parts[0], range(3, 3 + 6 * int(parts[2]), 6)  # (seq, time, nick, user, tag, text)
+            messages = [
+                ChatMessage(room, epoch, int(parts[at]), int(parts[at + 1]), parts[at + 2] or None, parts[at + 5], 0,
+                            parts[at + 3] or None)
+                for at in lines
+            ]
+            tags = None
+            if parts[1] == self.worker:  # Said here: a v2 line's tag is its id, which its ack goes by.
+                tags = [parts[at + 4] for at in lines]
+                for message, tag in zip(messages, tags):
+                    message.origin = int(tag) if tag.isdigit() else 0
+            return lambda: self._heard(room, messages, tags)
         if kind == b"d":
             epoch, seq, time, nick, target = rest.split("\n", 4)
             deletion = ChatMessage(room, epoch, int(seq), int(time), nick or None, None, target=int(target))
-            return lambda: self._heard(room, [(deletion, "")])
+            return lambda: self._heard(room, [deletion], None)
         if kind == b"p":
             version, change, key, nick = rest.split("\n", 3)
             presence = PresenceChange(room, int(version), change, self._member(key, nick))
