@@ -179,3 +179,38 @@ def test_arbitrary_frames(frame_specs: list[tuple[int, bytes, bool]]) -> None:
         parser.feed(data)
     except ProtocolFailure as fail:
         assert fail.code in (1002, 1007, 1009)
+
+
+def _events_and_failure(parser: FrameParser, chunks: list[bytes]) -> tuple[list, int | None]:
+    """Everything the parser makes of the chunks: the events, then the failure's code if any."""
+    events: list = []
+    try:
+        for chunk in chunks:
+            events += parser.feed(chunk)
+        if parser.failure is not None:
+            raise parser.failure
+    except ProtocolFailure as fail:
+        return events, fail.code
+    return events, None
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0x0, 0x1, 0x1, 0x1, 0x2, 0x9, 0xA, 0x8]),
+            st.one_of(st.text(max_size=300).map(str.encode), st.binary(max_size=300)),
+            st.booleans(),
+            st.sampled_from([True, True, True, False]),
+        ),
+        max_size=6,
+    )
+)
+def test_whole_frames_read_at_once_as_byte_by_byte(frame_specs: list[tuple[int, bytes, bool, bool]]) -> None:
+    """A buffer holding whole frames takes a short way for a text message in one frame: what it
+    yields (messages, control events, the failure and its code) is what the same bytes yield
+    one at a time, frame part by frame part."""
+    data = b"".join(client_frame(op, payload, fin=fin, mask=mask) for op, payload, fin, mask in frame_specs)
+    at_once = _events_and_failure(FrameParser(256), [data])
+    byte_by_byte = _events_and_failure(FrameParser(256), [bytes([byte]) for byte in data])
+    assert at_once == byte_by_byte

@@ -135,8 +135,11 @@ class FrameParser:
         events: list[Event] = []
         try:
             while True:
-                if self._opcode is None and not self._read_header():
-                    break
+                if self._opcode is None:
+                    if self._message_opcode is None and self._whole_text(events):
+                        continue
+                    if not self._read_header():
+                        break
                 if self._remaining and not self._read_payload():
                     break
                 event = self._finish_frame()
@@ -154,6 +157,31 @@ class FrameParser:
             if not events:
                 raise
         return events
+
+    def _whole_text(self, events: list[Event]) -> bool:
+        """The common case in one step: a whole text message in one masked frame (payload
+        under 64 KiB) already in the buffer. Anything else, or anything wrong with it, goes
+        the long way below, which checks every rule as the frame arrives."""
+        buf = self._buffer
+        if len(buf) < 6 or buf[0] != 0x81 or buf[1] < 0x80:  # (FIN and text, nothing reserved; masked)
+            return False
+        length, start = buf[1] & 0x7F, 6
+        if length == 126:
+            if len(buf) < 8:
+                return False
+            length, start = (buf[2] << 8) | buf[3], 8
+        elif length == 127:
+            return False
+        end = start + length
+        if len(buf) < end or length > self.max_message_size:
+            return False
+        payload = unmask(bytes(buf[start:end]), bytes(buf[start - 4 : start]))
+        del buf[:end]
+        try:
+            events.append(Message(payload.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise ProtocolFailure(CLOSE_INVALID_DATA, "invalid UTF-8 in text message") from None
+        return True
 
     def _read_header(self) -> bool:
         buf = self._buffer
