@@ -9,7 +9,12 @@ checkout or e16cecb (the hub before the engine seam), so the two can be set side
     .venv/bin/python bench/hub_line.py                 # this checkout
     .venv/bin/python bench/hub_line.py --repo /tmp/before --v2
 
-Prints the best of --runs runs (each in a fresh process), in microseconds per line.
+Prints the best of --runs runs (each in a fresh process), in microseconds per line. Time on a
+shared VM is noisy; instructions are not: two runs of one process under valgrind, 2,100 and
+6,300 lines, differ by 4,200 lines' worth (start-up cancels out):
+
+    PYTHONHASHSEED=0 valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
+        .venv/bin/python bench/hub_line.py --one --lines 2100 [--repo /tmp/before]   # then 6300
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class Member:
         self.received += count
 
 
-def measure(repo: Path, v2: bool) -> float:
+def measure(repo: Path, v2: bool, lines: int = LINES) -> float:
     sys.path.insert(0, str(repo))
     import gevent
 
@@ -47,7 +52,7 @@ def measure(repo: Path, v2: bool) -> float:
         from chatapp.engines.memory import MemoryEngine
 
         hub = Hub(MemoryEngine(history=0, recovery_window=500, max_rooms=10000, history_bytes=64 << 20),
-                  inbox_size=LINES)
+                  inbox_size=lines)
         conns = [Member() for _ in range(MEMBERS)]
         peers = [Peer(conn, V2Codec(512, 0) if v2 else V1Codec(512), 0) for conn in conns]  # type: ignore[arg-type]
         hub.start()
@@ -64,7 +69,7 @@ def measure(repo: Path, v2: bool) -> float:
         from chatapp.peer import Peer  # type: ignore[no-redef]
         from chatapp.room import Rooms
 
-        hub = Hub(Rooms(10000, 64 << 20, 500), inbox_size=LINES, history=0)
+        hub = Hub(Rooms(10000, 64 << 20, 500), inbox_size=lines, history=0)
         conns = []
         for i in range(MEMBERS):
             conn = Member()
@@ -88,15 +93,15 @@ def measure(repo: Path, v2: bool) -> float:
         hub.say(sender, Say(room, f"b 1 {i} 1764466800000000000", f"r{i}" if v2 else None))
 
     started = time.process_time()
-    for first in range(0, LINES, BURST):
-        for i in range(first, min(first + BURST, LINES)):
+    for first in range(0, lines, BURST):
+        for i in range(first, min(first + BURST, lines)):
             hand_over(i)
         while hub._inbox.qsize():
             gevent.sleep(0)
         gevent.sleep(0)
     spent = time.process_time() - started
-    assert conns[-1].received - before == LINES, conns[-1].received - before
-    return spent / LINES * 1e6
+    assert conns[-1].received - before == lines, conns[-1].received - before
+    return spent / lines * 1e6
 
 
 def main() -> None:
@@ -104,10 +109,11 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--v2", action="store_true", help="v2 lines in a v2 room (acked), not v1 in the lobby")
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--one", action="store_true", help="one run in this process (for valgrind, below)")
+    parser.add_argument("--lines", type=int, default=LINES, help="lines a run (with --one)")
     args = parser.parse_args()
     if args.one:
-        print(measure(args.repo.resolve(), args.v2))
+        print(measure(args.repo.resolve(), args.v2, args.lines))
         return
     command = [sys.executable, __file__, "--one", "--repo", str(args.repo), *(["--v2"] if args.v2 else [])]
     runs = [float(subprocess.check_output(command, text=True)) for _ in range(args.runs)]
