@@ -14,6 +14,7 @@ measures the generators, and the round says so.
 
     git worktree add /tmp/before e16cecb
     .venv/bin/python bench/pair.py /tmp/before --scenarios a,r100 --rounds 4
+    .venv/bin/python bench/pair.py /tmp/before --server ours-redis --scenarios r100   # workers' CPU
 """
 
 from __future__ import annotations
