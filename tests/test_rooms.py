@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from chatapp.chat import presence as presence_module
 from chatapp.chat.commands import CommandError, Position
-from chatapp.chat.history import Histories, History
+from chatapp.chat.history import Histories
 from chatapp.chat.message import ChatMessage
 from chatapp.chat.presence import Member, Tally
 from chatapp.engines.memory import MemoryEngine
@@ -46,7 +46,9 @@ def test_a_member_on_two_connections_is_counted_once() -> None:
 
 def test_history_trims_the_least_recently_active_rooms_first() -> None:
     """Past the byte budget the oldest lines of the least recently active room go first; a busy room keeps its own."""
-    one = History(window=1).append(said(1))  # what one line of these costs a history
+    measure = Histories(window=1, budget=1 << 30)
+    measure.keep("x", measure.get("x"), said(1))
+    one = measure.bytes  # what one line of these costs a history
     histories = Histories(window=10, budget=6 * one)
     quiet, busy = histories.get("quiet"), histories.get("busy")
     for seq in range(1, 4):
@@ -64,9 +66,10 @@ def test_history_trims_the_least_recently_active_rooms_first() -> None:
 def test_a_replay_is_exactly_what_was_missed() -> None:
     """since inside the window: the messages after it; the latest: none; another epoch or a
     seq ahead of the room: the newest, recovered false."""
-    history = History(window=10)
+    histories = Histories(window=10, budget=1 << 30)
+    history = histories.get("r")
     for seq in range(1, 7):
-        history.append(said(seq))
+        histories.keep("r", history, said(seq))
     assert history.replay("e", 6, Position("e", 4), newest=3) == (True, list(history.messages)[4:])
     assert history.replay("e", 6, Position("e", 6), newest=3) == (True, [])
     assert history.replay("e", 6, Position("other", 4), newest=3) == (False, list(history.messages)[3:])

@@ -38,20 +38,6 @@ class History:
     def __len__(self) -> int:
         return len(self.messages)
 
-    def append(self, message: ChatMessage) -> int:
-        """Keep a message; the bytes this changed the history by."""
-        messages = self.messages
-        # What it costs in memory, its nick aside (shared with its sender). Both encodings
-        # are counted from the start, although each is made only when a client of its version
-        # first needs it: the budget holds whichever come.
-        text = message.text or ""
-        change = message.held = _FIXED + getsizeof(text) + 2 * len(text)
-        if len(messages) == messages.maxlen:
-            change -= messages[0].held
-        messages.append(message)
-        self.bytes += change
-        return change
-
     def drop_oldest(self) -> int:
         """Forget the oldest message; the bytes freed."""
         freed = self.messages.popleft().held
@@ -113,7 +99,17 @@ class Histories:
 
     def keep(self, room: str, history: History, message: ChatMessage) -> None:
         """Append a message to the room's history, then trim the oldest past the budget."""
-        self.bytes += history.append(message)
+        messages = history.messages
+        # What it costs in memory, its nick aside (shared with its sender). Both encodings
+        # are counted from the start, although each is made only when a client of its version
+        # first needs it: the budget holds whichever come.
+        text = message.text or ""
+        change = message.held = _FIXED + getsizeof(text) + 2 * len(text)
+        if len(messages) == messages.maxlen:
+            change -= messages[0].held
+        messages.append(message)
+        history.bytes += change
+        self.bytes += change
         self._histories.move_to_end(room)
         if self.bytes > self.budget:
             for kept in self._histories.values():

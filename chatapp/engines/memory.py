@@ -109,7 +109,10 @@ class MemoryEngine:
                 sink.settled(line_id, (room.epoch, known))
                 return
         room.seq += 1
-        message = ChatMessage(name, room.epoch, room.seq, self._now(), nick, say.text, line_id, user)
+        now = time_ns() // 1_000_000  # (_now, written out: a call is a hundredth of a line)
+        if now > self._last_time:
+            self._last_time = now
+        message = ChatMessage(name, room.epoch, room.seq, self._last_time, nick, say.text, line_id, user)
         self._histories.keep(name, room.history, message)
         if ref_key is not None:
             self._refs[ref_key] = (message.seq, monotonic())
