@@ -2,11 +2,13 @@
 
 A redis-server of its own; 100 rooms, each call carrying BATCH v2 lines of one room with a
 ref each (so the refs hashes are read and written, as for every v2 line), laid out as
-RedisEngine._publish lays them out; calls pipelined a round of rooms at a time. Prints
-Redis's CPU (user + system) per line and the script's own time per line from INFO
-commandstats. --repo measures another checkout's script (its argument layout is recognised).
+RedisEngine._publish lays them out; calls pipelined a round of rooms at a time. --v1: v1
+lines instead (no ref of the client's: a worker's v1 mark in the room, before it a ref
+of the worker's own per line). Prints Redis's CPU (user + system) per line and the script's
+own time per line from INFO commandstats. --repo measures another checkout's script (its
+argument layout is recognised).
 
-    .venv/bin/python bench/publish_lua.py
+    .venv/bin/python bench/publish_lua.py [--v1]
     .venv/bin/python bench/publish_lua.py --repo /tmp/before
 """
 
@@ -33,12 +35,15 @@ def free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument("--v1", action="store_true", help="v1 lines (no client ref), not v2")
     args = parser.parse_args()
     script = (args.repo / "chatapp" / "engines" / "redis" / "lua" / "publish.lua").read_text()
     # Since 466efa1 a seventh argument says whether to push the room's expiry back (mostly not).
     flag = ["0"] if "local refresh = ARGV[7]" in script else []
     # Since then three arguments a line (mute, ref, the rest as one piece), not one.
     split = "local lines = (#ARGV - 7) / 3" in script
+    # Since the v1 mark: a fifth key (the worker's v1 mark in the room), and a v1 line's ref is its number.
+    marked = "KEYS[5]" in script
     port = free_port()
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
@@ -65,10 +70,14 @@ def main() -> None:
                 for room in range(ROOMS):
                     tag = f"{{chat:r{room}}}"
                     keys = [f"{tag}:meta", f"{tag}:history", f"{tag}:refs:1", f"{tag}:refs:0"]
+                    keys += [f"{tag}:v1:w1"] if marked else []
                     lines = []
                     for _ in range(batch):
                         said += 1
                         piece, ref = f"nick{room}\n\n{said}\nb 1 {said} 1764466800000000000", f"s{room}\x00r{said}"
+                        if args.v1:
+                            piece = f"\n\nv{said}\nb 1 {said} 1764466800000000000"
+                            ref = str(said) if marked else f"\x00w1:v{said}"
                         lines += ["0", ref, piece] if split else [f"0\n{piece}\n{ref}"]
                     pipe.evalsha(sha, len(keys), *keys, "e0", 500, 86400, f"{tag}:live", 240, "w1", *flag, *lines)
                 pipe.execute()

@@ -18,7 +18,7 @@ from support import connect, wait_until
 
 from chatapp.chat.commands import Say
 from chatapp.config import Config
-from chatapp.engines.redis.engine import RedisEngine
+from chatapp.engines.redis.engine import Line, RedisEngine
 from chatapp.engines.redis.link import RedisLink
 from chatapp.metrics import NoMetrics
 
@@ -220,6 +220,30 @@ def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server)
         assert sink.shown == ["one", "two", "three"]
     finally:
         publisher.kill()
+
+
+def test_a_publish_sent_again_after_its_reply_was_lost_publishes_nothing_twice(redis_server) -> None:
+    """The script ran but its reply never came (the connection broke): the publisher sends the
+    batch again, the lines said since behind it. Nothing is published twice: v1 lines go by
+    this worker's v1 mark in the room, v2 lines by their refs; another worker's v1 lines,
+    numbered from 1 too, are its own."""
+
+    def v1(number: int, text: str) -> tuple[Line, str]:
+        return Line(0, "lobby", None, None, None, text), f"v{number}"
+
+    def v2(line_id: int, ref: str, text: str) -> tuple[Line, str]:
+        return Line(line_id, "lobby", "alice", "s1", ref, text), str(line_id)
+
+    engine = RedisEngine(Config(redis_url=redis_server.url), NoMetrics())
+    first = [v1(1, "one"), v2(1, "a", "two"), v1(2, "three")]
+    assert [seq for _, seq in engine._publish(first)] == [1, 2, 3]
+    again = engine._publish([*first, v1(3, "four"), v2(2, "b", "five")])
+    assert [seq for _, seq in again] == [0, -2, 0, 4, 5]
+    other = RedisEngine(Config(redis_url=redis_server.url), NoMetrics())
+    assert [seq for _, seq in other._publish([v1(1, "six")])] == [6]
+    history = redis.Redis.from_url(redis_server.url)
+    said = [fields[b"e"].rsplit(b"\n", 1)[1] for _, fields in history.xrange("{chat:lobby}:history")]
+    assert said == [b"one", b"two", b"three", b"four", b"five", b"six"]
 
 
 def test_a_garbled_subscription_is_started_afresh_and_its_reader_goes_on() -> None:

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import redis as redis_client
-from support import V2Client, wait_until
+from support import V2Client, connect, wait_until
 
 ROOMS = 2000
 TTL = "3"  # seconds: CHAT_ROOM_TTL, short for the test
@@ -59,7 +59,8 @@ def test_rooms_opened_and_left_leave_no_keys(start_server, redis_server) -> None
 
 
 def test_a_dead_workers_keys_go_with_it(start_server, redis_server) -> None:
-    """kill -9 of a worker with members: the others evict it, and nothing in Redis names it."""
+    """kill -9 of a worker with members, and a v1 client that spoke: the others evict it,
+    and nothing in Redis names it."""
     watcher_host = start_server("gunicorn", REDIS_URL=redis_server.url)
     doomed = start_server("wsgi", REDIS_URL=redis_server.url)
     store = redis_client.Redis(port=redis_server.port)
@@ -68,6 +69,8 @@ def test_a_dead_workers_keys_go_with_it(start_server, redis_server) -> None:
     for room in ("tea", "coffee"):
         V2Client(doomed, f"ghost-{room}").join(room)
     watcher.wait("presence", joined="ghost-tea")
+    connect(doomed).send("a v1 line")  # (its worker's v1 mark in the lobby names the worker)
+    wait_until(lambda: store.keys("{chat:lobby}:v1:*"), 10, 0.05, "the v1 mark")
     doomed_ids = {key.decode().rsplit(":", 1)[1] for key in store.keys("{chat:coffee}:here:*")}
     assert len(doomed_ids) == 1
     doomed_id = doomed_ids.pop()
@@ -88,18 +91,21 @@ PUBLISH = (Path(__file__).parent.parent / "chatapp" / "engines" / "redis" / "lua
 def publish(store: redis_client.Redis, room: str, refresh: bool, ref: str = "") -> None:
     """One v2 line through publish.lua, its arguments laid out as the engine lays them
     (RedisEngine._publish): period 7 of the refs, the room's keys to live 100 s."""
-    keys = [f"{{chat:{room}}}:meta", f"{{chat:{room}}}:history", f"{{chat:{room}}}:refs:7", f"{{chat:{room}}}:refs:6"]
+    keys = [f"{{chat:{room}}}:meta", f"{{chat:{room}}}:history", f"{{chat:{room}}}:refs:7", f"{{chat:{room}}}:refs:6",
+            f"{{chat:{room}}}:v1:w1"]
     args = ["e0", 50, 100, f"{{chat:{room}}}:live", 240, "w1", int(refresh), 0, ref, "alice\n\n1\nhello"]
     store.eval(PUBLISH, len(keys), *keys, *args)
 
 
 def test_a_line_that_does_not_push_the_expiry_back_leaves_no_key_without_one(redis_server) -> None:
     """A worker pushes a room's expiry back only once in a while (RedisEngine._refreshed),
-    but whatever a line creates expires: a new room's keys, and a new period's refs hash."""
+    but whatever a line creates expires: a new room's keys, a new period's refs hash, and a
+    worker's v1 mark."""
     store = redis_client.Redis(port=redis_server.port)
     publish(store, "new", refresh=False, ref="s\x00r1")
+    publish(store, "new", refresh=False, ref="1")  # (a v1 line: its number)
     assert all(store.ttl(key) > 0 for key in store.keys("{chat:new}*"))
-    assert len(store.keys("{chat:new}*")) == 3  # meta, history, refs
+    assert len(store.keys("{chat:new}*")) == 4  # meta, history, refs, the worker's v1 mark
     publish(store, "known", refresh=True)  # (a line without a ref: no refs hash yet)
     publish(store, "known", refresh=False, ref="s\x00r1")
     assert store.ttl("{chat:known}:refs:7") > 0

@@ -148,7 +148,8 @@ class RedisEngine:
         # Redis's data generation this worker last saw (None before the first heartbeat).
         self._generation: str | None = None
         # v1 lines get ids of the engine's own ("v1", "v2", ...), and those this worker's v1
-        # clients heard at once (Redis was away) are not shown to them again.
+        # clients heard at once (Redis was away) are not shown to them again. Their numbers
+        # also tell Redis which it has published already (publish.lua's v1 mark).
         self._v1_ids = count(1)
         self._shown_here: OrderedDict[str, None] = OrderedDict()
         # This worker's v1 lines on their way to Redis, neither shown here nor known to be
@@ -425,7 +426,8 @@ class RedisEngine:
                 if refresh:
                     refreshing.append(room)
                 keys = [link.room_key(room, "meta"), link.room_key(room, "history"),
-                        link.room_key(room, f"refs:{period}"), link.room_key(room, f"refs:{period - 1}")]
+                        link.room_key(room, f"refs:{period}"), link.room_key(room, f"refs:{period - 1}"),
+                        link.room_key(room, f"v1:{self.worker}")]
                 args: list[Any] = [new_epoch(), self.recovery_window, self._publish_ttl, link.channel(room),
                                    2 * REF_PERIOD, self.worker, int(refresh)]
                 mutes: dict[str, int] = {}  # user -> the index of their mute key, from 1
@@ -434,7 +436,7 @@ class RedisEngine:
                     if line.ref is not None and line.session is not None:
                         ref = f"{line.session}\x00{line.ref}"
                     else:
-                        ref = "" if line.id else f"\x00{self.worker}:{tag}"
+                        ref = "" if line.id else tag[1:]  # (a v1 line: its number)
                     user = line.user or ""
                     mute = mutes.setdefault(user, len(mutes) + 1) if user else 0
                     args += (mute, ref, f"{line.nick or ''}\n{user}\n{tag}\n{line.text}")
@@ -764,6 +766,7 @@ class RedisEngine:
             client.zadd(link.chat_key("active"), {room: time_ns() // 1_000_000})
             log.info("worker %s went silent: %d members left %s", dead, gone, room)
         client.delete(rooms_of)
+        client.delete(link.room_key(LOBBY, f"v1:{dead}"))  # (v1 lines are said in the lobby alone)
         users = [link.chat_key("users"), link.chat_key(f"users-of:{dead}")]
         link.script(client, "users", users, ["evict", "", 0, 0, 0])
         client.hdel(link.chat_key("conns"), dead)

@@ -2,24 +2,27 @@
 -- history, atomically; then one message on the room's channel carries them all (one script
 -- call and one delivery per batch, not per line: bench/README.md, "Through Redis"). A new
 -- line costs one command (its XADD); the refs of the whole batch are looked up with two
--- HMGETs and remembered with one HSET. Nothing here takes a line apart: the worker sends
--- what the history keeps and the channel carries as one piece (taking it apart in Lua was
--- a fifth of this script's cost).
+-- HMGETs and remembered with one HSET, and a batch's v1 lines cost one GET and one SET in all.
+-- Nothing here takes a line apart: the worker sends what the history keeps and the channel
+-- carries as one piece (taking it apart in Lua was a fifth of this script's cost).
 -- KEYS: 1 the room's meta (hash: epoch, seq, time), 2 its history (stream, ids "<seq>-0",
 --       fields o: the worker that said it, e: "<time>\n" then the line's piece, below), 3 the
 --       refs said in this period (hash: ref -> the seq it got), 4 those of the period before,
+--       5 this worker's v1 mark in the room (the number of its last v1 line published there),
 --       then the mute key of each user who speaks in the batch
 -- ARGV: 1 an epoch for a room that has none (new, or lost with Redis's data), 2 lines to keep
 --       at least, 3 seconds a quiet room's keys live, 4 the room's shard channel, 5 seconds a
---       period's refs live, 6 the worker that said them, 7 "1" to push the room's expiry back
---       (a worker does once in a while: three EXPIREs were a sixth of this script's cost; a
---       new room's keys, and a period's refs, get theirs anyway), then three per line: the
---       index of its user's mute key among the mute keys ("0": no user); its ref ("" for
---       none: a client's session and ref, or the worker's id for a v1 line, so that a retried
---       publish is no second line); and its piece, "<nick>\n<user>\n<worker's id for
---       it>\n<text>" (nick "" for a v1 line, user "" for none; no newline in any of them)
+--       period's refs (and a v1 mark) live, 6 the worker that said them, 7 "1" to push the
+--       room's expiry back (a worker does once in a while: three EXPIREs were a sixth of this
+--       script's cost; a new room's keys, and a period's refs, get theirs anyway), then three
+--       per line: the index of its user's mute key among the mute keys ("0": no user); its
+--       ref: "" for none, a client's "<session>\0<ref>" (never a number: it holds a NUL), or
+--       for a v1 line its number, counted by the worker from 1 up (so that a retried publish
+--       is no second line: a worker's v1 lines reach a room in the order of their numbers);
+--       and its piece, "<nick>\n<user>\n<worker's id for it>\n<text>" (nick "" for a v1 line,
+--       user "" for none; no newline in any of them)
 -- Returns {epoch, then per line: its seq; minus the seq when the ref had been published
--- already (nothing new); or "muted <until>" ("0": no end)}.
+-- already (nothing new; 0 for a v1 line); or "muted <until>" ("0": no end)}.
 local lines = (#ARGV - 7) / 3
 local refresh = ARGV[7] == '1'
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'time')
@@ -35,8 +38,16 @@ if time < last then time = last end
 local time_s = tostring(time)
 
 local refs = {}
+local v1_mark, v1_last = nil, nil
 for i = 9, #ARGV, 3 do
-  if ARGV[i] ~= '' then refs[#refs + 1] = ARGV[i] end
+  local ref = ARGV[i]
+  if ref ~= '' then
+    if tonumber(ref) then
+      v1_mark = v1_mark or tonumber(redis.call('GET', KEYS[5]) or '0')
+    else
+      refs[#refs + 1] = ref
+    end
+  end
 end
 -- ref -> the seq it got, in either period (the later one first). A period's hash holds a
 -- field "." (no ref is: each holds a NUL) from its first write on: without it, it is new.
@@ -61,12 +72,15 @@ for i = 1, lines do
   if mute ~= '0' then
     muted = mutes[mute]
     if muted == nil then
-      muted = redis.call('GET', KEYS[4 + tonumber(mute)])
+      muted = redis.call('GET', KEYS[5 + tonumber(mute)])
       mutes[mute] = muted
     end
   end
+  local v1 = v1_mark and tonumber(ref)
   if muted then
     results[i + 1] = 'muted ' .. muted
+  elseif v1 and v1 <= v1_mark then
+    results[i + 1] = 0
   elseif ref ~= '' and known[ref] then
     results[i + 1] = -tonumber(known[ref])
   else
@@ -75,7 +89,9 @@ for i = 1, lines do
     local entry = time_s .. '\n' .. ARGV[at + 2]
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq_s .. '-0', 'o', ARGV[6], 'e', entry)
     results[i + 1] = seq
-    if ref ~= '' then
+    if v1 then
+      v1_last = ref
+    elseif ref ~= '' then
       known[ref] = seq_s
       remembered[#remembered + 1] = ref
       remembered[#remembered + 1] = seq_s
@@ -91,6 +107,7 @@ if #remembered > 0 then
   redis.call('HSET', KEYS[3], unpack(remembered))
   if new_period then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
 end
+if v1_last then redis.call('SET', KEYS[5], v1_last, 'EX', ARGV[5]) end
 if refresh then  -- (a new room's meta too, even when nothing of the batch was kept)
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   if #heard > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
