@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gevent
+import pytest
 import redis
 import websocket
 from support import connect, wait_until
@@ -244,6 +245,19 @@ def test_a_publish_sent_again_after_its_reply_was_lost_publishes_nothing_twice(r
     history = redis.Redis.from_url(redis_server.url)
     said = [fields[b"e"].rsplit(b"\n", 1)[1] for _, fields in history.xrange("{chat:lobby}:history")]
     assert said == [b"one", b"two", b"three", b"four", b"five", b"six"]
+
+
+def test_scripts_in_one_write_answer_in_order_and_an_error_waits_for_the_rest(redis_server) -> None:
+    """RedisLink.scripts: many calls in one write, their replies in call order; an error reply
+    raises only once the replies after it are read too, so the connection, back in the pool,
+    answers the next write in step."""
+    link = RedisLink(redis_server.url, False, "chat", lambda heard: None)
+    redis.Redis.from_url(redis_server.url).set("muted", 1)
+    passed, muted, broken = (["free"], ["ch", "k", "n"]), (["muted"], ["ch", "k", "n"]), (["free"], [])
+    assert link.scripts(link.client, "typing", [passed, muted, passed]) == [1, 0, 1]
+    with pytest.raises(redis.ResponseError):
+        link.scripts(link.client, "typing", [passed, broken, muted])
+    assert link.scripts(link.client, "typing", [muted, passed]) == [0, 1]
 
 
 def test_a_garbled_subscription_is_started_afresh_and_its_reader_goes_on() -> None:

@@ -409,7 +409,8 @@ class RedisEngine:
 
     def _publish(self, batch: list[tuple[Line, str]]) -> list[Any]:
         """Publish a batch: one script call per room, carrying all its lines in order, and one
-        round trip per Redis node (a pipeline of those calls); results in batch order."""
+        round trip per Redis node (those calls in one write: RedisLink.scripts); results in
+        batch order."""
         link = self.link
         by_room: dict[str, list[int]] = {}
         for index, (line, _) in enumerate(batch):
@@ -417,9 +418,9 @@ class RedisEngine:
         rooms = list(by_room)
         results: list[Any] = [None] * len(batch)
         period, now = int(time() // REF_PERIOD), monotonic()
-        for pipe, room_indexes in link.pipelines(rooms):
+        for client, room_indexes in link.nodes(rooms):
             calls = [by_room[rooms[i]] for i in room_indexes]
-            refreshing = []
+            refreshing, scripts = [], []
             for indexes in calls:
                 room = batch[indexes[0]][0].room
                 refresh = now - self._refreshed.get(room, -self.room_ttl) >= self.room_ttl / 4
@@ -441,8 +442,8 @@ class RedisEngine:
                     mute = mutes.setdefault(user, len(mutes) + 1) if user else 0
                     args += (mute, ref, f"{line.nick or ''}\n{user}\n{tag}\n{line.text}")
                 keys += [link.room_key(room, f"mute:{user}") for user in mutes]
-                link.script(pipe, "publish", keys, args)
-            for indexes, (epoch, *room_results) in zip(calls, pipe.execute()):
+                scripts.append((keys, args))
+            for indexes, (epoch, *room_results) in zip(calls, link.scripts(client, "publish", scripts)):
                 for index, result in zip(indexes, room_results):
                     results[index] = (epoch, result)
             for room in refreshing:  # (pushed back: once Redis has answered)

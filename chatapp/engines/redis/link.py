@@ -88,10 +88,40 @@ class RedisLink:
 
     def script(self, client: Any, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run (or, on a pipeline, queue) one of lua/'s scripts."""
+        return client.evalsha(self._sha(name), len(keys), *keys, *args)
+
+    def scripts(self, client: Any, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run one of lua/'s scripts once per (keys, args), all in one write and their replies
+        in one read, on one connection of client (a node's in a cluster: nodes() says which).
+        A pipeline without redis-py's bookkeeping per command, which cost as much again
+        (bench/README.md, "Through Redis"). Replies in call order; an error reply raises,
+        once every reply has been read (the connection stays in step)."""
+        sha = self._sha(name)
+        pool = client.connection_pool
+        connection = pool.get_connection()
+        try:
+            packed = connection.pack_commands([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
+            connection.send_packed_command([b"".join(packed)])
+            replies, error = [], None
+            for _ in calls:
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as refused:
+                    error = error or refused
+            if error is not None:
+                raise error
+            return replies
+        except (redis.ConnectionError, redis.TimeoutError):
+            connection.disconnect()  # (out of step with its replies: never used again as it is)
+            raise
+        finally:
+            pool.release(connection)
+
+    def _sha(self, name: str) -> str:
         sha = self._shas.get(name)
         if sha is None:
             sha = self._shas[name] = self.client.script_load(self._scripts[name])
-        return client.evalsha(sha, len(keys), *keys, *args)
+        return sha
 
     def call(self, action: Callable[[], Any]) -> Any:
         """Run an action against Redis, loading the scripts once again if Redis lost them
@@ -102,20 +132,23 @@ class RedisLink:
             self._shas = {name: self.client.script_load(text) for name, text in self._scripts.items()}
             return action()
 
-    def pipelines(self, rooms: list[str]) -> list[tuple[Any, list[int]]]:
-        """A pipeline per Redis node for work on these rooms, with the indexes of the rooms
-        each takes (a room's keys all live on one node). redis-py runs no script in a
-        cluster pipeline: each node's goes to a client of that node."""
+    def nodes(self, rooms: list[str]) -> list[tuple[Any, list[int]]]:
+        """A client per Redis node for work on these rooms, with the indexes of the rooms each
+        takes (a room's keys all live on one node): in a cluster each node's own client."""
         if not self.cluster:
-            return [(self.client.pipeline(transaction=False), list(range(len(rooms))))]
+            return [(self.client, list(range(len(rooms))))]
         client = self.client
         by_node: dict[str, list[int]] = {}
         for index, room in enumerate(rooms):
             by_node.setdefault(client.get_node_from_key(self.room_key(room, "meta")).name, []).append(index)
         return [
-            (client.get_redis_connection(client.get_node(node_name=name)).pipeline(transaction=False), indexes)
-            for name, indexes in by_node.items()
+            (client.get_redis_connection(client.get_node(node_name=name)), indexes) for name, indexes in by_node.items()
         ]
+
+    def pipelines(self, rooms: list[str]) -> list[tuple[Any, list[int]]]:
+        """nodes(), each client's part as a pipeline (redis-py runs no script in a cluster
+        pipeline: each node's goes to a client of that node)."""
+        return [(client.pipeline(transaction=False), indexes) for client, indexes in self.nodes(rooms)]
 
 
 class _Subscriptions:
