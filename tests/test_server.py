@@ -128,7 +128,9 @@ STUCK_DEADLINE = 15.0
 def test_one_stuck_client_never_slows_the_others(start_server, kind: str) -> None:
     """S never reads, P sends as fast as it can, F reads: every run, F gets every line in order
     at once, and S is dropped with 1013 after a gap-free prefix."""
-    server = start_server(kind, CHAT_HISTORY="0")
+    # (CHAT_WRITE_WAIT past the deadline: the stuck client's writes wait for it to read, so a
+    # slow run fails by the deadline's message, not by the server giving up on that client.)
+    server = start_server(kind, CHAT_HISTORY="0", CHAT_WRITE_WAIT=str(2 * STUCK_DEADLINE))
     lines = [f"{i:06d} {'m' * 393}".encode() for i in range(STUCK_LINES)]  # 400 bytes each
     for run in range(STUCK_RUNS):
         stuck_scenario(server, lines, f"run {run}")
