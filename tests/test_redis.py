@@ -19,6 +19,7 @@ import gevent
 import hiredis
 import pytest
 import redis
+import redis.cluster
 import websocket
 from support import connect, wait_until
 
@@ -228,28 +229,39 @@ def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server)
         publisher.kill()
 
 
-def test_a_publish_sent_again_after_its_reply_was_lost_publishes_nothing_twice(redis_server) -> None:
+@pytest.fixture(params=["redis", "cluster"])
+def a_redis(request):
+    """A Redis of the test's own: one redis-server, or a 3-master Redis Cluster."""
+    return request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
+
+
+def test_a_publish_sent_again_after_its_reply_was_lost_publishes_nothing_twice(a_redis) -> None:
     """The script ran but its reply never came (the connection broke): the publisher sends the
     batch again, the lines said since behind it. Nothing is published twice: v1 lines go by
     this worker's v1 mark in the room, v2 lines by their refs; another worker's v1 lines,
-    numbered from 1 too, are its own."""
+    numbered from 1 too, are its own. Two rooms, on two nodes of a cluster (slots 9590, 4380)."""
 
-    def v1(number: int, text: str) -> tuple[Line, str]:
-        return Line(0, "lobby", None, None, None, text), f"v{number}"
+    def v1(number: int, room: str, text: str) -> tuple[Line, str]:
+        return Line(0, room, None, None, None, text), f"v{number}"
 
-    def v2(line_id: int, ref: str, text: str) -> tuple[Line, str]:
-        return Line(line_id, "lobby", "alice", "s1", ref, text), str(line_id)
+    def v2(line_id: int, room: str, ref: str, text: str) -> tuple[Line, str]:
+        return Line(line_id, room, "alice", "s1", ref, text), str(line_id)
 
-    engine = RedisEngine(Config(redis_url=redis_server.url), NoMetrics())
-    first = [v1(1, "one"), v2(1, "a", "two"), v1(2, "three")]
-    assert [seq for _, seq in engine._publish(first)] == [1, 2, 3]
-    again = engine._publish([*first, v1(3, "four"), v2(2, "b", "five")])
-    assert [seq for _, seq in again] == [0, -2, 0, 4, 5]
-    other = RedisEngine(Config(redis_url=redis_server.url), NoMetrics())
-    assert [seq for _, seq in other._publish([v1(1, "six")])] == [6]
-    history = redis.Redis.from_url(redis_server.url)
-    said = [fields[b"e"].rsplit(b"\n", 1)[1] for _, fields in history.xrange("{chat:lobby}:history")]
-    assert said == [b"one", b"two", b"three", b"four", b"five", b"six"]
+    config = Config(redis_url=a_redis.url, redis_cluster=hasattr(a_redis, "nodes"))
+    engine = RedisEngine(config, NoMetrics())
+    first = [v1(1, "lobby", "one"), v2(1, "den", "a", "den one"), v2(2, "lobby", "b", "two"), v1(2, "den", "den two"),
+             v1(3, "lobby", "three")]
+    assert [seq for _, seq in engine._publish(first)] == [1, 1, 2, 2, 3]
+    behind = [v1(4, "lobby", "four"), v2(3, "den", "c", "den three"), v2(4, "lobby", "d", "five")]
+    again = engine._publish([*first, *behind])
+    assert [seq for _, seq in again] == [0, -1, -2, 0, 0, 4, 3, 5]
+    other = RedisEngine(config, NoMetrics())
+    assert [seq for _, seq in other._publish([v1(1, "lobby", "six"), v1(2, "den", "den four")])] == [6, 4]
+    history = (redis.cluster.RedisCluster if config.redis_cluster else redis.Redis).from_url(a_redis.url)
+    for room, lines in (("lobby", [b"one", b"two", b"three", b"four", b"five", b"six"]),
+                        ("den", [b"den one", b"den two", b"den three", b"den four"])):
+        said = [fields[b"e"].rsplit(b"\n", 1)[1] for _, fields in history.xrange(f"{{chat:{room}}}:history")]
+        assert said == lines, room
 
 
 def test_scripts_in_one_write_answer_in_order_and_an_error_waits_for_the_rest(redis_server) -> None:
