@@ -100,7 +100,7 @@ class ServerApi:
 
     def _call(self, method: str) -> tuple[int, dict[str, Any]]:
         request = bottle.request
-        if not self._authorized(request.get_header("Authorization", "")):
+        if not self._authorized(request.environ.get("HTTP_AUTHORIZATION", "")):  # (not get_header: app.py)
             raise ApiError(401, "unauthorized", "Authorization: Bearer <CHAT_API_KEY> needed")
         check = self._checks.get(method)
         if check is None:
