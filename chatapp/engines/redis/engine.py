@@ -58,7 +58,7 @@ from gevent.queue import Empty, Full, Queue
 
 from ...chat.commands import LISTING_LIMIT, LOBBY, BackendCall, CommandError, Moderate, Position, Say
 from ...chat.engine import HistoryPage, JoinAnswer, Moderator, Removal, Sink
-from ...chat.history import Histories, new_epoch
+from ...chat.history import Histories, new_epoch, new_epochs
 from ...chat.message import ChatMessage
 from ...chat.presence import PRESENCE_LIMIT, Member, PresenceChange
 from ...config import Config
@@ -418,18 +418,19 @@ class RedisEngine:
         rooms = list(by_room)
         results: list[Any] = [None] * len(batch)
         period, now = int(time() // REF_PERIOD), monotonic()
+        epochs = new_epochs(len(rooms))  # (one is used when a room has none: new, or lost)
         for client, room_indexes in link.nodes(rooms):
             calls = [by_room[rooms[i]] for i in room_indexes]
             refreshing, scripts = [], []
-            for indexes in calls:
-                room = batch[indexes[0]][0].room
+            for room_index, indexes in zip(room_indexes, calls):
+                room = rooms[room_index]
                 refresh = now - self._refreshed.get(room, -self.room_ttl) >= self.room_ttl / 4
                 if refresh:
                     refreshing.append(room)
                 keys = [link.room_key(room, "meta"), link.room_key(room, "history"),
                         link.room_key(room, f"refs:{period}"), link.room_key(room, f"refs:{period - 1}"),
                         link.room_key(room, f"v1:{self.worker}")]
-                args: list[Any] = [new_epoch(), self.recovery_window, self._publish_ttl, link.channel(room),
+                args: list[Any] = [epochs[room_index], self.recovery_window, self._publish_ttl, link.channel(room),
                                    2 * REF_PERIOD, self.worker, int(refresh)]
                 mutes: dict[str, int] = {}  # user -> the index of their mute key, from 1
                 for index in indexes:
