@@ -50,7 +50,8 @@ def hosts(redis, start_server):
 
 
 def test_one_seq_and_one_member_list_across_hosts(hosts) -> None:
-    """Clients on two hosts share one seq sequence per room and one member list."""
+    """Clients on two hosts share one seq sequence per room and one member list; text that is
+    not ASCII goes through Redis as it was said."""
     a, b = hosts()
     alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
     assert alice.join("tea")["members"] == ["alice"]
@@ -58,12 +59,12 @@ def test_one_seq_and_one_member_list_across_hosts(hosts) -> None:
     assert joined["members"] == ["alice", "bob"] and joined["member_count"] == 2
     assert alice.wait("presence") == {"type": "presence", "room": "tea", "user": None, "joined": "bob"}
     for i in range(6):
-        (alice if i % 2 else bob).send(type="say", room="tea", text=f"line {i}")
+        (alice if i % 2 else bob).send(type="say", room="tea", text=f"line {i} é日😀")
     seen = [[(m["epoch"], m["seq"], m["text"]) for m in client.messages("tea", 6)] for client in (alice, bob)]
     assert seen[0] == seen[1]  # one sequence: the same seqs for the same lines everywhere
     assert [seq for _, seq, _ in seen[0]] == [1, 2, 3, 4, 5, 6]
     assert {epoch for epoch, _, _ in seen[0]} == {joined["epoch"]}
-    assert sorted(text for _, _, text in seen[0]) == [f"line {i}" for i in range(6)]
+    assert sorted(text for _, _, text in seen[0]) == [f"line {i} é日😀" for i in range(6)]
     carol = V2Client(a, "carol")
     later = carol.join("tea", since={"epoch": joined["epoch"], "seq": 2})
     assert later["recovered"] is True and [m["seq"] for m in later["messages"]] == [3, 4, 5, 6]
