@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,8 @@ import pytest
 import redis
 import redis.cluster
 import websocket
-from support import connect, wait_until
+from conftest import unavailable
+from support import RedisProcess, connect, free_port, wait_until
 
 from chatapp.chat.commands import Say
 from chatapp.config import Config
@@ -125,6 +127,31 @@ def test_two_hosts_share_the_chat(start_server, redis_server) -> None:
     assert on_b.recv() == "from a" and on_a.recv() == "from a"
     on_b.send("from b")
     assert on_a.recv() == "from b" and on_b.recv() == "from b"
+
+
+def test_two_hosts_share_the_chat_through_redis_over_tls(start_server, tmp_path) -> None:
+    """REDIS_URL=rediss://... (as a Heroku-style Redis gives it): commands, scripts and the
+    subscriptions all go over TLS, and two hosts are one chat."""
+    if shutil.which("openssl") is None:
+        unavailable("openssl not found: apt-get install -y openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    tls_port = free_port()
+    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+           "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+    redis_tls = RedisProcess(port=free_port(), workdir=tmp_path, extra=tls).start()  # (its plain port says it is up)
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+        a, b = start_server("gunicorn", REDIS_URL=url), start_server("wsgi", REDIS_URL=url)
+        assert health(a)[0] == 200 and health(b)[0] == 200  # (Redis answered both: not degraded)
+        on_a, on_b = connect(a), connect(b)
+        for sender, text in ((on_a, "from a"), (on_b, "from b")):
+            sender.send(text)
+            assert on_a.recv() == text and on_b.recv() == text
+    finally:
+        redis_tls.stop()
 
 
 def test_late_joiner_gets_the_last_50(start_server, redis_server, server_kind) -> None:
