@@ -32,6 +32,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_redis() -> tuple[subprocess.Popen, int]:
+    """A redis-server of this run's own on a free loopback port, answering: (process, port)."""
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return server, port
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                server.kill()
+                raise
+            time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
@@ -44,20 +62,9 @@ def main() -> None:
     split = "local lines = (#ARGV - 7) / 3" in script
     # Since the v1 mark: a fifth key (the worker's v1 mark in the room), and a v1 line's ref is its number.
     marked = "KEYS[5]" in script
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    server, port = start_redis()
     try:
         client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
         sha = client.script_load(script)
         process = psutil.Process(server.pid)
         for batch in (1, 2, 4, 8):

@@ -15,14 +15,13 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import redis  # noqa: E402
 from gevent.event import Event  # noqa: E402
+from publish_lua import start_redis  # noqa: E402
 
 MESSAGES, SIZE = 200_000, 900
 CHANNEL = "{chat:r1}:live"
@@ -38,12 +37,6 @@ pipe.execute()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
@@ -51,19 +44,8 @@ def main() -> None:
     sys.path.insert(0, str(args.repo))
     from chatapp.engines.redis.link import RedisLink
 
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    server, port = start_redis()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=port).ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
         heard, first, done = [0], [0.0], Event()
 
         def hear(messages: list[tuple[bytes, bytes]]) -> None:
@@ -87,7 +69,7 @@ def main() -> None:
               f"{cpu * 1e6 / max(1, heard[0]):.2f} µs CPU a message"
               + (" (the rest lost: Redis cut the reader off, too far behind)" if heard[0] < MESSAGES else ""))
     finally:
-        server.terminate()
+        server.kill()
         server.wait()
 
 
