@@ -373,6 +373,41 @@ def test_a_garbled_subscription_is_started_afresh_and_its_reader_goes_on() -> No
     assert len(connections) == 2 and b"SSUBSCRIBE" in connections[1], connections
 
 
+# The reader of test_a_subscription_cut_alone_..., in a patched process as GARBLED_READER.
+CUT_READER = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, time, gevent, redis
+from chatapp.engines.redis.link import RedisLink
+heard, said = [], []
+link = RedisLink(sys.argv[1], False, "chat", heard.extend)
+link.subscriptions.on_error = lambda error: said.append("error")
+link.subscriptions.on_back = lambda: said.append("back")
+link.subscriptions.subscribe("{chat:tea}:live")
+other = redis.Redis.from_url(sys.argv[1])
+other.client_kill_filter(_type="pubsub")
+deadline = time.monotonic() + 10
+while "back" not in said and time.monotonic() < deadline:
+    gevent.sleep(0.01)
+link.subscriptions.subscribe("{chat:tea}:live")  # (confirmed again: waits for it)
+other.execute_command("SPUBLISH", "{chat:tea}:live", "after")
+while not heard and time.monotonic() < deadline:
+    gevent.sleep(0.01)
+print(json.dumps({"said": said, "heard": [data.decode() for _, data in heard]}))
+"""
+
+
+def test_a_subscription_cut_alone_says_so_then_says_it_is_back(redis_server) -> None:
+    """Redis cuts a subscription connection (CLIENT KILL, or a reader past its pub/sub output
+    buffer limit) while it answers everything else: the reader says so (the engine serves its
+    clients alone), connects, subscribes again and says it is back (the engine reads back
+    what the cut missed, without waiting for its next heartbeat)."""
+    run = subprocess.run([sys.executable, "-c", CUT_READER, redis_server.url], capture_output=True, text=True,
+                         timeout=30, cwd=Path(__file__).parent.parent)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    assert seen == {"said": ["error", "back"], "heard": ["after"]}, seen
+
+
 def test_blocked_redis_does_not_block_the_chat(start_server, redis_server) -> None:
     """A frozen Redis (SIGSTOP) neither blocks read pumps nor the hub: local clients keep chatting."""
     server = start_server("gunicorn", REDIS_URL=redis_server.url, CHAT_HISTORY="0")

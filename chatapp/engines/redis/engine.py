@@ -168,6 +168,9 @@ class RedisEngine:
         connected, as before Redis."""
         self._sink = sink
         self.link.subscriptions.on_error = self._went_down
+        # (A subscription cut alone, Redis answering all along: back at once, not at the next
+        # heartbeat, and what the cut missed is read back.)
+        self.link.subscriptions.on_back = self._came_back
         for forever in (self._publish_forever, self._control_forever, self._heartbeat_forever):
             gevent.spawn(forever)
         self.metrics.greenlets.inc(3)

@@ -168,8 +168,10 @@ class _Subscriptions:
         self.heard = heard
         # Node name -> its subscriptions.
         self._nodes: dict[str, _NodeSubscriptions] = {}
-        # Called (in a reader greenlet) when a subscription connection fails.
+        # Called (in a reader greenlet) when a subscription connection fails, and when one that
+        # failed is made again (what was said meanwhile never came: it is to be read back).
         self.on_error: Callable[[Exception], None] = lambda error: None
+        self.on_back: Callable[[], None] = lambda: None
 
     def _node(self, channel: str) -> _NodeSubscriptions:
         link = self.link
@@ -236,6 +238,7 @@ class _NodeSubscriptions:
     def _read_forever(self) -> None:
         backoff = Backoff()
         buffer = bytearray(READ_SIZE)
+        failed = False
         while True:  # (this greenlet must never end: the worker would hear nothing more)
             connection = self._connect()
             try:
@@ -245,6 +248,9 @@ class _NodeSubscriptions:
                 self._socket = sock
                 if self.channels:
                     self._send(b"SSUBSCRIBE", *self.channels)
+                if failed:
+                    failed = False
+                    self._subscriptions.on_back()
                 while True:
                     self._read(sock, reader, buffer)
                     # Round the loop, then what came meanwhile, until a round brings nothing: a
@@ -264,6 +270,7 @@ class _NodeSubscriptions:
                     backoff.reset()
             except (OSError, redis.RedisError, hiredis.ProtocolError) as error:
                 # Redis away, or a reply that makes no sense: start afresh.
+                failed = True
                 self._socket = None
                 connection.disconnect()
                 for confirmed in self.channels.values():
