@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import websocket
 
@@ -44,6 +45,16 @@ def free_port() -> int:
                 continue
             return port
     raise AssertionError(f"no free port left in this worker's block of {PORT_BLOCK}")
+
+
+def run_patched(script: str, *args: str, timeout: float = 30.0, **env: str) -> Any:
+    """Run a Python script (one that does gevent's monkey patching first, as a server does:
+    pytest's process has none) in a process of its own, from the checkout, and return the JSON
+    its last line of output says; a failing script fails the test with its stderr."""
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
+                         cwd=ROOT, env={**os.environ, **env})
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.splitlines()[-1])
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):

@@ -4,15 +4,12 @@ promtool's check, and a real Prometheus scraping gunicorn's two workers."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from conftest import unavailable
@@ -24,6 +21,7 @@ from support import (
     raw_handshake,
     read_close,
     recv_until_close,
+    run_patched,
     wait_until,
 )
 
@@ -346,9 +344,6 @@ def test_a_scrape_or_an_api_call_leaves_nothing_for_the_collector(tmp_path) -> N
     with its scrapes). Bottle's request.get_header() keeps the headers in the environ, pointing
     back at it. (A request Bottle refuses by raising, an unknown path's 404, still leaves its
     traceback's cycle: Bottle's own.)"""
-    run = subprocess.run([sys.executable, "-c", REQUESTS_AND_GARBAGE], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).parent.parent, env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path)))
-    assert run.returncode == 0, run.stderr
-    seen = json.loads(run.stdout.splitlines()[-1])
+    seen = run_patched(REQUESTS_AND_GARBAGE, timeout=60, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
     assert [status[:3] for status in seen["said"]] == ["200", "200", "200", "401"], seen
     assert seen["garbage"] == [], seen

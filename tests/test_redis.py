@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +22,7 @@ import redis
 import redis.cluster
 import websocket
 from conftest import unavailable
-from support import RedisProcess, connect, free_port, wait_until
+from support import RedisProcess, connect, free_port, run_patched, wait_until
 
 from chatapp.chat.commands import Say
 from chatapp.config import Config
@@ -381,12 +380,9 @@ def test_a_garbled_subscription_is_started_afresh_and_its_reader_goes_on() -> No
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        run = subprocess.run([sys.executable, "-c", GARBLED_READER, f"redis://127.0.0.1:{port}/0"],
-                             capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent)
+        seen = run_patched(GARBLED_READER, f"redis://127.0.0.1:{port}/0")
     finally:
         listener.close()
-    assert run.returncode == 0, run.stderr
-    seen = json.loads(run.stdout)
     assert seen["heard"] == [["{chat:tea}:live", "before"], ["{chat:tea}:live", "after"]], seen
     assert seen["errors"] == ["ProtocolError"], seen
     assert len(connections) == 2 and b"SSUBSCRIBE" in connections[1], connections
@@ -420,10 +416,7 @@ def test_a_subscription_cut_alone_says_so_then_says_it_is_back(redis_server) -> 
     buffer limit) while it answers everything else: the reader says so (the engine serves its
     clients alone), connects, subscribes again and says it is back (the engine reads back
     what the cut missed, without waiting for its next heartbeat)."""
-    run = subprocess.run([sys.executable, "-c", CUT_READER, redis_server.url], capture_output=True, text=True,
-                         timeout=30, cwd=Path(__file__).parent.parent)
-    assert run.returncode == 0, run.stderr
-    seen = json.loads(run.stdout)
+    seen = run_patched(CUT_READER, redis_server.url)
     assert seen == {"said": ["error", "back"], "heard": ["after"]}, seen
 
 
