@@ -328,21 +328,23 @@ GARBLED_READER = """
 from gevent import monkey; monkey.patch_all()
 import json, sys, time, gevent
 from chatapp.engines.redis.link import RedisLink
-heard, errors = [], []
+heard, said = [], []
 link = RedisLink(sys.argv[1], False, "chat", heard.extend)
-link.subscriptions.on_error = lambda error: errors.append(type(error).__name__)
+link.subscriptions.on_error = lambda error: said.append(type(error).__name__)
+link.subscriptions.on_back = lambda: said.append("back")
 link.subscriptions.subscribe("{chat:tea}:live")
 deadline = time.monotonic() + 10
 while len(heard) < 2 and time.monotonic() < deadline:
     gevent.sleep(0.01)
-print(json.dumps({"heard": [[c.decode(), d.decode()] for c, d in heard], "errors": errors}))
+print(json.dumps({"heard": [[c.decode(), d.decode()] for c, d in heard], "said": said}))
 """
 
 
 def test_a_garbled_subscription_is_started_afresh_and_its_reader_goes_on() -> None:
-    """A reply that makes no sense on a subscription connection counts as Redis failing: the
-    reader says so, connects again, subscribes again and goes on reading (a reader that ended
-    would leave the worker deaf). Against a fake Redis whose first connection garbles."""
+    """A reply that makes no sense on a subscription connection cuts it: the reader connects
+    again, subscribes again, says it is back (what the cut missed is to be read back) and goes
+    on reading (a reader that ended would leave the worker deaf). Redis answered the connect:
+    not an outage. Against a fake Redis whose first connection garbles."""
     channel = b"{chat:tea}:live"
 
     def bulk(word: bytes) -> bytes:
@@ -384,7 +386,7 @@ def test_a_garbled_subscription_is_started_afresh_and_its_reader_goes_on() -> No
     finally:
         listener.close()
     assert seen["heard"] == [["{chat:tea}:live", "before"], ["{chat:tea}:live", "after"]], seen
-    assert seen["errors"] == ["ProtocolError"], seen
+    assert seen["said"] == ["back"], seen
     assert len(connections) == 2 and b"SSUBSCRIBE" in connections[1], connections
 
 
@@ -411,13 +413,41 @@ print(json.dumps({"said": said, "heard": [data.decode() for _, data in heard]}))
 """
 
 
-def test_a_subscription_cut_alone_says_so_then_says_it_is_back(redis_server) -> None:
+def test_a_subscription_cut_alone_is_no_outage_and_the_reader_says_it_is_back(redis_server) -> None:
     """Redis cuts a subscription connection (CLIENT KILL, or a reader past its pub/sub output
-    buffer limit) while it answers everything else: the reader says so (the engine serves its
-    clients alone), connects, subscribes again and says it is back (the engine reads back
-    what the cut missed, without waiting for its next heartbeat)."""
+    buffer limit) while it answers everything else: no error is said (the engine would serve
+    its clients alone, and show its own lines ahead of those the cut missed); the reader
+    connects, subscribes again and says it is back (the engine reads back what the cut
+    missed, without waiting for its next heartbeat)."""
     seen = run_patched(CUT_READER, redis_server.url)
-    assert seen == {"said": ["error", "back"], "heard": ["after"]}, seen
+    assert seen == {"said": ["back"], "heard": ["after"]}, seen
+
+
+# A reader with no Redis to connect to, in a patched process as GARBLED_READER.
+AWAY_READER = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, time, gevent, redis
+from chatapp.engines.redis.link import RedisLink
+said = []
+link = RedisLink(sys.argv[1], False, "chat", lambda heard: None)
+link.subscriptions.on_error = lambda error: said.append(type(error).__name__)
+link.subscriptions.on_back = lambda: said.append("back")
+try:
+    link.subscriptions.subscribe("{chat:tea}:live")
+except redis.TimeoutError:
+    pass
+deadline = time.monotonic() + 10
+while len(said) < 2 and time.monotonic() < deadline:
+    gevent.sleep(0.01)
+print(json.dumps(said))
+"""
+
+
+def test_a_reader_that_cannot_connect_says_redis_is_away() -> None:
+    """No connection to be had is an outage: the reader says so at each try (the engine
+    serves its clients alone), and never that it is back."""
+    said = run_patched(AWAY_READER, f"redis://127.0.0.1:{free_port()}/0")
+    assert len(said) >= 2 and set(said) == {"ConnectionError"}, said
 
 
 def test_blocked_redis_does_not_block_the_chat(start_server, redis_server) -> None:

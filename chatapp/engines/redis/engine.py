@@ -168,9 +168,7 @@ class RedisEngine:
         connected, as before Redis."""
         self._sink = sink
         self.link.subscriptions.on_error = self._went_down
-        # (A subscription cut alone, Redis answering all along: back at once, not at the next
-        # heartbeat, and what the cut missed is read back.)
-        self.link.subscriptions.on_back = self._came_back
+        self.link.subscriptions.on_back = self._subscribed_again
         for forever in (self._publish_forever, self._control_forever, self._heartbeat_forever):
             gevent.spawn(forever)
         self.metrics.greenlets.inc(3)
@@ -366,9 +364,13 @@ class RedisEngine:
     def _redis_back(self) -> None:
         """Redis answers again, or lost its data: say again who is here, room by room, and
         how many connections each user has here."""
+        self._read_back()
+        self._control.put((self._say_user_counts, None))
+
+    def _read_back(self) -> None:
+        """Resync every room: what Redis holds after where this worker is comes in order."""
         for follower in list(self._followers.values()):
             self.resync(follower)
-        self._control.put((self._say_user_counts, None))
 
     # The publisher: lines, pipelined, in order.
 
@@ -702,6 +704,15 @@ class RedisEngine:
             self._up = True
             self.metrics.broker_up.set(1)
             self._post(self._redis_back)
+
+    def _subscribed_again(self) -> None:
+        """A reader's connection is made again: what its cut missed is read back, room by room
+        (in order, behind what was delivered). A cut alone (Redis answering all along) is no
+        outage: the worker never served alone, so no line of its own was shown out of turn."""
+        if self._up:
+            self._post(self._read_back)
+        else:
+            self._came_back()
 
     # The heartbeat: this worker is alive; silent ones are evicted; lost data is noticed;
     # quiet rooms leave the listing; rooms with members here keep their keys.

@@ -168,8 +168,9 @@ class _Subscriptions:
         self.heard = heard
         # Node name -> its subscriptions.
         self._nodes: dict[str, _NodeSubscriptions] = {}
-        # Called (in a reader greenlet) when a subscription connection fails, and when one that
-        # failed is made again (what was said meanwhile never came: it is to be read back).
+        # Called in a reader greenlet: on_error when a subscription connection cannot be made
+        # (or Redis refuses a subscription), on_back when one is made again after a cut or a
+        # failure (what was said meanwhile never came: it is to be read back).
         self.on_error: Callable[[Exception], None] = lambda error: None
         self.on_back: Callable[[], None] = lambda: None
 
@@ -238,18 +239,24 @@ class _NodeSubscriptions:
     def _read_forever(self) -> None:
         backoff = Backoff()
         buffer = bytearray(READ_SIZE)
-        failed = False
+        cut = False
         while True:  # (this greenlet must never end: the worker would hear nothing more)
             connection = self._connect()
             try:
                 connection.connect()
+            except (OSError, redis.RedisError) as error:
+                cut = True
+                self._subscriptions.on_error(error)  # (no connection to be had: Redis is away)
+                gevent.sleep(backoff.next())
+                continue
+            try:
                 sock = connection._sock  # (redis-py's handshake is done; the rest is ours)
                 reader = hiredis.Reader()
                 self._socket = sock
                 if self.channels:
                     self._send(b"SSUBSCRIBE", *self.channels)
-                if failed:
-                    failed = False
+                if cut:
+                    cut = False
                     self._subscriptions.on_back()
                 while True:
                     self._read(sock, reader, buffer)
@@ -269,13 +276,15 @@ class _NodeSubscriptions:
                     self._take(reader)
                     backoff.reset()
             except (OSError, redis.RedisError, hiredis.ProtocolError) as error:
-                # Redis away, or a reply that makes no sense: start afresh.
-                failed = True
+                # Cut (Redis gone, or Redis cutting a reader that fell behind, or a reply that
+                # makes no sense): connect afresh. That Redis is away is for the connect, or the
+                # engine's own commands, to say: a cut alone leaves it answering all along.
+                log.warning("Redis subscription connection cut (%s): connecting again", error)
+                cut = True
                 self._socket = None
                 connection.disconnect()
                 for confirmed in self.channels.values():
                     confirmed.clear()
-                self._subscriptions.on_error(error)
                 gevent.sleep(backoff.next())
 
     @staticmethod
