@@ -153,6 +153,24 @@ def test_a_ref_publishes_once_across_hosts(hosts) -> None:
     assert again.say("tea", "next")["seq"] == 2
 
 
+def test_a_subscription_cut_alone_refuses_no_line(hosts) -> None:
+    """Redis cuts every subscription connection (CLIENT KILL TYPE pubsub) and answers all
+    else: no outage. Lines said at once after it are published and acked, not refused as
+    `unavailable`, and reach both hosts once, in order (read back once the readers are back)."""
+    a, b = hosts()
+    alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
+    alice.join("tea")
+    bob.join("tea")
+    for port in a.redis_ports:
+        redis_client.Redis(port=port).client_kill_filter(_type="pubsub")
+    for i in range(5):
+        alice.send(type="say", room="tea", text=f"line {i}", ref=f"r{i}")
+    answers = [alice.wait_any(("ack", "error")) for _ in range(5)]
+    assert [(answer["type"], answer["ref"]) for answer in answers] == [("ack", f"r{i}") for i in range(5)], answers
+    for client in (alice, bob):
+        assert [m["text"] for m in client.messages("tea", 5)] == [f"line {i}" for i in range(5)]
+
+
 def test_nick_taken_across_hosts(hosts) -> None:
     """A nick held in a room on one host is taken for another session on the other."""
     a, b = hosts()

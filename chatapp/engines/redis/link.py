@@ -225,11 +225,15 @@ class _NodeSubscriptions:
             self._send(b"SUNSUBSCRIBE", channel)
 
     def _send(self, command: bytes, *channels: bytes) -> None:
+        """The command once per channel, all in one write: a Redis Cluster refuses one command
+        naming channels of different slots (CROSSSLOT), and a node holds many slots."""
         sock = self._socket
         if sock is None:
             return  # (the reader subscribes to every channel once it has connected)
-        words = (command, *channels)
-        packed = b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(word), word) for word in words)
+        packed = b"".join(
+            b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(command), command, len(channel), channel)
+            for channel in channels
+        )
         try:
             with self._writing:
                 sock.sendall(packed)
