@@ -367,10 +367,12 @@ class RedisEngine:
         self._read_back()
         self._control.put((self._say_user_counts, None))
 
-    def _read_back(self) -> None:
-        """Resync every room: what Redis holds after where this worker is comes in order."""
+    def _read_back(self, rooms: set[str] | None = None) -> None:
+        """Resync every room (or these): what Redis holds after where this worker is comes in
+        order."""
         for follower in list(self._followers.values()):
-            self.resync(follower)
+            if rooms is None or follower.room in rooms:
+                self.resync(follower)
 
     # The publisher: lines, pipelined, in order.
 
@@ -705,12 +707,14 @@ class RedisEngine:
             self.metrics.broker_up.set(1)
             self._post(self._redis_back)
 
-    def _subscribed_again(self) -> None:
-        """A reader's connection is made again: what its cut missed is read back, room by room
-        (in order, behind what was delivered). A cut alone (Redis answering all along) is no
-        outage: the worker never served alone, so no line of its own was shown out of turn."""
+    def _subscribed_again(self, channels: list[bytes]) -> None:
+        """A reader's connection is made again: what its cut missed on these channels is read
+        back, room by room (in order, behind what was delivered). A cut alone (Redis answering
+        all along) is no outage: the worker never served alone, so no line of its own was
+        shown out of turn."""
         if self._up:
-            self._post(self._read_back)
+            rooms = {self.link.room_of(channel) for channel in channels}
+            self._post(lambda: self._read_back(rooms))
         else:
             self._came_back()
 

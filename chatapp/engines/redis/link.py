@@ -169,10 +169,11 @@ class _Subscriptions:
         # Node name -> its subscriptions.
         self._nodes: dict[str, _NodeSubscriptions] = {}
         # Called in a reader greenlet: on_error when a subscription connection cannot be made
-        # (or Redis refuses a subscription), on_back when one is made again after a cut or a
-        # failure (what was said meanwhile never came: it is to be read back).
+        # (or Redis refuses a subscription), on_back(channels) when one is made again after a
+        # cut or a failure, with its channels (what was said on them meanwhile never came: it
+        # is to be read back; a cluster's other nodes' channels were not cut).
         self.on_error: Callable[[Exception], None] = lambda error: None
-        self.on_back: Callable[[], None] = lambda: None
+        self.on_back: Callable[[list[bytes]], None] = lambda channels: None
 
     def _node(self, channel: str) -> _NodeSubscriptions:
         link = self.link
@@ -261,7 +262,7 @@ class _NodeSubscriptions:
                     self._send(b"SSUBSCRIBE", *self.channels)
                 if cut:
                     cut = False
-                    self._subscriptions.on_back()
+                    self._subscriptions.on_back(list(self.channels))
                 while True:
                     self._read(sock, reader, buffer)
                     # Round the loop, then what came meanwhile, until a round brings nothing: a
