@@ -511,12 +511,20 @@ class V2Client:
         self.ws.close()
 
 
+def redis_cli(port: int, *args: str) -> str:
+    """What redis-cli says to one command on a local port."""
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=30).stdout
+
+
 @dataclass
 class RedisClusterProcess:
     """A Redis Cluster of three masters on loopback, from Debian's redis-server and redis-cli."""
 
     workdir: Path
     nodes: list[RedisProcess] = field(default_factory=list)
+    # How long (ms) a node may be silent before the others count it failed (Redis's default,
+    # 15 s, unless a test makes one fail over).
+    node_timeout: int = 15000
 
     @property
     def url(self) -> str:
@@ -527,13 +535,8 @@ class RedisClusterProcess:
         return {node.port for node in self.nodes}
 
     def start(self) -> RedisClusterProcess:
-        for i in range(3):
-            workdir = self.workdir / f"node{i}"
-            workdir.mkdir(parents=True, exist_ok=True)
-            # The cluster bus on a port of our choosing too (Redis 7), not port + 10000.
-            extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf"),
-                     "--cluster-port", str(free_port())]
-            self.nodes.append(RedisProcess(port=free_port(), workdir=workdir, extra=extra).start())
+        for _ in range(3):
+            self.nodes.append(self._node())
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         subprocess.run(
             ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
@@ -542,13 +545,28 @@ class RedisClusterProcess:
         wait_until(self._ok, 20, 0.1, "the cluster to be ok on every node")
         return self
 
+    def _node(self) -> RedisProcess:
+        workdir = self.workdir / f"node{len(self.nodes)}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        # The cluster bus on a port of our choosing too (Redis 7), not port + 10000.
+        extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf"),
+                 "--cluster-port", str(free_port()), "--cluster-node-timeout", str(self.node_timeout)]
+        return RedisProcess(port=free_port(), workdir=workdir, extra=extra).start()
+
+    def add_replica(self, master: RedisProcess) -> RedisProcess:
+        """A new node, replicating master (which it takes over from should master fail)."""
+        replica = self._node()
+        self.nodes.append(replica)
+        master_id = redis_cli(master.port, "cluster", "myid").strip()
+        add = ["redis-cli", "--cluster", "add-node", f"127.0.0.1:{replica.port}", f"127.0.0.1:{master.port}",
+               "--cluster-slave", "--cluster-master-id", master_id]
+        subprocess.run(add, check=True, capture_output=True, timeout=30)
+        wait_until(lambda: "master_link_status:up" in redis_cli(replica.port, "info", "replication"), 20, 0.1,
+                   "the replica to be in sync")
+        return replica
+
     def _ok(self) -> bool:
-        for node in self.nodes:
-            command = ["redis-cli", "-p", str(node.port), "cluster", "info"]
-            info = subprocess.run(command, capture_output=True, text=True)
-            if "cluster_state:ok" not in info.stdout:
-                return False
-        return True
+        return all("cluster_state:ok" in redis_cli(node.port, "cluster", "info") for node in self.nodes)
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 import redis as redis_client
-from support import V2Client, connect, wait_until
+from support import RedisClusterProcess, V2Client, connect, redis_cli, wait_until
 
 
 def health(server) -> tuple[int, dict]:
@@ -169,6 +169,42 @@ def test_a_subscription_cut_alone_refuses_no_line(hosts) -> None:
     assert [(answer["type"], answer["ref"]) for answer in answers] == [("ack", f"r{i}") for i in range(5)], answers
     for client in (alice, bob):
         assert [m["text"] for m in client.messages("tea", 5)] == [f"line {i}" for i in range(5)]
+
+
+def test_a_cluster_failover_loses_no_room(start_server, tmp_path) -> None:
+    """The Redis Cluster master of a room (and of the lobby) dies and its replica takes over
+    at another address: both hosts hear the room again, what was said meanwhile included,
+    once and in order (each worker's reader moves its channels to where they live now)."""
+    cluster = RedisClusterProcess(workdir=tmp_path / "cluster", node_timeout=1000).start()
+    try:
+        owner = redis_client.cluster.RedisCluster.from_url(cluster.url).get_node_from_key("{chat:tea}:live")
+        master = next(node for node in cluster.nodes if node.port == owner.port)
+        replica = cluster.add_replica(master)
+        other = next(node for node in cluster.nodes if node not in (master, replica))
+        env = {"REDIS_URL": f"redis://127.0.0.1:{other.port}/0", "CHAT_REDIS_CLUSTER": "1"}
+        a, b = start_server("gunicorn", **env), start_server("wsgi", **env)
+        alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
+        alice.join("tea")
+        bob.join("tea")
+        alice.say("tea", "before", ref="r0")
+        master.proc.send_signal(signal.SIGKILL)
+        wait_until(lambda: "role:master" in redis_cli(replica.port, "info", "replication"), 30, 0.1,
+                   "the replica to take over")
+        for client in (alice, bob):
+            client.ws.settimeout(30)
+        deadline = time.monotonic() + 60
+        for i in range(3):
+            while True:  # (as a page does: a say refused while Redis was away is sent again)
+                alice.send(type="say", room="tea", text=f"after {i}", ref=f"r{i + 1}")
+                answer = alice.wait_any(("ack", "error"))
+                if answer["type"] == "ack":
+                    break
+                assert answer["code"] == "unavailable" and time.monotonic() < deadline, answer
+                wait_until(lambda: health(a)[0] == 200, 30, 0.1, "the host to say Redis is back")
+        for client in (alice, bob):
+            assert [m["text"] for m in client.messages("tea", 4)] == ["before", "after 0", "after 1", "after 2"]
+    finally:
+        cluster.stop()
 
 
 def test_nick_taken_across_hosts(hosts) -> None:

@@ -161,7 +161,7 @@ class RedisLink:
 
 class _Subscriptions:
     """The shard-channel subscriptions of one worker: a connection and reader greenlet per
-    Redis node (one for a single Redis; one per master of a cluster)."""
+    Redis node (one for a single Redis; one per master of a cluster, following a failover)."""
 
     def __init__(self, link: RedisLink, heard: Callable[[Heard], None]) -> None:
         self.link = link
@@ -184,8 +184,37 @@ class _Subscriptions:
             name, pool = "redis", link.client.connection_pool
         subscriptions = self._nodes.get(name)
         if subscriptions is None:
-            subscriptions = self._nodes[name] = _NodeSubscriptions(pool, self)
+            subscriptions = self._nodes[name] = _NodeSubscriptions(name, pool, self)
         return subscriptions
+
+    def moved_away(self, unreachable: _NodeSubscriptions) -> bool:
+        """A cluster node that cannot be reached may have failed over to a replica: ask the
+        cluster where each of its channels lives now, subscribe there to those that moved, and
+        say them back (what was said meanwhile is to be read back). Whether none is left on
+        the node (its reader ends)."""
+        link = self.link
+        if not link.cluster:
+            return False
+        try:
+            link.client.nodes_manager.initialize(last_failed_node_name=unreachable.name)
+        except (*ERRORS, OSError):
+            return False  # (no node answers: Redis is away)
+        moved = []
+        for channel, confirmed in list(unreachable.channels.items()):
+            node = self._node(channel.decode())
+            if node is not unreachable:
+                del unreachable.channels[channel]
+                node.subscribe(channel, confirmed)
+                moved.append(channel)
+        if moved:
+            log.warning("%d channels moved from Redis node %s: subscribed where they live now", len(moved),
+                        unreachable.name)
+            self.on_back(moved)
+        if unreachable.channels:
+            return False
+        if self._nodes.get(unreachable.name) is unreachable:
+            del self._nodes[unreachable.name]
+        return True
 
     def subscribe(self, channel: str) -> None:
         """Subscribe and wait (at most COMMAND_TIMEOUT) until Redis confirms: a join's replay
@@ -202,7 +231,8 @@ class _NodeSubscriptions:
     and a greenlet that reads it with hiredis, straight off the socket. redis-py's PubSub
     took 10-12 µs of CPU a message where this takes about 2 (bench/subscriber.py)."""
 
-    def __init__(self, pool: redis.ConnectionPool, subscriptions: _Subscriptions) -> None:
+    def __init__(self, name: str, pool: redis.ConnectionPool, subscriptions: _Subscriptions) -> None:
+        self.name = name
         # The pool's settings, but no read timeout (a quiet channel is not a dead one) and RESP2,
         # whose replies the reader knows (redis-py 8 asks for RESP3 by default).
         settings = {**pool.connection_kwargs, "socket_timeout": None, "protocol": 2}
@@ -214,12 +244,12 @@ class _NodeSubscriptions:
         self._writing = Semaphore()
         gevent.spawn(self._read_forever)
 
-    def subscribe(self, channel: bytes) -> Event:
-        confirmed = self.channels.get(channel)
-        if confirmed is None:
-            confirmed = self.channels[channel] = Event()
+    def subscribe(self, channel: bytes, confirmed: Event | None = None) -> Event:
+        """Subscribe (with the event of another node's subscription, when it moves here)."""
+        if channel not in self.channels:
+            self.channels[channel] = confirmed or Event()
             self._send(b"SSUBSCRIBE", channel)
-        return confirmed
+        return self.channels[channel]
 
     def unsubscribe(self, channel: bytes) -> None:
         if self.channels.pop(channel, None) is not None:
@@ -245,13 +275,16 @@ class _NodeSubscriptions:
         backoff = Backoff()
         buffer = bytearray(READ_SIZE)
         cut = False
-        while True:  # (this greenlet must never end: the worker would hear nothing more)
+        # (Never ends while the node holds a channel of ours: the worker would not hear it.)
+        while True:
             connection = self._connect()
             try:
                 connection.connect()
             except (OSError, redis.RedisError) as error:
                 cut = True
                 self._subscriptions.on_error(error)  # (no connection to be had: Redis is away)
+                if self._subscriptions.moved_away(self):
+                    return
                 gevent.sleep(backoff.next())
                 continue
             try:
