@@ -172,11 +172,12 @@ def test_a_subscription_cut_alone_refuses_no_line(hosts) -> None:
 
 
 def test_a_cluster_failover_loses_no_room(start_server, tmp_path) -> None:
-    """The Redis Cluster master of a room (and of the lobby) dies and its replica takes over
-    at another address: both hosts hear the room again, what was said meanwhile included,
-    once and in order (each worker's reader moves its channels to where they live now)."""
-    cluster = RedisClusterProcess(workdir=tmp_path / "cluster", node_timeout=1000).start()
+    """The Redis Cluster master of a room dies and its replica takes over at another address:
+    both hosts hear the room again, what was said meanwhile included, once and in order (each
+    worker's reader moves its channels to where they live now)."""
+    cluster = RedisClusterProcess(workdir=tmp_path / "cluster", node_timeout=1000)
     try:
+        cluster.start()
         owner = redis_client.cluster.RedisCluster.from_url(cluster.url).get_node_from_key("{chat:tea}:live")
         master = next(node for node in cluster.nodes if node.port == owner.port)
         replica = cluster.add_replica(master)
