@@ -223,7 +223,12 @@ class _Subscriptions:
             raise redis.TimeoutError(f"no confirmation of SSUBSCRIBE {channel}")
 
     def unsubscribe(self, channel: str) -> None:
-        self._node(channel).unsubscribe(channel.encode())
+        """Unsubscribe on the node whose reader holds the channel (during a failover, not yet
+        the one the cluster now names)."""
+        key = channel.encode()
+        for node in list(self._nodes.values()):
+            if key in node.channels:
+                node.unsubscribe(key)
 
 
 class _NodeSubscriptions:
