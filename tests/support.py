@@ -516,6 +516,13 @@ def redis_cli(port: int, *args: str) -> str:
     return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=30).stdout
 
 
+def cut_subscriptions(ports: set[int]) -> None:
+    """Each Redis on these ports drops every subscription connection (CLIENT KILL TYPE pubsub)
+    and goes on answering everything else."""
+    for port in ports:
+        redis_cli(port, "client", "kill", "type", "pubsub")
+
+
 @dataclass
 class RedisClusterProcess:
     """A Redis Cluster of three masters on loopback, from Debian's redis-server and redis-cli."""

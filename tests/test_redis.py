@@ -22,7 +22,7 @@ import redis
 import redis.cluster
 import websocket
 from conftest import unavailable
-from support import RedisProcess, connect, free_port, run_patched, wait_until
+from support import RedisProcess, connect, cut_subscriptions, free_port, run_patched, wait_until
 
 from chatapp.chat.commands import Say
 from chatapp.config import Config
@@ -140,8 +140,7 @@ def test_lines_said_across_a_subscription_cut_reach_every_host_once_in_order(sta
     said = [f"line {i}" for i in range(40)]
     for i, text in enumerate(said):
         if i == 10:
-            for port in a_redis.ports:
-                redis.Redis(port=port).client_kill_filter(_type="pubsub")
+            cut_subscriptions(a_redis.ports)
         on_a.send(text)
     for client in (on_a, on_b):
         client.settimeout(15)

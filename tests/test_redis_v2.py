@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 import redis as redis_client
-from support import RedisClusterProcess, V2Client, connect, redis_cli, wait_until
+from support import RedisClusterProcess, V2Client, connect, cut_subscriptions, redis_cli, wait_until
 
 
 def health(server) -> tuple[int, dict]:
@@ -161,8 +161,7 @@ def test_a_subscription_cut_alone_refuses_no_line(hosts) -> None:
     alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
     alice.join("tea")
     bob.join("tea")
-    for port in a.redis_ports:
-        redis_client.Redis(port=port).client_kill_filter(_type="pubsub")
+    cut_subscriptions(a.redis_ports)
     for i in range(5):
         alice.send(type="say", room="tea", text=f"line {i}", ref=f"r{i}")
     answers = [alice.wait_any(("ack", "error")) for _ in range(5)]
