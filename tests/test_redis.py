@@ -274,6 +274,64 @@ def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server)
         publisher.kill()
 
 
+def test_a_v1_line_published_but_not_yet_heard_is_shown_first_when_redis_fails(redis_server) -> None:
+    """A v1 line is published, but its delivery (on the subscription, another connection) is
+    lost as Redis fails: when this worker's v1 clients hear the lines said during the outage at
+    once, that line comes first, in the order said; back, Redis holds them in that order and
+    nobody here hears one twice. A line read back (its delivery lost, Redis up) is heard here
+    then, and not again at the next outage. (The engine in this process with no subscription
+    reader, so no delivery is ever heard; the hub's side called as the hub would; the outage is
+    the heartbeat's word, so that Redis keeps what it was sent.)"""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.shown: list[str] = []
+
+        def call(self, action, lines: bool = False) -> None:
+            action()
+
+        def heard_here(self, room: str, text: str) -> None:
+            self.shown.append(text)
+
+        def settled(self, line_id: int, outcome: object) -> None:
+            raise AssertionError("no v2 line here")
+
+    engine = RedisEngine(Config(redis_url=redis_server.url), NoMetrics())
+    engine._sink = sink = Sink()
+    history = redis.Redis.from_url(redis_server.url)
+
+    def published(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while history.xlen("{chat:lobby}:history") < count:
+            assert time.monotonic() < deadline, "the lines never reached Redis"
+            gevent.sleep(0.02)
+
+    def read_back() -> list[bytes | None]:
+        return [message.v1_frame for message in engine._replay("lobby", "", 0, "all", read_back=True).messages]
+
+    publisher = gevent.spawn(engine._publish_forever)
+    try:
+        engine.publish(0, Say("lobby", "one", None), None)
+        published(1)
+        assert sink.shown == []  # (Redis shows it: its delivery would)
+        engine._went_down(redis.ConnectionError("the heartbeat found Redis gone"))
+        engine.publish(0, Say("lobby", "two", None), None)
+        assert sink.shown == ["one", "two"]
+
+        published(2)
+        assert [f[b"e"].rsplit(b"\n", 1)[1] for _, f in history.xrange("{chat:lobby}:history")] == [b"one", b"two"]
+        assert read_back() == [b"", b""]  # both shown here already: not again
+
+        engine.publish(0, Say("lobby", "three", None), None)
+        published(3)
+        assert read_back()[2] != b"", "a line read back that was never shown here is to be shown"
+        engine._went_down(redis.ConnectionError("the heartbeat found Redis gone"))
+        engine.publish(0, Say("lobby", "four", None), None)
+        assert sink.shown == ["one", "two", "four"]
+    finally:
+        publisher.kill()
+
+
 @pytest.fixture(params=["redis", "cluster"])
 def a_redis(request):
     """A Redis of the test's own: one redis-server, or a 3-master Redis Cluster."""

@@ -152,8 +152,10 @@ class RedisEngine:
         # also tell Redis which it has published already (publish.lua's v1 mark).
         self._v1_ids = count(1)
         self._shown_here: OrderedDict[str, None] = OrderedDict()
-        # This worker's v1 lines on their way to Redis, neither shown here nor known to be
-        # published (tag -> room, text), in the order said: shown first when Redis fails.
+        # This worker's v1 lines on their way through Redis, not shown here yet (tag -> room,
+        # text), in the order said: kept until heard (delivered or read back), not just until
+        # published, since a delivery is lost with the connection it was on; shown first when
+        # Redis fails.
         self._unshown: OrderedDict[str, tuple[str, str]] = OrderedDict()
         # When the rooms with members here last had their keys' expiry pushed back.
         self._kept_alive = monotonic()
@@ -341,7 +343,7 @@ class RedisEngine:
         if follower is None:
             return  # Nobody here any more (the unsubscription is on its way).
         for message, tag in zip(messages, tags or ()):
-            self._unshown.pop(tag, None)  # (published: Redis shows it)
+            self._unshown.pop(tag, None)  # (heard: the follower shows it)
             if tag in self._shown_here:
                 message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
         follower.heard(*messages)
@@ -403,8 +405,6 @@ class RedisEngine:
                 continue
             backoff.reset()
             self._came_back()
-            for _, tag in batch:
-                self._unshown.pop(tag, None)  # (at once: a say the hub takes next must not show it)
             self._post(partial(self._published, batch, results))
             batch = []
 
@@ -576,9 +576,10 @@ class RedisEngine:
             assert self._sink is not None
             self._sink.answered(joiner, error)
 
-    def _replay(self, room: str, epoch: str, seq: int, otherwise: str) -> JoinAnswer:
+    def _replay(self, room: str, epoch: str, seq: int, otherwise: str, read_back: bool = False) -> JoinAnswer:
         """What to replay after (epoch, seq); otherwise (another epoch, or not kept) the
-        "newest" CHAT_HISTORY messages, or "all" those kept."""
+        "newest" CHAT_HISTORY messages, or "all" those kept. read_back: for the room's follower
+        (this worker's clients hear them), not for one joiner."""
         link = self.link
         result = link.script(
             link.client, "replay",
@@ -587,13 +588,15 @@ class RedisEngine:
         )
         answer_epoch = result[0].decode()
         messages = [
-            self._entry(room, answer_epoch, entry, bool(deleted)) for entry, deleted in zip(result[3], result[4])
+            self._entry(room, answer_epoch, entry, bool(deleted), read_back)
+            for entry, deleted in zip(result[3], result[4])
         ]
         return JoinAnswer(room, answer_epoch, int(result[1]), bool(result[2]), messages, [], 0)
 
-    def _entry(self, room: str, epoch: str, entry: Any, deleted: bool) -> ChatMessage:
+    def _entry(self, room: str, epoch: str, entry: Any, deleted: bool, read_back: bool = False) -> ChatMessage:
         """A history entry as a message (origin set when this worker said it), a tombstone if
-        the line was deleted, or a deletion."""
+        the line was deleted, or a deletion. read_back: it goes to the room's follower, so a v1
+        line of this worker's is heard here (no longer unshown)."""
         entry_id, fields = entry
         if isinstance(fields, list):  # (what a script returns: a flat list)
             fields = dict(zip(fields[::2], fields[1::2]))
@@ -606,6 +609,8 @@ class RedisEngine:
             room, epoch, int(entry_id.split(b"-", 1)[0]), int(time), nick or None, text,
             int(tag) if mine and tag.isdigit() else 0, user or None, int(fields.get(b"g", 0)),
         )
+        if mine and read_back:
+            self._unshown.pop(tag, None)
         if message.target or deleted:
             message.delete()
         elif mine and tag in self._shown_here:
@@ -654,7 +659,7 @@ class RedisEngine:
         pipe.xrange(link.room_key(room, "history"), f"{first}-0", f"{last}-0")
         pipe.hgetall(link.room_key(room, "deleted"))
         entries, deleted = pipe.execute()
-        messages = [self._entry(room, epoch, entry, entry[0].split(b"-", 1)[0] in deleted) for entry in entries]
+        messages = [self._entry(room, epoch, entry, entry[0].split(b"-", 1)[0] in deleted, True) for entry in entries]
 
         def heard() -> None:
             if self._current(follower):
@@ -678,7 +683,7 @@ class RedisEngine:
                 link.client.zcard(link.room_key(room, "sorted")),
                 int(link.client.get(link.room_key(room, "pver")) or 0),
             )
-        answer = self._replay(room, epoch, seq, "all")
+        answer = self._replay(room, epoch, seq, "all", read_back=True)
         answer.members, answer.member_count, answer.presence_version = members
         self._came_back()
 
