@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import urllib.request
 
 import pytest
-from support import V2Client, recv_until_close, two_hosts, wait_until
+from support import V2Client, cut_subscriptions, recv_until_close, two_hosts, wait_until
 
 from chatapp.token import make
 
@@ -108,6 +110,35 @@ def test_disconnect_closes_the_user_everywhere(chat) -> None:
     for client in gone:
         assert recv_until_close(client.ws)[1:] == (4003, "account closed")
     stays.join("tea")
+
+
+@pytest.mark.parametrize("engine", ["redis", "cluster"])
+def test_removals_said_while_a_host_was_cut_off_reach_it_once(request, start_server, engine) -> None:
+    """Redis cuts a host's subscriptions while the host cannot notice (stopped), and a kick and
+    a disconnect are said meanwhile: Redis cannot deliver them there. Running again, the host
+    connects again and reads them back from the control log: the kicked user leaves the room
+    (the room hears it), the disconnected one is closed, the other stays; each is carried out
+    once (the kicked user may join again and stays)."""
+    a, b = two_hosts(request, start_server, engine, ENV)
+    ports = request.getfixturevalue("redis_server" if engine == "redis" else "redis_cluster").ports
+    troll, leaver, stays = (V2Client(b, token=token(user)) for user in ("troll", "leaver", "stayer"))
+    troll.join("tea")
+    stays.join("tea")
+    [pid] = b.worker_pids()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        cut_subscriptions(ports)
+        assert api(a, "kick", {"room": "tea", "user": "troll", "reason": "calm"})[:2] == (200, {})
+        assert api(a, "disconnect", {"user": "leaver", "reason": "closed"})[:2] == (200, {"connections": 1})
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert troll.wait("left", room="tea")["reason"] == "kicked"
+    assert stays.wait("presence", room="tea")["left"] == "troll"
+    assert recv_until_close(leaver.ws)[1:] == (4003, "closed")
+    troll.join("tea")  # (a kick is no ban: they may come back, and are not kicked again)
+    stays.say("tea", "welcome back")
+    assert troll.wait("message", room="tea")["text"] == "welcome back"
+    assert not [event for event in troll.settle() if event["type"] == "left"]
 
 
 def test_presence_info_and_rooms_count_every_host(chat) -> None:

@@ -25,6 +25,7 @@ from conftest import unavailable
 from support import RedisProcess, connect, cut_subscriptions, free_port, run_patched, wait_until
 
 from chatapp.chat.commands import Say
+from chatapp.chat.engine import Removal
 from chatapp.config import Config
 from chatapp.engines.redis.engine import Line, RedisEngine
 from chatapp.engines.redis.link import RedisLink
@@ -499,6 +500,32 @@ while len(said) < 2 and time.monotonic() < deadline:
     gevent.sleep(0.01)
 print(json.dumps(said))
 """
+
+
+def test_a_removal_heard_and_read_back_too_is_carried_out_once() -> None:
+    """A removal can come twice: heard on the control channel while a read-back of the control
+    log is on its way (asked before it was heard), and in that read-back. It is carried out
+    once, and the newest carried out (by the log's ids as numbers) is where the next read-back
+    starts. (The engine's hub side, called as the hub would; no Redis needed.)"""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.done: list[tuple] = []
+
+        def removed(self, removal: Removal) -> None:
+            self.done.append(("removed", removal))
+
+        def disconnected(self, user: str, reason: str | None) -> None:
+            self.done.append(("disconnected", user, reason))
+
+    engine = RedisEngine(Config(redis_url="redis://127.0.0.1:1"), NoMetrics())
+    engine._sink = sink = Sink()
+    kick, disconnect = "k\ntea\ntroll\nkicked\n\ncalm down", "x\nleaver\n"
+    for control_id, removal in (("9-5", kick), ("10-0", disconnect), ("9-5", kick), ("10-0", disconnect)):
+        engine._control_heard(control_id, removal)()
+    assert sink.done == [("removed", Removal("tea", "troll", "kicked", "calm down", None)),
+                         ("disconnected", "leaver", None)]
+    assert engine._control_mark == "10-0"
 
 
 def test_a_reader_that_cannot_connect_says_redis_is_away() -> None:

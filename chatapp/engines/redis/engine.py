@@ -27,6 +27,8 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
     {chat}:users-of:<w>     user -> connections on worker w
     {chat}:conns            worker -> its connections (for the server API's info)
     {chat}:control          shard channel every worker follows: kicks, bans, disconnects
+    {chat}:control-log      stream of those (field c), kept CONTROL_LOG_TTL: a worker whose
+                            subscription was cut reads back what it missed
 
 Redis keeps only what is alive: a room's keys expire CHAT_ROOM_TTL seconds after its last
 line (up to a quarter more), join or leave (refreshed while it has members), its entry
@@ -88,6 +90,11 @@ SHOWN_HERE_LIMIT = 100000
 PRUNE_BATCH = 1000
 # Rooms whose keys' expiry the publisher remembers pushing back, at most (the oldest go first).
 REFRESHED_LIMIT = 10000
+# Removals (kicks, bans, disconnects) the control log keeps at least, and seconds it lives after
+# the last; the ids of those carried out here that a worker remembers (not to do one twice).
+CONTROL_LOG_SIZE = 1000
+CONTROL_LOG_TTL = 3600
+CONTROLS_DONE_LIMIT = 2 * CONTROL_LOG_SIZE
 
 
 @dataclass(slots=True)
@@ -157,6 +164,10 @@ class RedisEngine:
         # published, since a delivery is lost with the connection it was on; shown first when
         # Redis fails.
         self._unshown: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # The removals carried out here, by id in the control log, and the newest of them (None
+        # until the log's newest is known: a worker reads back only what was said after it came).
+        self._controls_done: OrderedDict[str, None] = OrderedDict()
+        self._control_mark: str | None = None
         # When the rooms with members here last had their keys' expiry pushed back.
         self._kept_alive = monotonic()
         # Set once this worker follows the lobby (see start()).
@@ -177,6 +188,7 @@ class RedisEngine:
         self.metrics.broker_up.set(1)
         control = self.link.chat_key("control")
         self._control.put((lambda: self.link.subscriptions.subscribe(control), None))
+        self._control.put((lambda: self._read_controls(None), None))  # (where the log stands)
         self.resync(self._follow(LOBBY))
 
     def stop(self) -> None:
@@ -367,6 +379,7 @@ class RedisEngine:
         """Redis answers again, or lost its data: say again who is here, room by room, and
         how many connections each user has here."""
         self._read_back()
+        self._read_controls_back()
         self._control.put((self._say_user_counts, None))
 
     def _read_back(self, rooms: set[str] | None = None) -> None:
@@ -479,13 +492,9 @@ class RedisEngine:
         kind, rest = data[:1], data[2:].decode()
         sink = self._sink
         assert sink is not None
-        if kind == b"k":  # (on the control channel: a kick or ban)
-            room, user, reason, until, words = rest.split("\n", 4)
-            removal = Removal(room, user, reason, words or None, int(until) if until else None)
-            return lambda: sink.removed(removal)
-        if kind == b"x":  # (on the control channel: the app's backend disconnects a user)
-            user, reason = rest.split("\n", 1)
-            return lambda: sink.disconnected(user, reason or None)
+        if kind in (b"k", b"x"):  # (on the control channel: its id in the control log, then the removal)
+            control_id, removal = rest.split("\n", 1)
+            return self._control_heard(control_id, data[:1].decode() + "\n" + removal)
         room = self.link.room_of(channel)
         if kind == b"m":  # lines said in the room: epoch, worker, count, then 6 fields a line
             parts = rest.split("\n")
@@ -512,6 +521,69 @@ class RedisEngine:
         key, nick = rest.split("\n", 1)  # b"t": a member is typing
         member = self._member(key, nick)
         return lambda: sink.typed(room, member)
+
+    def _control_heard(self, control_id: str, removal: str) -> Callable[[], None]:
+        """What the hub's greenlet is to do with a removal of the control log: carry it out,
+        once (heard, and read back after a cut, it comes twice)."""
+        sink = self._sink
+        assert sink is not None
+        kind, rest = removal[:1], removal[2:]
+        if kind == "k":  # a kick or ban
+            room, user, reason, until, words = rest.split("\n", 4)
+            kicked = Removal(room, user, reason, words or None, int(until) if until else None)
+            carry_out = partial(sink.removed, kicked)
+        else:  # "x": the app's backend disconnects a user
+            user, reason = rest.split("\n", 1)
+            carry_out = partial(sink.disconnected, user, reason or None)
+
+        def once() -> None:
+            if control_id in self._controls_done:
+                return
+            self._controls_done[control_id] = None
+            if len(self._controls_done) > CONTROLS_DONE_LIMIT:
+                self._controls_done.popitem(last=False)
+            if self._control_mark is None or _stream_id(control_id) > _stream_id(self._control_mark):
+                self._control_mark = control_id
+            carry_out()
+
+        return once
+
+    def _read_controls(self, after: str | None) -> None:
+        """In the controller: the removals of the control log after this id, carried out in
+        the hub's greenlet in order; for None, only where the log stands (its newest id)."""
+        link = self.link
+        log_key = link.chat_key("control-log")
+        if after is None:
+            newest = link.client.xrevrange(log_key, "+", "-", count=1)
+            mark = newest[0][0].decode() if newest else "0-0"
+
+            def marked() -> None:
+                if self._control_mark is None:
+                    self._control_mark = mark
+
+            self._post(marked)
+            return
+        entries = link.client.xrange(log_key, f"({after}", "+")
+        actions = [self._control_heard(entry_id.decode(), fields[b"c"].decode()) for entry_id, fields in entries]
+
+        def read_back() -> None:
+            for action in actions:
+                action()
+
+        self._post(read_back)
+
+    def _read_controls_back(self) -> None:
+        """The control channel is heard again after a cut or an outage: what it missed is read
+        from the control log (from the newest removal carried out here, as of now: those heard
+        from here on come after this in the hub's greenlet, and none is carried out twice)."""
+        mark = self._control_mark
+        self._control.put((lambda: self._read_controls(mark), None))
+
+    def _say_to_all(self, removal: str) -> None:
+        """In the controller: a removal for every worker, through the control log."""
+        link = self.link
+        link.script(link.client, "control", [link.chat_key("control-log")],
+                    [link.chat_key("control"), removal, CONTROL_LOG_SIZE, CONTROL_LOG_TTL])
 
     def _member(self, key: str, nick: str) -> Member:
         """A member as Redis names it: by user in token mode, by casefolded nick in open mode."""
@@ -718,8 +790,15 @@ class RedisEngine:
         all along) is no outage: the worker never served alone, so no line of its own was
         shown out of turn."""
         if self._up:
-            rooms = {self.link.room_of(channel) for channel in channels}
-            self._post(lambda: self._read_back(rooms))
+            control = self.link.chat_key("control").encode()
+            rooms = {self.link.room_of(channel) for channel in channels if channel != control}
+
+            def read_back() -> None:
+                self._read_back(rooms)
+                if control in channels:
+                    self._read_controls_back()
+
+            self._post(read_back)
         else:
             self._came_back()
 
@@ -889,7 +968,7 @@ class RedisEngine:
         if command.action in ("kick", "ban"):
             reason = "kicked" if command.action == "kick" else "banned"
             fields = (room, user, reason, "" if until is None else str(until), command.reason or "")
-            client.spublish(link.chat_key("control"), "k\n" + "\n".join(fields))
+            self._say_to_all("k\n" + "\n".join(fields))
         return None
 
     # Typing, history and the app's backend's questions: the controller asks Redis.
@@ -944,7 +1023,7 @@ class RedisEngine:
 
         def disconnect() -> dict[str, Any]:
             connections = int(link.client.hget(link.chat_key("users"), user) or 0)
-            link.client.spublish(link.chat_key("control"), f"x\n{user}\n{reason or ''}")
+            self._say_to_all(f"x\n{user}\n{reason or ''}")
             return {"connections": connections}
 
         self._reply(call, disconnect)
@@ -968,3 +1047,9 @@ class RedisEngine:
                     "rooms": client.zcard(link.chat_key("rooms"))}
 
         self._reply(call, info)
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry's id as numbers, to compare ("<ms>-<n>")."""
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n or 0)
