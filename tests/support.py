@@ -572,6 +572,27 @@ class RedisClusterProcess:
                    "the replica to be in sync")
         return replica
 
+    def move_slot(self, slot: int, source: RedisProcess, target: RedisProcess) -> None:
+        """Reshard one slot from master source to master target, as `redis-cli --cluster
+        reshard` does: target imports, source migrates its keys, then every node is told."""
+        self.start_moving(slot, source, target)
+        self.finish_moving(slot, source, target)
+
+    def start_moving(self, slot: int, source: RedisProcess, target: RedisProcess) -> None:
+        source_id, target_id = (redis_cli(node.port, "cluster", "myid").strip() for node in (source, target))
+        redis_cli(target.port, "cluster", "setslot", str(slot), "importing", source_id)
+        redis_cli(source.port, "cluster", "setslot", str(slot), "migrating", target_id)
+
+    def migrate(self, source: RedisProcess, target: RedisProcess, *keys: str) -> None:
+        redis_cli(source.port, "migrate", "127.0.0.1", str(target.port), "", "0", "5000", "keys", *keys)
+
+    def finish_moving(self, slot: int, source: RedisProcess, target: RedisProcess) -> None:
+        while keys := redis_cli(source.port, "cluster", "getkeysinslot", str(slot), "100").split():
+            self.migrate(source, target, *keys)
+        target_id = redis_cli(target.port, "cluster", "myid").strip()
+        for node in (target, source, *(node for node in self.nodes if node not in (source, target))):
+            redis_cli(node.port, "cluster", "setslot", str(slot), "node", target_id)
+
     def _ok(self) -> bool:
         return all("cluster_state:ok" in redis_cli(node.port, "cluster", "info") for node in self.nodes)
 

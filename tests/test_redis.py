@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import gevent
@@ -366,6 +367,36 @@ def test_a_publish_sent_again_after_its_reply_was_lost_publishes_nothing_twice(a
                         ("den", [b"den one", b"den two", b"den three", b"den four"])):
         said = [fields[b"e"].rsplit(b"\n", 1)[1] for _, fields in history.xrange(f"{{chat:{room}}}:history")]
         assert said == lines, room
+
+
+def test_a_publish_follows_its_room_to_another_master(redis_cluster) -> None:
+    """Resharding moves a room's slot while a worker's slot map still names the old master.
+    While the slot's keys are on their way (TRYAGAIN: some moved, some not), a publish waits a
+    moment and is tried again; once the slot has moved (MOVED), the slot map is learnt again
+    and the publish done on the new master: no error reaches the publisher, no line twice."""
+    engine = RedisEngine(Config(redis_url=redis_cluster.url, redis_cluster=True), NoMetrics())
+
+    def publish(*numbers: int) -> list[int]:
+        batch = [(Line(n, "tea", "alice", "s1", f"r{n}", f"line {n}"), str(n)) for n in numbers]
+        return [seq for _, seq in engine.link.call(partial(engine._publish, batch))]
+
+    assert publish(1) == [1]
+    cluster = redis.cluster.RedisCluster.from_url(redis_cluster.url)
+    slot, owner = cluster.keyslot("{chat:tea}:meta"), cluster.get_node_from_key("{chat:tea}:meta")
+    source = next(node for node in redis_cluster.nodes if node.port == owner.port)
+    there, elsewhere = (node for node in redis_cluster.nodes if node is not source)
+    redis_cluster.start_moving(slot, source, there)
+    redis_cluster.migrate(source, there, "{chat:tea}:meta")  # (its history not yet)
+    mover = threading.Timer(0.3, redis_cluster.finish_moving, (slot, source, there))
+    mover.start()
+    try:
+        assert publish(2, 3) == [2, 3]
+    finally:
+        mover.join()
+    redis_cluster.move_slot(slot, there, elsewhere)
+    assert publish(4) == [4]
+    history = [fields[b"e"].rsplit(b"\n", 1)[1] for _, fields in cluster.xrange("{chat:tea}:history")]
+    assert history == [b"line 1", b"line 2", b"line 3", b"line 4"]
 
 
 def test_scripts_in_one_write_answer_in_order_and_an_error_waits_for_the_rest(redis_server) -> None:

@@ -207,6 +207,49 @@ def test_a_cluster_failover_loses_no_room(start_server, tmp_path) -> None:
         cluster.stop()
 
 
+def test_a_room_resharded_to_another_master_loses_nothing(start_server, redis_cluster) -> None:
+    """An operator moves a room's slot to another master (resharding, as when a shard is
+    added): both hosts hear the room from its new master, the lines said at once after the
+    move included, once and in order, and no say is refused. (Redis unsubscribes a slot's
+    shard channels when the slot leaves a node; the workers' slot maps still name the old
+    master.) Then again while one host is cut off."""
+    env = {"REDIS_URL": redis_cluster.url, "CHAT_REDIS_CLUSTER": "1"}
+    a, b = start_server("gunicorn", **env), start_server("wsgi", **env)
+    alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
+    alice.join("tea")
+    bob.join("tea")
+    alice.say("tea", "before", ref="r0")
+    cluster = redis_client.cluster.RedisCluster.from_url(redis_cluster.url)
+    slot = cluster.keyslot("{chat:tea}:live")
+    owner = cluster.get_node_from_key("{chat:tea}:live")
+    source = next(node for node in redis_cluster.nodes if node.port == owner.port)
+    target = next(node for node in redis_cluster.nodes if node is not source)
+    redis_cluster.move_slot(slot, source, target)
+    for i in range(3):
+        alice.send(type="say", room="tea", text=f"after {i}", ref=f"r{i + 1}")
+    answers = [alice.wait_any(("ack", "error")) for _ in range(3)]
+    assert [answer["type"] for answer in answers] == ["ack"] * 3, answers  # (none refused as unavailable)
+    bob.say("tea", "from the other host")
+    for client in (alice, bob):
+        texts = [m["text"] for m in client.messages("tea", 5)]
+        assert texts == ["before", "after 0", "after 1", "after 2", "from the other host"]
+
+    # Moved again while one host was cut off from Redis (stopped): it subscribes again where
+    # its slot map says (MOVED), then where the room lives now, and hears what it missed.
+    elsewhere = next(node for node in redis_cluster.nodes if node not in (source, target))
+    [pid] = b.worker_pids()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        cut_subscriptions(redis_cluster.ports)
+        redis_cluster.move_slot(slot, target, elsewhere)
+        alice.say("tea", "while cut off", ref="r4")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    bob.say("tea", "back")
+    for client in (alice, bob):
+        assert [m["text"] for m in client.messages("tea", 2)] == ["while cut off", "back"]
+
+
 def test_nick_taken_across_hosts(hosts) -> None:
     """A nick held in a room on one host is taken for another session on the other."""
     a, b = hosts()

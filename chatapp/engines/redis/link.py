@@ -21,6 +21,7 @@ import redis.cluster
 import redis.exceptions
 from gevent.event import Event
 from gevent.lock import Semaphore
+from redis.crc import key_slot
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ READ_SIZE = 65536
 READS_A_BURST = 16
 # A Redis command that takes longer than this (s) counts as Redis being away.
 COMMAND_TIMEOUT = 1.0
+# Seconds before a channel a node gave up, that the cluster still places there, is asked for
+# there again (until every node knows where its slot went).
+RESUBSCRIBE_DELAY = 0.1
+# Tries of an action while its slot moves (ASK and TRYAGAIN wait 0.05 s more each time).
+SLOT_MOVE_ATTEMPTS = 6
 # What Redis being away looks like to redis-py.
 ERRORS = (
     redis.ConnectionError, redis.TimeoutError, redis.ResponseError, redis.exceptions.ClusterError,
@@ -133,12 +139,24 @@ class RedisLink:
 
     def call(self, action: Callable[[], Any]) -> Any:
         """Run an action against Redis, loading the scripts once again if Redis lost them
-        (a restarted Redis forgets its scripts: NOSCRIPT)."""
-        try:
-            return action()
-        except redis.exceptions.NoScriptError:
-            self._shas = {name: self.client.script_load(text) for name, text in self._scripts.items()}
-            return action()
+        (a restarted Redis forgets its scripts: NOSCRIPT). In a cluster being resharded, a slot
+        that moved (MOVED) has the slot map learnt again, and one on its way (ASK, TRYAGAIN:
+        its keys half moved) a moment's wait; then the action runs again (it is to be safe to
+        run twice: the publish's refs and v1 marks make it so)."""
+        for attempt in range(1, SLOT_MOVE_ATTEMPTS + 1):
+            try:
+                return action()
+            except redis.exceptions.NoScriptError:
+                self._shas = {name: self.client.script_load(text) for name, text in self._scripts.items()}
+            except redis.exceptions.MovedError:
+                if not self.cluster or attempt == SLOT_MOVE_ATTEMPTS:
+                    raise
+                self.client.nodes_manager.initialize()
+            except (redis.exceptions.AskError, redis.exceptions.TryAgainError):
+                if not self.cluster or attempt == SLOT_MOVE_ATTEMPTS:
+                    raise
+                gevent.sleep(0.05 * attempt)
+        return action()
 
     def nodes(self, rooms: list[str]) -> list[tuple[Any, list[int]]]:
         """A client per Redis node for work on these rooms, with the indexes of the rooms each
@@ -192,29 +210,48 @@ class _Subscriptions:
         cluster where each of its channels lives now, subscribe there to those that moved, and
         say them back (what was said meanwhile is to be read back). Whether none is left on
         the node (its reader ends)."""
-        link = self.link
-        if not link.cluster:
+        if not self.link.cluster:
             return False
         try:
-            link.client.nodes_manager.initialize(last_failed_node_name=unreachable.name)
+            self.link.client.nodes_manager.initialize(last_failed_node_name=unreachable.name)
         except (*ERRORS, OSError):
             return False  # (no node answers: Redis is away)
-        moved = []
-        for channel, confirmed in list(unreachable.channels.items()):
-            node = self._node(channel.decode())
-            if node is not unreachable:
-                del unreachable.channels[channel]
-                node.subscribe(channel, confirmed)
-                moved.append(channel)
-        if moved:
-            log.warning("%d channels moved from Redis node %s: subscribed where they live now", len(moved),
-                        unreachable.name)
-            self.on_back(moved)
+        self._move(unreachable, list(unreachable.channels))
         if unreachable.channels:
             return False
         if self._nodes.get(unreachable.name) is unreachable:
             del self._nodes[unreachable.name]
         return True
+
+    def resharded(self, node: _NodeSubscriptions, channels: list[bytes]) -> None:
+        """A node gave up these channels' slots (resharding): Redis unsubscribed them there, or
+        refused to subscribe them (MOVED). Learn the slots again, subscribe where they live
+        now, and say them back; one the cluster still places here is asked for again (a
+        moment later: until every node knows, some still name the old one)."""
+        try:
+            self.link.client.nodes_manager.initialize()
+        except (*ERRORS, OSError) as error:
+            log.warning("Redis Cluster slots not learnt again (%s): asking %s again", error, node.name)
+        if self._move(node, channels) != len(channels):
+            gevent.sleep(RESUBSCRIBE_DELAY)
+            node.subscribe_again([channel for channel in channels if channel in node.channels])
+
+    def _move(self, node: _NodeSubscriptions, channels: list[bytes]) -> int:
+        """Those of node's channels that live on another node now go to that node's reader
+        (their confirmation events with them) and are said back; how many moved."""
+        moved = []
+        for channel in channels:
+            confirmed = node.channels.get(channel)
+            there = self._node(channel.decode())
+            if confirmed is not None and there is not node:
+                del node.channels[channel]
+                confirmed.clear()
+                there.subscribe(channel, confirmed)
+                moved.append(channel)
+        if moved:
+            log.warning("%d channels moved from Redis node %s: subscribed where they live now", len(moved), node.name)
+            self.on_back(moved)
+        return len(moved)
 
     def subscribe(self, channel: str) -> None:
         """Subscribe and wait (at most COMMAND_TIMEOUT) until Redis confirms: a join's replay
@@ -259,6 +296,9 @@ class _NodeSubscriptions:
     def unsubscribe(self, channel: bytes) -> None:
         if self.channels.pop(channel, None) is not None:
             self._send(b"SUNSUBSCRIBE", channel)
+
+    def subscribe_again(self, channels: list[bytes]) -> None:
+        self._send(b"SSUBSCRIBE", *channels)
 
     def _send(self, command: bytes, *channels: bytes) -> None:
         """The command once per channel, all in one write: a Redis Cluster refuses one command
@@ -339,20 +379,28 @@ class _NodeSubscriptions:
 
     def _take(self, reader: hiredis.Reader) -> None:
         """Hand what the reads brought to heard() at once (what made sense, should the rest
-        not); note confirmations."""
-        heard = []
+        not); note confirmations, and the channels whose slots left this node."""
+        heard, moved = [], []
         try:
             reply = reader.gets()
             while reply is not False:
                 if isinstance(reply, hiredis.ReplyError):
-                    self._subscriptions.on_error(redis.ResponseError(str(reply)))
+                    if str(reply).startswith("MOVED "):  # (an SSUBSCRIBE's: its slot lives elsewhere)
+                        slot = int(str(reply).split()[1])
+                        moved += [channel for channel in self.channels if key_slot(channel) == slot]
+                    else:
+                        self._subscriptions.on_error(redis.ResponseError(str(reply)))
                 elif reply[0] == b"smessage":
                     heard.append((reply[1], reply[2]))
                 elif reply[0] == b"ssubscribe":
                     confirmed = self.channels.get(reply[1])
                     if confirmed is not None:
                         confirmed.set()
+                elif reply[0] == b"sunsubscribe" and reply[1] in self.channels:
+                    moved.append(reply[1])  # (not asked for: Redis's, as the channel's slot left)
                 reply = reader.gets()
         finally:
             if heard:
                 self._subscriptions.heard(heard)
+        if moved:
+            self._subscriptions.resharded(self, list(dict.fromkeys(moved)))
