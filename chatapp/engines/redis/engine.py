@@ -342,6 +342,15 @@ class RedisEngine:
             tag, (room, text) = self._unshown.popitem(last=False)
             self._show_here(room, text, tag)
 
+    def _heard_here(self, tag: str) -> None:
+        """A line of this worker's is heard (the follower shows it). A v1 line's number orders
+        it after those said before it, in Redis too: any of those still unshown was lost to
+        this worker (a read-back that could not find it), and showing it later would be out
+        of turn."""
+        if tag in self._unshown:
+            while self._unshown.popitem(last=False)[0] != tag:
+                pass
+
     def _show_here(self, room: str, text: str, tag: str) -> None:
         self._shown_here[tag] = None
         if len(self._shown_here) > SHOWN_HERE_LIMIT:
@@ -355,7 +364,7 @@ class RedisEngine:
         if follower is None:
             return  # Nobody here any more (the unsubscription is on its way).
         for message, tag in zip(messages, tags or ()):
-            self._unshown.pop(tag, None)  # (heard: the follower shows it)
+            self._heard_here(tag)
             if tag in self._shown_here:
                 message.v1_frame = b""  # This worker's v1 clients heard it while Redis was away.
         follower.heard(*messages)
@@ -682,7 +691,7 @@ class RedisEngine:
             int(tag) if mine and tag.isdigit() else 0, user or None, int(fields.get(b"g", 0)),
         )
         if mine and read_back:
-            self._unshown.pop(tag, None)
+            self._heard_here(tag)
         if message.target or deleted:
             message.delete()
         elif mine and tag in self._shown_here:
