@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,15 @@ def two_hosts(request, start_server, engine: str, env: dict[str, str]):
     redis = request.getfixturevalue("redis_server" if engine == "redis" else "redis_cluster")
     env = {**env, "REDIS_URL": redis.url, "CHAT_REDIS_CLUSTER": "1" if engine == "cluster" else "0"}
     return start_server("gunicorn", **env), start_server("wsgi", **env)
+
+
+def health(server) -> tuple[int, dict]:
+    """GET /healthz: (status, JSON answer), 503 included."""
+    try:
+        with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
 
 
 def procfile_command() -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -10,8 +9,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -23,7 +20,7 @@ import redis
 import redis.cluster
 import websocket
 from conftest import unavailable
-from support import RedisProcess, connect, cut_subscriptions, free_port, run_patched, wait_until
+from support import RedisProcess, connect, cut_subscriptions, free_port, health, run_patched, wait_until
 
 from chatapp.chat.commands import Say
 from chatapp.chat.engine import Removal
@@ -31,14 +28,6 @@ from chatapp.config import Config
 from chatapp.engines.redis.engine import Line, RedisEngine
 from chatapp.engines.redis.link import RedisLink
 from chatapp.metrics import NoMetrics
-
-
-def health(server) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 def recv_n(ws: websocket.WebSocket, n: int) -> list[str]:

@@ -6,25 +6,14 @@ which); one test runs gunicorn with two workers, as a dyno does.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import redis as redis_client
-from support import RedisClusterProcess, V2Client, connect, cut_subscriptions, redis_cli, wait_until
-
-
-def health(server) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
+from support import RedisClusterProcess, V2Client, connect, cut_subscriptions, health, redis_cli, wait_until
 
 
 @pytest.fixture(params=["redis", "cluster"])
