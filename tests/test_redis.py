@@ -559,6 +559,19 @@ def test_a_removal_heard_and_read_back_too_is_carried_out_once() -> None:
                          ("disconnected", "leaver", None)]
     assert engine._control_mark == "10-0"
 
+    # On the control channel: with its id; without one (a worker of before the control log,
+    # during a rolling deploy), carried out as it comes; one that makes no sense is dropped.
+    sink.done.clear()
+    engine._post = lambda action, lines=False: action()
+    engine._heard_raw([(b"{chat}:control", b"k\n11-0\ntea\nalice\nbanned\n\n"),
+                       (b"{chat}:control", b"k\ntea\nbob\nkicked\n\nhush"),
+                       (b"{chat}:control", b"k\nnonsense"),
+                       (b"{chat}:control", b"x\n12-0\ncarol\nclosed")])
+    assert sink.done == [("removed", Removal("tea", "alice", "banned", None, None)),
+                         ("removed", Removal("tea", "bob", "kicked", "hush", None)),
+                         ("disconnected", "carol", "closed")]
+    assert engine._control_mark == "12-0"
+
 
 def test_a_reader_that_cannot_connect_says_redis_is_away() -> None:
     """No connection to be had is an outage: the reader says so at each try (the engine

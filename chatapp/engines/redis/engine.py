@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -95,6 +96,8 @@ REFRESHED_LIMIT = 10000
 CONTROL_LOG_SIZE = 1000
 CONTROL_LOG_TTL = 3600
 CONTROLS_DONE_LIMIT = 2 * CONTROL_LOG_SIZE
+# A stream entry's id.
+STREAM_ID = re.compile(r"\d+-\d+")
 
 
 @dataclass(slots=True)
@@ -488,7 +491,12 @@ class RedisEngine:
     def _heard_raw(self, heard: list[tuple[bytes, bytes]]) -> None:
         """In a reader greenlet: what one read found, made sense of, goes to the hub in one
         request (its lines taken in one burst)."""
-        actions = [self._made_sense(channel, data) for channel, data in heard]
+        actions = []
+        for channel, data in heard:
+            try:
+                actions.append(self._made_sense(channel, data))
+            except (ValueError, IndexError) as error:  # (UnicodeDecodeError is a ValueError)
+                log.warning("Redis engine: a message on %s made no sense (%s): dropped", channel, error)
 
         def hear() -> None:
             for action in actions:
@@ -503,6 +511,8 @@ class RedisEngine:
         assert sink is not None
         if kind in (b"k", b"x"):  # (on the control channel: its id in the control log, then the removal)
             control_id, removal = rest.split("\n", 1)
+            if not STREAM_ID.fullmatch(control_id):  # (a worker of before the log, in a rolling deploy)
+                return self._control_heard(None, data.decode())
             return self._control_heard(control_id, data[:1].decode() + "\n" + removal)
         room = self.link.room_of(channel)
         if kind == b"m":  # lines said in the room: epoch, worker, count, then 6 fields a line
@@ -531,9 +541,10 @@ class RedisEngine:
         member = self._member(key, nick)
         return lambda: sink.typed(room, member)
 
-    def _control_heard(self, control_id: str, removal: str) -> Callable[[], None]:
+    def _control_heard(self, control_id: str | None, removal: str) -> Callable[[], None]:
         """What the hub's greenlet is to do with a removal of the control log: carry it out,
-        once (heard, and read back after a cut, it comes twice)."""
+        once (heard, and read back after a cut, it comes twice); without an id (said by a
+        worker of before the log), just carry it out."""
         sink = self._sink
         assert sink is not None
         kind, rest = removal[:1], removal[2:]
@@ -546,6 +557,9 @@ class RedisEngine:
             carry_out = partial(sink.disconnected, user, reason or None)
 
         def once() -> None:
+            if control_id is None:
+                carry_out()
+                return
             if control_id in self._controls_done:
                 return
             self._controls_done[control_id] = None
