@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -20,13 +21,14 @@ import redis
 import redis.cluster
 import websocket
 from conftest import unavailable
+from gevent.event import Event
 from support import RedisProcess, connect, cut_subscriptions, free_port, health, run_patched, wait_until
 
 from chatapp.chat.commands import Say
 from chatapp.chat.engine import Removal
 from chatapp.config import Config
 from chatapp.engines.redis.engine import Line, RedisEngine
-from chatapp.engines.redis.link import RedisLink
+from chatapp.engines.redis.link import RedisLink, _NodeSubscriptions
 from chatapp.metrics import NoMetrics
 
 
@@ -418,7 +420,7 @@ def test_scripts_in_one_write_answer_in_order_and_an_error_waits_for_the_rest(re
 GARBLED_READER = """
 from gevent import monkey; monkey.patch_all()
 import json, sys, time, gevent
-from chatapp.engines.redis.link import RedisLink
+from chatapp.engines.redis.link import RedisLink, _NodeSubscriptions
 heard, said = [], []
 link = RedisLink(sys.argv[1], False, "chat", heard.extend)
 link.subscriptions.on_error = lambda error: said.append(type(error).__name__)
@@ -485,7 +487,7 @@ def test_a_garbled_subscription_is_started_afresh_and_its_reader_goes_on() -> No
 CUT_READER = """
 from gevent import monkey; monkey.patch_all()
 import json, sys, time, gevent, redis
-from chatapp.engines.redis.link import RedisLink
+from chatapp.engines.redis.link import RedisLink, _NodeSubscriptions
 heard, said = [], []
 link = RedisLink(sys.argv[1], False, "chat", heard.extend)
 link.subscriptions.on_error = lambda error: said.append("error")
@@ -518,7 +520,7 @@ def test_a_subscription_cut_alone_is_no_outage_and_the_reader_says_it_is_back(re
 AWAY_READER = """
 from gevent import monkey; monkey.patch_all()
 import json, sys, time, gevent, redis
-from chatapp.engines.redis.link import RedisLink
+from chatapp.engines.redis.link import RedisLink, _NodeSubscriptions
 said = []
 link = RedisLink(sys.argv[1], False, "chat", lambda heard: None)
 link.subscriptions.on_error = lambda error: said.append(type(error).__name__)
@@ -571,6 +573,38 @@ def test_a_removal_heard_and_read_back_too_is_carried_out_once() -> None:
                          ("removed", Removal("tea", "bob", "kicked", "hush", None)),
                          ("disconnected", "carol", "closed")]
     assert engine._control_mark == "12-0"
+
+
+def test_only_an_unsubscription_not_asked_for_counts_as_a_slot_moved() -> None:
+    """A reader tells Redis's confirmation of its own SUNSUBSCRIBE (a room left, and joined
+    again before the confirmation came) from an unsubscription Redis makes itself when the
+    channel's slot leaves the node: only the latter moves the channel. (A reader's _take fed
+    replies as Redis sends them.)"""
+
+    class Subscriptions:
+        def __init__(self) -> None:
+            self.moved: list[list[bytes]] = []
+
+        def heard(self, heard) -> None:
+            raise AssertionError("no message here")
+
+        def resharded(self, node, channels: list[bytes]) -> None:
+            self.moved.append(channels)
+
+    def sunsubscribe(channel: bytes) -> bytes:
+        return b"*3\r\n$12\r\nsunsubscribe\r\n$%d\r\n%s\r\n:0\r\n" % (len(channel), channel)
+
+    node = _NodeSubscriptions.__new__(_NodeSubscriptions)
+    node._subscriptions = subscriptions = Subscriptions()
+    node.channels, node._leaving = {b"{chat:tea}:live": Event(), b"{chat:den}:live": Event()}, Counter()
+    node._leaving[b"{chat:tea}:live"] = 1  # (left, and joined again: in channels once more)
+    reader = hiredis.Reader()
+    reader.feed(sunsubscribe(b"{chat:tea}:live") + sunsubscribe(b"{chat:gone}:live"))
+    node._take(reader)
+    assert subscriptions.moved == [] and not node._leaving
+    reader.feed(sunsubscribe(b"{chat:tea}:live") + sunsubscribe(b"{chat:den}:live"))
+    node._take(reader)
+    assert subscriptions.moved == [[b"{chat:tea}:live", b"{chat:den}:live"]]
 
 
 def test_a_reader_that_cannot_connect_says_redis_is_away() -> None:

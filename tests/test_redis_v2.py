@@ -239,6 +239,22 @@ def test_a_room_resharded_to_another_master_loses_nothing(start_server, redis_cl
         assert [m["text"] for m in client.messages("tea", 2)] == ["while cut off", "back"]
 
 
+def test_a_room_left_and_joined_again_at_once_is_still_heard(hosts) -> None:
+    """The only member on a host leaves a room and joins it again before Redis confirmed the
+    unsubscription (the confirmation comes once the channel is subscribed again): the room
+    is still heard there, and nothing fails."""
+    a, b = hosts()
+    alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
+    alice.join("tea")
+    for _ in range(5):
+        bob.join("tea")
+        bob.send(type="leave", room="tea")
+    bob.join("tea")
+    alice.say("tea", "still heard")
+    assert bob.wait("message", room="tea")["text"] == "still heard"
+    assert "Traceback" not in b.log()
+
+
 def test_nick_taken_across_hosts(hosts) -> None:
     """A nick held in a room on one host is taken for another session on the other."""
     a, b = hosts()

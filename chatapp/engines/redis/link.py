@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -228,6 +229,9 @@ class _Subscriptions:
         refused to subscribe them (MOVED). Learn the slots again, subscribe where they live
         now, and say them back; one the cluster still places here is asked for again (a
         moment later: until every node knows, some still name the old one)."""
+        if not self.link.cluster:  # (no slots to move: subscribe again all the same)
+            node.subscribe_again(channels)
+            return
         try:
             self.link.client.nodes_manager.initialize()
         except (*ERRORS, OSError) as error:
@@ -282,6 +286,10 @@ class _NodeSubscriptions:
         self._subscriptions = subscriptions
         # Channels subscribed, by name; the event is set once Redis confirmed.
         self.channels: dict[bytes, Event] = {}
+        # SUNSUBSCRIBEs sent on this connection and not yet confirmed, by channel: a
+        # confirmation beyond them is Redis's own (the channel's slot left the node), not
+        # the answer to a leave that a join of the same channel followed at once.
+        self._leaving: Counter[bytes] = Counter()
         self._socket: socket.socket | None = None  # (while connected)
         self._writing = Semaphore()
         gevent.spawn(self._read_forever)
@@ -294,18 +302,19 @@ class _NodeSubscriptions:
         return self.channels[channel]
 
     def unsubscribe(self, channel: bytes) -> None:
-        if self.channels.pop(channel, None) is not None:
-            self._send(b"SUNSUBSCRIBE", channel)
+        if self.channels.pop(channel, None) is not None and self._send(b"SUNSUBSCRIBE", channel):
+            self._leaving[channel] += 1
 
     def subscribe_again(self, channels: list[bytes]) -> None:
         self._send(b"SSUBSCRIBE", *channels)
 
-    def _send(self, command: bytes, *channels: bytes) -> None:
+    def _send(self, command: bytes, *channels: bytes) -> bool:
         """The command once per channel, all in one write: a Redis Cluster refuses one command
-        naming channels of different slots (CROSSSLOT), and a node holds many slots."""
+        naming channels of different slots (CROSSSLOT), and a node holds many slots. Whether
+        it was sent."""
         sock = self._socket
         if sock is None:
-            return  # (the reader subscribes to every channel once it has connected)
+            return False  # (the reader subscribes to every channel once it has connected)
         packed = b"".join(
             b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(command), command, len(channel), channel)
             for channel in channels
@@ -315,6 +324,8 @@ class _NodeSubscriptions:
                 sock.sendall(packed)
         except OSError:
             sock.close()  # (the reader, waiting on it, fails and connects again)
+            return False
+        return True
 
     def _read_forever(self) -> None:
         backoff = Backoff()
@@ -336,6 +347,7 @@ class _NodeSubscriptions:
                 sock = connection._sock  # (redis-py's handshake is done; the rest is ours)
                 reader = hiredis.Reader()
                 self._socket = sock
+                self._leaving.clear()  # (a connection of its own: no confirmation is owed)
                 if self.channels:
                     self._send(b"SSUBSCRIBE", *self.channels)
                 if cut:
@@ -396,8 +408,13 @@ class _NodeSubscriptions:
                     confirmed = self.channels.get(reply[1])
                     if confirmed is not None:
                         confirmed.set()
-                elif reply[0] == b"sunsubscribe" and reply[1] in self.channels:
-                    moved.append(reply[1])  # (not asked for: Redis's, as the channel's slot left)
+                elif reply[0] == b"sunsubscribe":
+                    if self._leaving[reply[1]] > 0:  # (ours)
+                        self._leaving[reply[1]] -= 1
+                        if not self._leaving[reply[1]]:
+                            del self._leaving[reply[1]]
+                    elif reply[1] in self.channels:
+                        moved.append(reply[1])  # (not asked for: Redis's, as the channel's slot left)
                 reply = reader.gets()
         finally:
             if heard:
