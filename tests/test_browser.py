@@ -1426,7 +1426,12 @@ def test_banned_and_muted_users_are_told_why(start_server: Any, open_page: Any) 
         expect(bob.locator("#room-lobby")).to_have_attribute("data-removed", "banned")
         until = received(bob, "left")[-1]["until"]
         assert abs(until / 1000 - (time.time() + 3600)) < 60, until
-        shown = bob.evaluate("ms => new Date(ms).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'})", until)
+        # (the time; on another day than today, as an hour's ban from 23:00 on ends, the date too)
+        shown = bob.evaluate("""ms => {
+            const when = new Date(ms), time = when.toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'});
+            if (when.toDateString() === new Date().toDateString()) return time;
+            return when.toLocaleDateString([], {day: 'numeric', month: 'short'}) + ', ' + time;
+        }""", until)
         expect(removed_lines(bob).last).to_contain_text(f"A moderator banned you from #lobby until {shown}")
         expect(removed_lines(bob).last).to_contain_text(": flooding.")
     expect(bob.locator("#tab-lobby .note")).to_have_text("banned")
