@@ -516,6 +516,42 @@ def test_a_subscription_cut_alone_is_no_outage_and_the_reader_says_it_is_back(re
     assert seen == {"said": [["back", "{chat:tea}:live"]], "heard": ["after"]}, seen
 
 
+# A reader whose handing on fails once (a fault of ours), in a patched process as GARBLED_READER.
+FAILING_READER = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, time, gevent, redis
+from chatapp.engines.redis.link import RedisLink
+heard, said = [], []
+def hear(messages):
+    if not said:
+        said.append("failed")
+        raise RuntimeError("a fault in what the reader hands on to")
+    heard.extend(messages)
+link = RedisLink(sys.argv[1], False, "chat", hear)
+link.subscriptions.on_error = lambda error: said.append("error")
+link.subscriptions.on_back = lambda channels: said.append("back")
+link.subscriptions.subscribe("{chat:tea}:live")
+other = redis.Redis.from_url(sys.argv[1])
+other.execute_command("SPUBLISH", "{chat:tea}:live", "first")
+deadline = time.monotonic() + 10
+while len(said) < 2 and time.monotonic() < deadline:
+    gevent.sleep(0.01)
+link.subscriptions.subscribe("{chat:tea}:live")  # (confirmed again: waits for it)
+other.execute_command("SPUBLISH", "{chat:tea}:live", "second")
+while not heard and time.monotonic() < deadline:
+    gevent.sleep(0.01)
+print(json.dumps({"said": said, "heard": [data.decode() for _, data in heard]}))
+"""
+
+
+def test_a_reader_that_fails_connects_again_and_goes_on(redis_server) -> None:
+    """A failure of ours in what a reader does with a message (not Redis's) is logged, and the
+    reader connects again, says it is back (what it missed is read back) and goes on: it never
+    ends, or the worker would hear none of its channels again."""
+    seen = run_patched(FAILING_READER, redis_server.url)
+    assert seen == {"said": ["failed", "back"], "heard": ["second"]}, seen
+
+
 # A reader with no Redis to connect to, in a patched process as GARBLED_READER.
 AWAY_READER = """
 from gevent import monkey; monkey.patch_all()

@@ -370,11 +370,16 @@ class _NodeSubscriptions:
                         sock.settimeout(None)
                     self._take(reader)
                     backoff.reset()
-            except (OSError, redis.RedisError, hiredis.ProtocolError) as error:
+            except Exception as error:
                 # Cut (Redis gone, or Redis cutting a reader that fell behind, or a reply that
                 # makes no sense): connect afresh. That Redis is away is for the connect, or the
-                # engine's own commands, to say: a cut alone leaves it answering all along.
-                log.warning("Redis subscription connection cut (%s): connecting again", error)
+                # engine's own commands, to say: a cut alone leaves it answering all along. Any
+                # other failure is a fault of ours, but this greenlet must not end with it: the
+                # worker would hear none of its channels again.
+                if isinstance(error, (OSError, redis.RedisError, hiredis.ProtocolError)):
+                    log.warning("Redis subscription connection cut (%s): connecting again", error)
+                else:
+                    log.exception("Redis subscription reader failed: connecting again")
                 cut = True
                 self._socket = None
                 connection.disconnect()
