@@ -7,6 +7,7 @@ from __future__ import annotations
 from chatapp.chat.engine import JoinAnswer
 from chatapp.chat.history import Histories
 from chatapp.chat.message import ChatMessage
+from chatapp.chat.presence import Member, PresenceChange
 from chatapp.engines.redis.follower import FILLING, LIVE, SYNCING, Follower
 
 
@@ -21,6 +22,7 @@ class Out:
         self.answers: list[tuple[str, JoinAnswer]] = []
         self.restarts: list[JoinAnswer] = []
         self.settled: list[tuple[int, str, int]] = []
+        self.presence: list[tuple[int, str, str]] = []
 
     def deliver(self, follower: Follower, messages: list[ChatMessage]) -> None:
         self.delivered += [(m.epoch, m.seq) for m in messages]
@@ -40,6 +42,9 @@ class Out:
 
     def settle(self, line_id: int, epoch: str, seq: int) -> None:
         self.settled.append((line_id, epoch, seq))
+
+    def presence_changed(self, change: PresenceChange) -> None:
+        self.presence.append((change.version, change.change, change.member.key))
 
 
 def line(seq: int, epoch: str = "e1", origin: int = 0) -> ChatMessage:
@@ -168,3 +173,21 @@ def test_what_one_read_found_goes_to_the_hub_in_one_delivery() -> None:
     room.heard(line(3), line(5), line(3), line(4), line(6))
     assert out.delivered == [("e1", 3), ("e1", 4), ("e1", 5), ("e1", 6)] and out.handed == [4]
     assert room.state is FILLING and out.fills == [(4, 4)]  # (asked when 5 came ahead of 4)
+
+
+def test_a_resync_after_a_cut_tells_who_joined_and_left_meanwhile_once() -> None:
+    """The presence messages of a cut never came: the resync's member list, against the one
+    the clients know, says who joined and who left, as of its presence version; a message of
+    those heard late is not told again, a later one is. The first answer tells nothing (a
+    join's answer gives its joiner the list)."""
+    room, out = follower()
+    alice, bob, carol, dave = (Member(name, name, "s-" + name) for name in ("alice", "bob", "carol", "dave"))
+    room.resynced(JoinAnswer("tea", "e1", 0, False, [], [alice, bob], 2, presence_version=5))
+    assert out.presence == []
+    assert room.presence_heard(PresenceChange("tea", 6, "joined", carol))
+    room.resynced(JoinAnswer("tea", "e1", 0, False, [], [alice, carol, dave], 3, presence_version=8))
+    assert sorted(out.presence) == [(8, "joined", "dave"), (8, "left", "bob")]
+    assert not room.presence_heard(PresenceChange("tea", 8, "joined", dave))
+    assert room.presence_heard(PresenceChange("tea", 9, "left", alice))
+    room.resynced(JoinAnswer("tea", "e1", 0, False, [], [carol, dave], 2, presence_version=9))
+    assert len(out.presence) == 2  # (nothing new)

@@ -255,6 +255,30 @@ def test_a_room_left_and_joined_again_at_once_is_still_heard(hosts) -> None:
     assert "Traceback" not in b.log()
 
 
+def test_presence_said_while_a_host_was_cut_off_reaches_it(hosts, redis) -> None:
+    """Members join and leave a room while a host is cut off from Redis (stopped, its
+    subscriptions cut): running again, the host reads the room back and its clients are told
+    who joined and who left meanwhile, once; no line is needed to bring it."""
+    a, b = hosts()
+    bob = V2Client(b, "bob")
+    bob.join("tea")
+    alice = V2Client(a, "alice")
+    alice.join("tea")
+    assert bob.wait("presence", room="tea")["joined"] == "alice"
+    [pid] = b.worker_pids()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        cut_subscriptions(redis.ports)
+        V2Client(a, "carol").join("tea")
+        alice.send(type="leave", room="tea")
+        alice.wait("left", room="tea")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    told = [bob.wait("presence", room="tea") for _ in range(2)]
+    assert {(event.get("joined"), event.get("left")) for event in told} == {("carol", None), (None, "alice")}
+    assert not [event for event in bob.settle() if event["type"] == "presence"]
+
+
 def test_nick_taken_across_hosts(hosts) -> None:
     """A nick held in a room on one host is taken for another session on the other."""
     a, b = hosts()

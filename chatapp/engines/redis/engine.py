@@ -305,6 +305,10 @@ class RedisEngine:
         assert self._sink is not None
         self._sink.settled(line_id, (epoch, seq))
 
+    def presence_changed(self, change: PresenceChange) -> None:
+        assert self._sink is not None
+        self._sink.presence_changed(change)
+
     # Inside, in the hub's greenlet
 
     def _post(self, action: Callable[[], None], lines: bool = False) -> None:
@@ -618,9 +622,9 @@ class RedisEngine:
         return listed, int(result[2]), int(result[4])
 
     def _presence_heard(self, change: PresenceChange) -> None:
-        if change.room in self._followers:
-            assert self._sink is not None
-            self._sink.presence_changed(change)
+        follower = self._followers.get(change.room)
+        if follower is not None and follower.presence_heard(change):
+            self.presence_changed(change)
 
     # The controller: everything else, one at a time, in order.
 

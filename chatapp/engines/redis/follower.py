@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 from ...chat.engine import JoinAnswer
 from ...chat.history import Histories
 from ...chat.message import ChatMessage
-from ...chat.presence import Tally
+from ...chat.presence import PRESENCE_LIMIT, Member, PresenceChange, Tally
 
 if TYPE_CHECKING:
     from ...chat.peer import Peer
@@ -73,6 +73,9 @@ class Out(Protocol):
     def settle(self, line_id: int, epoch: str, seq: int) -> None:
         """A line of this worker's will not be delivered: ack its sender with epoch and seq."""
 
+    def presence_changed(self, change: PresenceChange) -> None:
+        """A member joined or left, as a resync found it (its message was missed): tell the hub."""
+
 
 class Follower:
     """One followed room (see the module docstring)."""
@@ -94,6 +97,11 @@ class Follower:
         # Lines this worker said here that Redis numbered but that were not delivered yet:
         # line id -> (epoch, seq).
         self.own: dict[int, tuple[str, int]] = {}
+        # The room's members as this worker's clients know them (the first PRESENCE_LIMIT, by
+        # key), and the presence version a resync last brought them to: a resync after a cut
+        # tells them who joined and who left meanwhile (those messages never came).
+        self.listed: dict[str, Member] = {}
+        self.presence_version = 0
         # Whether a resync is on its way (one at a time).
         self.resyncing = False
         # Lines delivered but not yet handed to the hub (Out.deliver), in order.
@@ -157,10 +165,24 @@ class Follower:
 
     def resynced(self, answer: JoinAnswer) -> None:
         """Redis's answer to a resync: everything it keeps after our seq (or, in a new
-        epoch, everything it keeps)."""
+        epoch, everything it keeps), and who is in the room now."""
         self.resyncing = False
+        followed = self.state is not SYNCING
         if self._sync(answer):
+            if followed:
+                self._tell_presence(answer)
             self.heard(*answer.messages)
+
+    def presence_heard(self, change: PresenceChange) -> bool:
+        """A member joined or left (the room's channel): whether the hub is to be told (not
+        when a resync told it already)."""
+        if change.version <= self.presence_version:
+            return False
+        if change.change == "joined":
+            self.listed[change.member.key] = change.member
+        else:
+            self.listed.pop(change.member.key, None)
+        return True
 
     def published(self, line_id: int, epoch: str, seq: int) -> None:
         """Redis numbered a line this worker said here."""
@@ -211,11 +233,28 @@ class Follower:
     def _start(self, answer: JoinAnswer) -> None:
         """Deliver from where the answer says the room is."""
         self.epoch, self.seq, self.state = answer.epoch, answer.seq, LIVE
+        self.listed, self.presence_version = {member.key: member for member in answer.members}, 0
         histories, room = self.histories, self.room
         histories.clear(room)
         history = histories.get(room)
         for message in answer.messages:
             histories.keep(room, history, message)
+
+    def _tell_presence(self, answer: JoinAnswer) -> None:
+        """The changes between the members the clients know and those of a resync's answer,
+        told as of its presence version (rooms past PRESENCE_LIMIT tell none, as ever)."""
+        if answer.presence_version <= self.presence_version:
+            return
+        self.presence_version, version = answer.presence_version, answer.presence_version
+        now = {member.key: member for member in answer.members}
+        if answer.member_count <= PRESENCE_LIMIT and len(self.listed) < PRESENCE_LIMIT:
+            for key, member in self.listed.items():
+                if key not in now:
+                    self._out.presence_changed(PresenceChange(self.room, version, "left", member))
+            for key, member in now.items():
+                if key not in self.listed:
+                    self._out.presence_changed(PresenceChange(self.room, version, "joined", member))
+        self.listed = now
 
     def _take_early(self) -> list[ChatMessage]:
         """The lines that came early in the current epoch and after its seq, in order."""
