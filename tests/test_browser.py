@@ -746,7 +746,7 @@ def test_server_restart_shows_the_missed_messages_marker(start_server: Any, open
     assert order == ["before the restart", "GAP", "after the restart"], order
     for scheme in ("light", "dark"):
         alice.emulate_media(color_scheme=scheme)
-        ratio = alice.eval_on_selector("#log-lobby .gap", CONTRAST)
+        ratio = contrast(alice, "#log-lobby .gap")
         assert ratio >= 4.5, f"the marker in {scheme} mode: contrast {ratio:.2f}:1"
 
 
@@ -1024,6 +1024,7 @@ def test_screenshots_of_a_conversation(start_server: Any, open_page: Any) -> Non
 # WCAG 2 contrast ratio between an element's text colour and the background it is drawn on
 # (its own, or the nearest ancestor's that is not transparent).
 CONTRAST = r"""el => {
+    if (!el.isConnected) return null;  // (replaced since it was found: a list re-rendered)
     const channels = c => c.match(/[\d.]+/g).map(Number);
     const lum = c => {
         const [r, g, b] = channels(c).slice(0, 3).map(v => {
@@ -1039,6 +1040,15 @@ CONTRAST = r"""el => {
     const [hi, lo] = [fg, back].sort((x, y) => y - x);
     return (hi + 0.05) / (lo + 0.05);
 }"""
+
+
+def contrast(page: Page, selector: str) -> float:
+    """The contrast ratio of the selector's first element, tried again while the page
+    replaces the element between finding it and reading its colours (lists re-render)."""
+    deadline = time.monotonic() + 10
+    while (ratio := page.eval_on_selector(selector, CONTRAST)) is None:
+        assert time.monotonic() < deadline, f"{selector} kept being replaced"
+    return ratio
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
@@ -1086,7 +1096,7 @@ def test_text_is_readable_in_both_color_schemes(start_server: Any, open_page: An
     ]
     for selector in selectors:
         expect(page.locator(selector).first).to_be_attached()
-        ratio = page.eval_on_selector(selector, CONTRAST)
+        ratio = contrast(page, selector)
         assert ratio >= 4.5, f"{selector} in {scheme} mode: contrast {ratio:.2f}:1"
 
 
@@ -1159,7 +1169,7 @@ def assert_contrast(page: Page, selectors: list[str]) -> None:
         page.emulate_media(color_scheme=scheme)
         for selector in selectors:
             expect(page.locator(selector).first).to_be_attached()
-            ratio = page.eval_on_selector(selector, CONTRAST)
+            ratio = contrast(page, selector)
             assert ratio >= 4.5, f"{selector} in {scheme} mode: contrast {ratio:.2f}:1"
     page.emulate_media(color_scheme="light")
 
