@@ -217,29 +217,33 @@ def test_redis_outage_and_return(start_server, redis_server) -> None:
     assert a.log().count("Redis unavailable") == 1  # logged once per outage
 
 
+class V1Sink:
+    """The hub's side of an engine that is only said v1 lines: what this worker's v1 clients
+    were shown at once, and how many requests the engine posted (each run at once)."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+        self.calls = 0
+
+    def call(self, action, lines: bool = False) -> None:
+        self.calls += 1
+        action()
+
+    def heard_here(self, room: str, text: str) -> None:
+        self.shown.append(text)
+
+    def settled(self, line_id: int, outcome: object) -> None:
+        raise AssertionError("no v2 line here")
+
+
 def test_v1_lines_said_as_redis_fails_are_shown_here_once_in_order(redis_server) -> None:
     """Redis fails while a v1 line waits for it, and the heartbeat notices before the publisher
     does: this worker's v1 clients still hear every line at once, once, in the order said (the
     line waiting first); back, Redis gets them all in that order. (The engine in this process,
     its publisher greenlet running, the hub's side called as the hub would.)"""
 
-    class Sink:
-        def __init__(self) -> None:
-            self.shown: list[str] = []
-            self.calls = 0
-
-        def call(self, action, lines: bool = False) -> None:
-            self.calls += 1
-            action()
-
-        def heard_here(self, room: str, text: str) -> None:
-            self.shown.append(text)
-
-        def settled(self, line_id: int, outcome: object) -> None:
-            raise AssertionError("no v2 line here")
-
     engine = RedisEngine(Config(redis_url=redis_server.url), NoMetrics())
-    engine._sink = sink = Sink()
+    engine._sink = sink = V1Sink()
     publisher = gevent.spawn(engine._publish_forever)
     try:
         redis_server.stop()
@@ -276,21 +280,8 @@ def test_a_v1_line_published_but_not_yet_heard_is_shown_first_when_redis_fails(r
     reader, so no delivery is ever heard; the hub's side called as the hub would; the outage is
     the heartbeat's word, so that Redis keeps what it was sent.)"""
 
-    class Sink:
-        def __init__(self) -> None:
-            self.shown: list[str] = []
-
-        def call(self, action, lines: bool = False) -> None:
-            action()
-
-        def heard_here(self, room: str, text: str) -> None:
-            self.shown.append(text)
-
-        def settled(self, line_id: int, outcome: object) -> None:
-            raise AssertionError("no v2 line here")
-
     engine = RedisEngine(Config(redis_url=redis_server.url), NoMetrics())
-    engine._sink = sink = Sink()
+    engine._sink = sink = V1Sink()
     history = redis.Redis.from_url(redis_server.url)
 
     def published(count: int) -> None:
