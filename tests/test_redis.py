@@ -543,6 +543,52 @@ def test_a_reader_that_fails_connects_again_and_goes_on(redis_server) -> None:
     assert seen == {"said": ["failed", "back"], "heard": ["second"]}, seen
 
 
+# A publisher whose first batch fails on a fault of ours (not Redis's), in a patched process as
+# GARBLED_READER: the engine alone, with a sink that records what its senders are told.
+FAILING_PUBLISHER = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, time, gevent
+from chatapp.chat.commands import Say
+from chatapp.chat.presence import Member
+from chatapp.config import Config
+from chatapp.engines.redis.engine import RedisEngine
+from chatapp.metrics import NoMetrics
+told = {}
+class Sink:
+    def call(self, action, lines=False):
+        action()
+    def settled(self, line_id, outcome):
+        told[line_id] = getattr(outcome, "code", "published")
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+engine = RedisEngine(Config(redis_url=sys.argv[1]), NoMetrics())
+publish, batches = engine._publish, []
+def failing_once(batch):
+    batches.append(len(batch))
+    if len(batches) == 1:
+        raise TypeError("a fault of ours")
+    return publish(batch)
+engine._publish = failing_once
+engine.start(Sink())
+engine.wait_ready()
+alice = Member("alice", "alice", "s1")
+deadline = time.monotonic() + 10
+for line_id in (1, 2):
+    engine.publish(line_id, Say("tea", f"line {line_id}", f"r{line_id}"), alice)
+    while line_id not in told and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+print(json.dumps(told))
+"""
+
+
+def test_a_publisher_that_fails_refuses_its_batch_and_goes_on(redis_server) -> None:
+    """A failure of ours in publishing a batch (not Redis's) is logged, the batch's senders are
+    refused (unavailable: they may say it again), and the next line is published: the publisher
+    never ends, or nothing said on this worker would reach anyone again."""
+    told = run_patched(FAILING_PUBLISHER, redis_server.url)
+    assert told == {"1": "unavailable", "2": "published"}, told
+
+
 # A reader with no Redis to connect to, in a patched process as GARBLED_READER.
 AWAY_READER = """
 from gevent import monkey; monkey.patch_all()

@@ -432,6 +432,14 @@ class RedisEngine:
                 self.metrics.outbox_lost.inc(len(kept) - len(batch))
                 gevent.sleep(backoff.next())
                 continue
+            except Exception:
+                # A fault of ours, not Redis's (no known input makes one): the batch would fail
+                # again, so it is given up as when Redis is away, not retried (v2 senders are
+                # refused, v1 lines are shown to this worker's v1 clients), and publishing goes on.
+                log.exception("Redis engine: publishing %d lines failed: given up", len(batch))
+                self._post(partial(self._refused, [line.id for line, _ in batch if line.id]))
+                batch = []
+                continue
             backoff.reset()
             self._came_back()
             self._post(partial(self._published, batch, results))
