@@ -62,6 +62,8 @@ def main() -> None:
     split = "local lines = (#ARGV - 7) / 3" in script
     # Since the v1 mark: a fifth key (the worker's v1 mark in the room), and a v1 line's ref is its number.
     marked = "KEYS[5]" in script
+    # Since a room whose meta alone was lost clears what is left: a sixth key, its tombstones.
+    tombstones = "KEYS[6]" in script
     server, port = start_redis()
     try:
         client = redis.Redis(port=port)
@@ -78,6 +80,7 @@ def main() -> None:
                     tag = f"{{chat:r{room}}}"
                     keys = [f"{tag}:meta", f"{tag}:history", f"{tag}:refs:1", f"{tag}:refs:0"]
                     keys += [f"{tag}:v1:w1"] if marked else []
+                    keys += [f"{tag}:deleted"] if tombstones else []
                     lines = []
                     for _ in range(batch):
                         said += 1

@@ -92,7 +92,7 @@ def publish(store: redis_client.Redis, room: str, refresh: bool, ref: str = "") 
     """One v2 line through publish.lua, its arguments laid out as the engine lays them
     (RedisEngine._publish): period 7 of the refs, the room's keys to live 100 s."""
     keys = [f"{{chat:{room}}}:meta", f"{{chat:{room}}}:history", f"{{chat:{room}}}:refs:7", f"{{chat:{room}}}:refs:6",
-            f"{{chat:{room}}}:v1:w1"]
+            f"{{chat:{room}}}:v1:w1", f"{{chat:{room}}}:deleted"]
     args = ["e0", 50, 100, f"{{chat:{room}}}:live", 240, "w1", int(refresh), 0, ref, "alice\n\n1\nhello"]
     store.eval(PUBLISH, len(keys), *keys, *args)
 

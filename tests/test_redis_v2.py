@@ -6,10 +6,13 @@ which); one test runs gunicorn with two workers, as a dyno does.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import redis as redis_client
@@ -339,6 +342,62 @@ def test_lost_redis_data_means_a_new_epoch(hosts, redis) -> None:
         assert members == {"alice", "bob"}
     carol = V2Client(a, "carol")
     assert carol.join("tea", since={"epoch": old, "seq": 1})["recovered"] is False
+
+
+def test_a_room_whose_meta_alone_was_evicted_starts_a_new_epoch(hosts, redis) -> None:
+    """Redis evicts one key of a room (a maxmemory policy such as volatile-lru, a cloud Redis's
+    default, picks keys one by one): its meta is gone, its history is not. The room starts over
+    in a new epoch as when all its data is lost: the next line is acked, members get a fresh
+    joined holding only what was said after, and a joiner is never given the lost epoch's lines
+    as the new one's."""
+    a, b = hosts(CHAT_API_KEY="the-key")
+    alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
+    old = alice.join("tea")["epoch"]
+    bob.join("tea")
+    for text in ("one", "two", "three"):
+        alice.say("tea", text, ref=text)
+    assert bob.wait("message", room="tea", text="three")
+    # (the tombstone a deletion of "two" leaves: the new epoch's seq 2 is another line)
+    assert at_its_node(redis, "hset", "{chat:tea}:deleted", "2", "1") == "1"
+    assert at_its_node(redis, "del", "{chat:tea}:meta") == "1"
+    # A page resends a line whose ack it missed: its ref is of the lost epoch, so it is new here.
+    alice.send(type="say", room="tea", text="three", ref="three")
+    answer = alice.wait_any(("ack", "error"))
+    assert answer["type"] == "ack" and answer["seq"] == 1, answer
+    for client in (alice, bob):
+        fresh = client.wait("joined", room="tea")
+        assert fresh["recovered"] is False and fresh["epoch"] != old
+        assert [m["text"] for m in fresh["messages"]] == ["three"], fresh
+    carol = V2Client(a, "carol").join("tea")
+    assert [m["text"] for m in carol["messages"]] == ["three"], carol
+    alice.say("tea", "and on")
+    assert bob.wait("message", room="tea", text="and on")["seq"] == 2
+    erin = V2Client(b, "erin").join("tea")
+    assert [m["text"] for m in erin["messages"]] == ["three", "and on"], erin
+
+    # Evicted again, and asked about before anything is said: older history has nothing, and
+    # a join (which makes the new epoch this time) is given nothing of the lost one.
+    newer = fresh["epoch"]
+    assert at_its_node(redis, "del", "{chat:tea}:meta") == "1"
+    bob.send(type="history", room="tea", before=10, limit=10)
+    assert bob.wait("history")["messages"] == []
+    deleting = urllib.request.Request(f"http://127.0.0.1:{a.port}/api/delete", b'{"room": "tea", "seq": 1}',
+                                      {"Authorization": "Bearer the-key", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(deleting, timeout=10)
+    assert refused.value.code == 400 and json.load(refused.value)["message"] == "tea keeps no line 1"
+    dave = V2Client(b, "dave").join("tea")
+    assert dave["epoch"] not in (old, newer) and dave["messages"] == [], dave
+    assert alice.say("tea", "after the second")["seq"] == 1
+
+
+def at_its_node(redis, *command: str) -> str:
+    """What redis-cli says to a command of one key from the master that holds it (one server,
+    or the cluster node of its slot: the others answer MOVED)."""
+    answers = [redis_cli(port, *command).strip() for port in redis.ports]
+    held = [answer for answer in answers if not answer.startswith("MOVED")]
+    assert len(held) == 1, answers
+    return held[0]
 
 
 def flush(redis) -> None:

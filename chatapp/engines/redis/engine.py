@@ -461,7 +461,7 @@ class RedisEngine:
             by_room.setdefault(line.room, []).append(index)
         rooms = list(by_room)
         results: list[Any] = [None] * len(batch)
-        period, now = int(time() // REF_PERIOD), monotonic()
+        now = monotonic()
         epochs = new_epochs(len(rooms))  # (one is used when a room has none: new, or lost)
         for client, room_indexes in link.nodes(rooms):
             calls = [by_room[rooms[i]] for i in room_indexes]
@@ -471,9 +471,8 @@ class RedisEngine:
                 refresh = now - self._refreshed.get(room, -self.room_ttl) >= self.room_ttl / 4
                 if refresh:
                     refreshing.append(room)
-                keys = [link.room_key(room, "meta"), link.room_key(room, "history"),
-                        link.room_key(room, f"refs:{period}"), link.room_key(room, f"refs:{period - 1}"),
-                        link.room_key(room, f"v1:{self.worker}")]
+                keys = [link.room_key(room, "meta"), link.room_key(room, "history"), *self._refs_keys(room),
+                        link.room_key(room, f"v1:{self.worker}"), link.room_key(room, "deleted")]
                 args: list[Any] = [epochs[room_index], self.recovery_window, self._publish_ttl, link.channel(room),
                                    2 * REF_PERIOD, self.worker, int(refresh)]
                 mutes: dict[str, int] = {}  # user -> the index of their mute key, from 1
@@ -497,6 +496,11 @@ class RedisEngine:
                 if len(self._refreshed) > REFRESHED_LIMIT:
                     del self._refreshed[next(iter(self._refreshed))]
         return results
+
+    def _refs_keys(self, room: str) -> list[str]:
+        """The keys of the room's refs of this period and of the one before."""
+        period = int(time() // REF_PERIOD)
+        return [self.link.room_key(room, f"refs:{period}"), self.link.room_key(room, f"refs:{period - 1}")]
 
     # What the subscription readers hear.
 
@@ -690,7 +694,8 @@ class RedisEngine:
         link = self.link
         result = link.script(
             link.client, "replay",
-            [link.room_key(room, "meta"), link.room_key(room, "history"), link.room_key(room, "deleted")],
+            [link.room_key(room, "meta"), link.room_key(room, "history"), link.room_key(room, "deleted"),
+             *self._refs_keys(room)],
             [new_epoch(), epoch, seq, self.history_size, otherwise, self.room_ttl],
         )
         answer_epoch = result[0].decode()

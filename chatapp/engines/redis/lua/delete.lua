@@ -6,6 +6,10 @@
 --       6 seconds a quiet room's keys live, 7 the worker asking
 -- Returns {"ok"}, {"done"} (deleted already), {"missing"} (no such line kept) or {"forbidden"}.
 local seq = ARGV[1]
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  return {'missing'}  -- (what is left of a room whose meta is lost is of a lost epoch)
+end
 local found = redis.call('XRANGE', KEYS[2], seq .. '-0', seq .. '-0')
 if #found == 0 then
   return {'missing'}
@@ -26,7 +30,6 @@ if redis.call('HEXISTS', KEYS[3], seq) == 1 then
   return {'done'}
 end
 redis.call('HSET', KEYS[3], seq, 1)
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local next = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local now = redis.call('TIME')
 local time = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)

@@ -3,7 +3,10 @@
 -- ARGV: 1 "before", "since" or "newest", 2 the seq (before or since), 3 how many at most
 -- Returns {epoch ("" for a room that keeps nothing), {entries oldest first}, {deleted (1/0)
 -- per entry}, 1 when more are kept beyond the page else 0}.
-local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  return {'', {}, {}, 0}  -- (anything left of a room whose meta is lost is of a lost epoch)
+end
 local limit = tonumber(ARGV[3])
 local entries = {}
 local more = 0

@@ -9,7 +9,7 @@
 --       fields o: the worker that said it, e: "<time>\n" then the line's piece, below), 3 the
 --       refs said in this period (hash: ref -> the seq it got), 4 those of the period before,
 --       5 this worker's v1 mark in the room (the number of its last v1 line published there),
---       then the mute key of each user who speaks in the batch
+--       6 its deleted lines, then the mute key of each user who speaks in the batch
 -- ARGV: 1 an epoch for a room that has none (new, or lost with Redis's data), 2 lines to keep
 --       at least, 3 seconds a quiet room's keys live, 4 the room's shard channel, 5 seconds a
 --       period's refs (and a v1 mark) live, 6 the worker that said them, 7 "1" to push the
@@ -29,6 +29,9 @@ local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'time')
 local epoch, seq, last = meta[1], tonumber(meta[2]), tonumber(meta[3])
 if not epoch then
   epoch, seq, last, refresh = ARGV[1], 0, 0, true
+  -- A new room, or one whose meta Redis lost (with all its data, or alone: evicted under
+  -- maxmemory): what is left of its history, tombstones and refs is of a lost epoch.
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'time', 0)
 end
 local now = redis.call('TIME')
@@ -72,7 +75,7 @@ for i = 1, lines do
   if mute ~= '0' then
     muted = mutes[mute]
     if muted == nil then
-      muted = redis.call('GET', KEYS[5 + tonumber(mute)])
+      muted = redis.call('GET', KEYS[6 + tonumber(mute)])
       mutes[mute] = muted
     end
   end

@@ -1,5 +1,6 @@
 -- What a joiner gets: the room's epoch and latest seq, and the messages to replay.
--- KEYS: 1 the room's meta, 2 its history, 3 its deleted lines (hash: seq -> 1)
+-- KEYS: 1 the room's meta, 2 its history, 3 its deleted lines (hash: seq -> 1), 4 and 5 its
+--       refs of this period and the one before
 -- ARGV: 1 an epoch for a room that has none, 2 the joiner's epoch ("" without since),
 --       3 its seq, 4 how many of the last messages to give when it cannot recover, 5 "all" to
 --       give instead everything kept when the epoch is not the joiner's (a worker whose room
@@ -10,6 +11,8 @@
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
+  -- (as in publish.lua: anything left of the room is of a lost epoch)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'time', 0)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
