@@ -449,6 +449,30 @@ def test_redis_away_and_back(start_server, redis_server) -> None:
         assert texts.count(f"during {i}") == 1, texts
 
 
+def test_a_full_redis_refuses_lines_until_it_has_room_and_loses_nothing(start_server, redis_server) -> None:
+    """Redis at its maxmemory, not evicting (the README's advice): every write is refused, so a
+    say gets unavailable and nothing is half-published. Once it has room again the chat goes
+    on: the page's resend is published once, and every host hears it."""
+    a = start_server("gunicorn", REDIS_URL=redis_server.url)
+    b = start_server("wsgi", REDIS_URL=redis_server.url)
+    alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
+    alice.join("tea")
+    bob.join("tea")
+    alice.say("tea", "before", ref="0")
+    redis_cli(redis_server.port, "config", "set", "maxmemory-policy", "noeviction")
+    redis_cli(redis_server.port, "config", "set", "maxmemory", "1")  # (full: any write is refused)
+    alice.send(type="say", room="tea", text="when full", ref="1")
+    refused = alice.wait_any(("ack", "error"))
+    assert (refused["type"], refused.get("code")) == ("error", "unavailable"), refused
+    wait_until(lambda: health(a)[0] == 503 and health(b)[0] == 503, 15, what="both to say degraded")
+    redis_cli(redis_server.port, "config", "set", "maxmemory", "0")
+    wait_until(lambda: health(a)[0] == 200 and health(b)[0] == 200, 30, what="both to recover")
+    assert alice.say("tea", "when full", ref="1")["seq"] == 2
+    alice.say("tea", "after", ref="2")
+    texts = [bob.wait("message", room="tea")["text"] for _ in range(3)]
+    assert texts == ["before", "when full", "after"], texts
+
+
 def test_a_worker_receives_no_line_of_a_room_it_has_no_member_in(hosts) -> None:
     """Bytes Redis sends each host: the host without members in a busy room receives none of its
     lines (measured on each process's connections to Redis)."""
