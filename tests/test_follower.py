@@ -19,6 +19,7 @@ class Out:
         self.handed: list[int] = []  # how many lines each deliver() carried
         self.fills: list[tuple[int, int]] = []
         self.resyncs = 0
+        self.went_back_at: list[int] = []  # the seq delivered when a line contradicted one
         self.answers: list[tuple[str, JoinAnswer]] = []
         self.restarts: list[JoinAnswer] = []
         self.settled: list[tuple[int, str, int]] = []
@@ -33,6 +34,9 @@ class Out:
 
     def resync(self, follower: Follower) -> None:
         self.resyncs += 1
+
+    def went_back(self, follower: Follower) -> None:
+        self.went_back_at.append(follower.seq)
 
     def answer(self, joiner: str, answer: JoinAnswer) -> None:
         self.answers.append((joiner, answer))
@@ -191,3 +195,23 @@ def test_a_resync_after_a_cut_tells_who_joined_and_left_meanwhile_once() -> None
     assert room.presence_heard(PresenceChange("tea", 9, "left", alice))
     room.resynced(JoinAnswer("tea", "e1", 0, False, [], [carol, dave], 2, presence_version=9))
     assert len(out.presence) == 2  # (nothing new)
+
+
+def test_another_line_at_a_seq_delivered_means_redis_went_back() -> None:
+    """A line heard again (a fill and the channel) is dropped; another line at a seq delivered
+    already (its time, nick, user or target differ) means Redis lost its last writes and
+    numbers again from there: the engine is asked, once, to have the room go on under a new
+    epoch. A deletion leaves a kept line comparable (its text goes, not the rest)."""
+    room, out = follower()
+    room.answered("joiner", answer(0))
+    room.heard(line(1), line(2), line(3))
+    room.histories.get("tea").at(2).delete()
+    room.heard(line(2), line(3))
+    assert out.went_back_at == [] and out.delivered == [("e1", 1), ("e1", 2), ("e1", 3)]
+    again = ChatMessage("tea", "e1", 2, 5, "bob", "said after the failover")
+    room.heard(again)
+    room.heard(ChatMessage("tea", "e1", 3, 6, "bob", "and this"))
+    assert out.went_back_at == [3] and len(out.delivered) == 3
+    relabelled = ChatMessage("tea", "e2", 2, 5, "bob", "said after the failover")
+    room.resynced(answer(3, epoch="e2", messages=[line(1, "e2"), relabelled, line(3, "e2")]))
+    assert room.epoch == "e2" and not room.resyncing and len(out.restarts) == 1

@@ -56,6 +56,12 @@ class History:
         first = messages[0].seq if messages else seq + 1
         return [messages[i] for i in range(max(0, seq + 1 - first), len(messages))]
 
+    def at(self, seq: int) -> ChatMessage | None:
+        """The kept message of this seq, if any."""
+        messages = self.messages
+        index = seq - messages[0].seq if messages else -1
+        return messages[index] if 0 <= index < len(messages) and messages[index].seq == seq else None
+
     def replay(self, epoch: str, seq: int, since: Position | None, newest: int) -> tuple[bool, list[ChatMessage]]:
         """(recovered, messages) for a joiner of a room at (epoch, seq): everything after
         `since` when all of it is kept, else the `newest` last messages and recovered false

@@ -293,6 +293,17 @@ class RedisEngine:
         epoch, seq = follower.epoch, follower.seq
         self._control.put((lambda: self._resync(follower, epoch, seq, counts), None))
 
+    def went_back(self, follower: Follower) -> None:
+        room, epoch, link = follower.room, follower.epoch, self.link
+        log.warning("%s: Redis numbered seq %d of epoch %s and before again (a failover lost writes): "
+                    "a new epoch", room, follower.seq, epoch)
+
+        def relabel() -> None:
+            link.script(link.client, "relabel", [link.room_key(room, "meta")], [epoch, new_epoch()])
+
+        self._control.put((relabel, None))
+        self.resync(follower)
+
     def answer(self, joiner: Peer, answer: JoinAnswer) -> None:
         assert self._sink is not None
         self._sink.answered(joiner, answer)

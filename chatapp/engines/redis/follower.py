@@ -64,6 +64,10 @@ class Out(Protocol):
     def resync(self, follower: Follower) -> None:
         """Ask Redis where the room is now (resynced)."""
 
+    def went_back(self, follower: Follower) -> None:
+        """Redis numbered again seqs this follower delivered: have the room go on under a new
+        epoch, then resync."""
+
     def answer(self, joiner: Peer, answer: JoinAnswer) -> None:
         """Give a joiner its answer."""
 
@@ -130,7 +134,14 @@ class Follower:
                 self._out.resync(self)  # Redis lost the room's data: where is it now?
             return
         if message.seq <= self.seq:
-            return  # Delivered already (a fill and the channel both gave it).
+            # Delivered already (a fill and the channel both gave it) - unless it is another
+            # line than the one delivered at its seq: Redis went back in time (a failover lost
+            # its last writes) and numbers lines again from there, which clients that saw the
+            # lost ones would never be given. The room goes on under a new epoch.
+            if self._contradicts(message) and not self.resyncing:
+                self.resyncing = True
+                self._out.went_back(self)
+            return
         if message.seq > self.seq + 1:
             self.early[message.seq] = message
             if self.state is LIVE:
@@ -255,6 +266,14 @@ class Follower:
                 if key not in self.listed:
                     self._out.presence_changed(PresenceChange(self.room, version, "joined", member))
         self.listed = now
+
+    def _contradicts(self, message: ChatMessage) -> bool:
+        """Whether a line heard again differs from the one kept at its seq (what a deletion
+        leaves of a line is compared, not its text)."""
+        history = self.histories.find(self.room)
+        kept = history.at(message.seq) if history is not None else None
+        return kept is not None and (kept.time, kept.nick, kept.user, kept.target) != (
+            message.time, message.nick, message.user, message.target)
 
     def _take_early(self) -> list[ChatMessage]:
         """The lines that came early in the current epoch and after its seq, in order."""

@@ -27,7 +27,7 @@ from redis.crc import key_slot
 log = logging.getLogger(__name__)
 
 _LUA = Path(__file__).resolve().parent / "lua"
-SCRIPTS = ("publish", "replay", "presence", "evict", "prune", "delete", "users", "page", "typing", "control")
+SCRIPTS = ("publish", "replay", "presence", "evict", "prune", "delete", "users", "page", "typing", "control", "relabel")
 # What a subscription read found: (channel, data) of each message.
 Heard = list[tuple[bytes, bytes]]
 # Bytes a subscription reader takes from its socket at most in one read, and reads it hands
