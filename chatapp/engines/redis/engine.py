@@ -295,8 +295,9 @@ class RedisEngine:
 
     def went_back(self, follower: Follower) -> None:
         room, epoch, link = follower.room, follower.epoch, self.link
-        log.warning("%s: Redis numbered seq %d of epoch %s and before again (a failover lost writes): "
-                    "a new epoch", room, follower.seq, epoch)
+        log.warning("%s: a line of epoch %s came at a seq delivered here already (up to %d) and is another: "
+                    "Redis went back (a failover lost writes), the room goes on under a new epoch",
+                    room, epoch, follower.seq)
 
         def relabel() -> None:
             link.script(link.client, "relabel", [link.room_key(room, "meta")], [epoch, new_epoch()])
