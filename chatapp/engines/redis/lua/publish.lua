@@ -29,10 +29,11 @@ local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'time')
 local epoch, seq, last = meta[1], tonumber(meta[2]), tonumber(meta[3])
 if not epoch then
   epoch, seq, last, refresh = ARGV[1], 0, 0, true
-  -- A new room, or one whose meta Redis lost (with all its data, or alone: evicted under
-  -- maxmemory): what is left of its history, tombstones and refs is of a lost epoch.
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'time', 0)
+  -- A new room, or one whose meta Redis lost (with all its data, or alone: evicted under
+  -- maxmemory): what is left of its history, tombstones and refs is of a lost epoch. (After
+  -- the HSET: a script's first write is the one a full Redis refuses, and DEL never is.)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
 end
 local now = redis.call('TIME')
 local time = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)

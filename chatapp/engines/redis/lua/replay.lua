@@ -11,9 +11,9 @@
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
-  -- (as in publish.lua: anything left of the room is of a lost epoch)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'time', 0)
+  -- (as in publish.lua: anything left of the room is of a lost epoch; after the HSET)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
