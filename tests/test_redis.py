@@ -28,7 +28,7 @@ from chatapp.chat.commands import Say
 from chatapp.chat.engine import Removal
 from chatapp.config import Config
 from chatapp.engines.redis.engine import Line, RedisEngine
-from chatapp.engines.redis.link import RedisLink, _NodeSubscriptions
+from chatapp.engines.redis.link import RedisLink, _NodeSubscriptions, script_failed
 from chatapp.metrics import NoMetrics
 
 
@@ -394,16 +394,40 @@ def test_a_publish_follows_its_room_to_another_master(redis_cluster) -> None:
 
 
 def test_scripts_in_one_write_answer_in_order_and_an_error_waits_for_the_rest(redis_server) -> None:
-    """RedisLink.scripts: many calls in one write, their replies in call order; an error reply
-    raises only once the replies after it are read too, so the connection, back in the pool,
+    """RedisLink.scripts: many calls in one write, their replies in call order. A script's own
+    failure is its reply, in place; an error of Redis's (here: refusing writes when full)
+    raises, only once the replies after it are read too, so the connection, back in the pool,
     answers the next write in step."""
     link = RedisLink(redis_server.url, False, "chat", lambda heard: None)
-    redis.Redis.from_url(redis_server.url).set("muted", 1)
+    store = redis.Redis.from_url(redis_server.url)
+    store.set("muted", 1)
     passed, muted, broken = (["free"], ["ch", "k", "n"]), (["muted"], ["ch", "k", "n"]), (["free"], [])
     assert link.scripts(link.client, "typing", [passed, muted, passed]) == [1, 0, 1]
-    with pytest.raises(redis.ResponseError):
-        link.scripts(link.client, "typing", [passed, broken, muted])
+    first, failed, last = link.scripts(link.client, "typing", [passed, broken, muted])
+    assert (first, last) == (1, 0) and type(failed) is redis.ResponseError
+    store.config_set("maxmemory", 1)
+    writing = (["{chat:t}:meta", "{chat:t}:history", "{chat:t}:deleted", "r1", "r0"], ["e1", "", 0, 50, "all", 60])
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        link.scripts(link.client, "replay", [passed, writing, muted])
+    # (a new room's first line too: nothing a script writes first lets the rest past the limit)
+    keys = [f"{{chat:new}}:{key}" for key in ("meta", "history", "refs:1", "refs:0", "v1:w1", "deleted")]
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        line = ["0", "", "a\n\n1\nhi"]
+        link.scripts(link.client, "publish", [(keys, ["e1", 50, 60, "{chat:new}:live", 240, "w1", 1, *line])])
+    assert store.keys("{chat:*") == []
+    store.config_set("maxmemory", 0)
     assert link.scripts(link.client, "typing", [muted, passed]) == [0, 1]
+
+
+def test_only_a_plain_error_reply_is_one_script_failing() -> None:
+    """What RedisLink.scripts hands back in place (one room's keys are wrong) and what it raises
+    (Redis cannot take writes now, whatever the keys)."""
+    assert script_failed(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
+    assert script_failed(redis.ResponseError("ERR The ID specified in XADD is equal or smaller"))
+    assert not script_failed(redis.ResponseError("MISCONF Redis is configured to save RDB snapshots"))
+    assert not script_failed(redis.ResponseError("BUSY Redis is busy running a script"))
+    assert not script_failed(redis.exceptions.OutOfMemoryError("command not allowed when used memory"))
+    assert not script_failed(redis.exceptions.ReadOnlyError("You can't write against a read only replica."))
 
 
 # The subscription reader of test_a_garbled_subscription_..., in a process of its own: gevent's

@@ -417,6 +417,32 @@ def test_a_redis_that_went_back_in_time_starts_the_room_over(hosts, redis) -> No
     assert (message["epoch"], message["seq"]) == (fresh["epoch"], 3)
 
 
+def test_a_room_whose_keys_are_broken_costs_nothing_else(hosts, redis) -> None:
+    """A room's publish script fails on the room's own keys (here its history is a string,
+    written by something else sharing the Redis): its says get unavailable, the warning is
+    logged once, and nothing else pays: the host stays healthy and other rooms chat on."""
+    a, b = hosts()
+    alice, bob = V2Client(a, "alice"), V2Client(b, "bob")
+    for room in ("tea", "broken"):
+        alice.join(room)
+    bob.join("tea")
+    assert at_its_node(redis, "set", "{chat:broken}:history", "not a stream") == "OK"
+    for ref in ("1", "2"):
+        alice.send(type="say", room="broken", text="lost", ref=ref)
+        refused = alice.wait_any(("ack", "error"))
+        assert (refused["type"], refused.get("code")) == ("error", "unavailable"), refused
+    assert health(a)[0] == 200
+    assert alice.say("tea", "still here")["seq"] == 1
+    assert bob.wait("message", room="tea")["text"] == "still here"
+    assert a.log_path.read_text().count("publishing in broken failed") == 1
+    # v1 lines (the lobby's) have no error to get: they are shown on their host, as when Redis
+    # is away.
+    said, heard = connect(a), connect(a)
+    assert at_its_node(redis, "set", "{chat:lobby}:history", "not a stream") == "OK"
+    said.send("v1 in a broken lobby")
+    assert heard.recv() == "v1 in a broken lobby"
+
+
 def at_its_node(redis, *command: str) -> str:
     """What redis-cli says to a command of one key from the master that holds it (one server,
     or the cluster node of its slot: the others answer MOVED)."""

@@ -91,6 +91,8 @@ SHOWN_HERE_LIMIT = 100000
 PRUNE_BATCH = 1000
 # Rooms whose keys' expiry the publisher remembers pushing back, at most (the oldest go first).
 REFRESHED_LIMIT = 10000
+# Seconds between two warnings of a room whose publish script fails.
+FAILURE_LOG_EVERY = 60.0
 # Removals (kicks, bans, disconnects) the control log keeps at least, and seconds it lives after
 # the last; the ids of those carried out here that a worker remembers (not to do one twice).
 CONTROL_LOG_SIZE = 1000
@@ -136,6 +138,8 @@ class RedisEngine:
         # (monotonic; the publisher's).
         self._publish_ttl = config.room_ttl + -(-config.room_ttl // 4)
         self._refreshed: dict[str, float] = {}
+        # By room: when a failure of its publish script was last logged (monotonic; the hub's).
+        self._failures_logged: dict[str, float] = {}
         # Token mode: members are users (and a nick belongs to no session); a user's
         # connections in the whole chat are counted.
         self.token_mode = config.auth == "token"
@@ -390,7 +394,10 @@ class RedisEngine:
 
     def _published(self, batch: list[tuple[Line, str]], results: list[Any]) -> None:
         assert self._sink is not None
-        for (line, _), (epoch, result) in zip(batch, results):
+        for (line, tag), (epoch, result) in zip(batch, results):
+            if epoch is None:
+                self._not_published(line, tag, result)
+                continue
             if not line.id:
                 continue
             if not isinstance(result, int):  # b"muted <until>"
@@ -402,6 +409,22 @@ class RedisEngine:
                 self._sink.settled(line.id, (epoch.decode(), abs(result)))
             else:
                 follower.published(line.id, epoch.decode(), result)
+
+    def _not_published(self, line: Line, tag: str, error: Exception) -> None:
+        """A line whose room's script failed on the room's keys (Redis itself answers): refused
+        (v2) or shown here (v1), as when Redis is away, and not tried again; the worker and its
+        other rooms go on. Logged once a minute per room."""
+        now = monotonic()
+        if now - self._failures_logged.get(line.room, -FAILURE_LOG_EVERY) >= FAILURE_LOG_EVERY:
+            self._failures_logged[line.room] = now
+            if len(self._failures_logged) > REFRESHED_LIMIT:
+                del self._failures_logged[next(iter(self._failures_logged))]
+            log.warning("Redis engine: publishing in %s failed (%s): its lines are refused", line.room, error)
+        assert self._sink is not None
+        if line.id:
+            self._sink.settled(line.id, unavailable())
+        elif self._unshown.pop(tag, None) is not None:
+            self._show_here(line.room, line.text, tag)
 
     def _redis_back(self) -> None:
         """Redis answers again, or lost its data: say again who is here, room by room, and
@@ -499,7 +522,12 @@ class RedisEngine:
                     args += (mute, ref, f"{line.nick or ''}\n{user}\n{tag}\n{line.text}")
                 keys += [link.room_key(room, f"mute:{user}") for user in mutes]
                 scripts.append((keys, args))
-            for indexes, (epoch, *room_results) in zip(calls, link.scripts(client, "publish", scripts)):
+            for indexes, reply in zip(calls, link.scripts(client, "publish", scripts)):
+                if isinstance(reply, Exception):  # (this room's script failed: its lines only)
+                    for index in indexes:
+                        results[index] = (None, reply)
+                    continue
+                epoch, *room_results = reply
                 for index, result in zip(indexes, room_results):
                     results[index] = (epoch, result)
             for room in refreshing:  # (pushed back: once Redis has answered)

@@ -48,6 +48,17 @@ ERRORS = (
 )
 
 
+# Error replies that say Redis cannot take writes now, whatever the keys; redis-py gives most
+# others of the kind classes of their own (OutOfMemoryError, ReadOnlyError, MovedError, ...).
+REDIS_UNABLE = ("MISCONF", "BUSY", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN", "OOM", "READONLY", "LOADING")
+
+
+def script_failed(error: Exception) -> bool:
+    """Whether an error reply is one script's own failure on its keys (a key of the wrong type,
+    a stream ahead of its room's seq: a plain ERR or WRONGTYPE reply), not Redis's."""
+    return type(error) is redis.ResponseError and not str(error).startswith(REDIS_UNABLE)
+
+
 class Backoff:
     """Capped exponential backoff: 0.1 s doubling to 5 s, reset on success."""
 
@@ -108,8 +119,9 @@ class RedisLink:
         """Run one of lua/'s scripts once per (keys, args), all in one write and their replies
         in one read, on one connection of client (a node's in a cluster: nodes() says which).
         A pipeline without redis-py's bookkeeping per command, which cost as much again
-        (bench/README.md, "Through Redis"). Replies in call order; an error reply raises,
-        once every reply has been read (the connection stays in step)."""
+        (bench/README.md, "Through Redis"). Replies in call order; a script's own failure is
+        its reply (the ResponseError, in place), and any other error reply raises, once every
+        reply has been read (the connection stays in step)."""
         sha = self._sha(name)
         pool = client.connection_pool
         connection = pool.get_connection()
@@ -122,7 +134,9 @@ class RedisLink:
                 try:
                     replies.append(connection.read_response())
                 except redis.ResponseError as refused:
-                    error = error or refused
+                    replies.append(refused)
+                    if not script_failed(refused):
+                        error = error or refused
             if error is not None:
                 raise error
             return replies
