@@ -498,6 +498,11 @@ class V2Client:
         self.send(type="say", room=room, text=text, **({"ref": ref} if ref is not None else {}))
         return self.wait("ack", room=room)
 
+    def try_say(self, room: str, text: str, ref: str | None = None) -> dict:
+        """Say a line and return what answers it: its ack, or an error."""
+        self.send(type="say", room=room, text=text, **({"ref": ref} if ref is not None else {}))
+        return self.wait_any(("ack", "error"))
+
     def messages(self, room: str, count: int) -> list[dict]:
         return [self.wait("message", room=room) for _ in range(count)]
 

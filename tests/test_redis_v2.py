@@ -187,8 +187,7 @@ def test_a_cluster_failover_loses_no_room(start_server, tmp_path) -> None:
         deadline = time.monotonic() + 60
         for i in range(3):
             while True:  # (as a page does: a say refused while Redis was away is sent again)
-                alice.send(type="say", room="tea", text=f"after {i}", ref=f"r{i + 1}")
-                answer = alice.wait_any(("ack", "error"))
+                answer = alice.try_say("tea", f"after {i}", ref=f"r{i + 1}")
                 if answer["type"] == "ack":
                     break
                 assert answer["code"] == "unavailable" and time.monotonic() < deadline, answer
@@ -361,8 +360,7 @@ def test_a_room_whose_meta_alone_was_evicted_starts_a_new_epoch(hosts, redis) ->
     assert at_its_node(redis, "hset", "{chat:tea}:deleted", "2", "1") == "1"
     assert at_its_node(redis, "del", "{chat:tea}:meta") == "1"
     # A page resends a line whose ack it missed: its ref is of the lost epoch, so it is new here.
-    alice.send(type="say", room="tea", text="three", ref="three")
-    answer = alice.wait_any(("ack", "error"))
+    answer = alice.try_say("tea", "three", ref="three")
     assert answer["type"] == "ack" and answer["seq"] == 1, answer
     for client in (alice, bob):
         fresh = client.wait("joined", room="tea")
@@ -428,8 +426,7 @@ def test_a_room_whose_keys_are_broken_costs_nothing_else(hosts, redis) -> None:
     bob.join("tea")
     assert at_its_node(redis, "set", "{chat:broken}:history", "not a stream") == "OK"
     for ref in ("1", "2"):
-        alice.send(type="say", room="broken", text="lost", ref=ref)
-        refused = alice.wait_any(("ack", "error"))
+        refused = alice.try_say("broken", "lost", ref=ref)
         assert (refused["type"], refused.get("code")) == ("error", "unavailable"), refused
     assert health(a)[0] == 200
     assert alice.say("tea", "still here")["seq"] == 1
@@ -472,8 +469,7 @@ def test_redis_away_and_back(start_server, redis_server) -> None:
     redis_server.stop()
     refused = []
     for i in range(1, 6):  # what the page does: send, and keep what was refused
-        alice.send(type="say", room="tea", text=f"during {i}", ref=str(i))
-        answer = alice.wait_any(("ack", "error"))
+        answer = alice.try_say("tea", f"during {i}", ref=str(i))
         (acked if answer["type"] == "ack" else refused).append(answer)
     assert refused and all(e["code"] == "unavailable" for e in refused)
     wait_until(lambda: health(a)[0] == 503 and health(b)[0] == 503, 15, what="both to say degraded")
@@ -513,8 +509,7 @@ def test_a_full_redis_refuses_lines_until_it_has_room_and_loses_nothing(start_se
     alice.say("tea", "before", ref="0")
     redis_cli(redis_server.port, "config", "set", "maxmemory-policy", "noeviction")
     redis_cli(redis_server.port, "config", "set", "maxmemory", "1")  # (full: any write is refused)
-    alice.send(type="say", room="tea", text="when full", ref="1")
-    refused = alice.wait_any(("ack", "error"))
+    refused = alice.try_say("tea", "when full", ref="1")
     assert (refused["type"], refused.get("code")) == ("error", "unavailable"), refused
     wait_until(lambda: health(a)[0] == 503 and health(b)[0] == 503, 15, what="both to say degraded")
     redis_cli(redis_server.port, "config", "set", "maxmemory", "0")
