@@ -264,10 +264,9 @@ class MemoryEngine:
     def _delete(self, name: str, seq: int, moderator: Moderator) -> None:
         """Make a kept line a tombstone, and tell the room with the next event of its sequence."""
         state = self._rooms.get(name)
-        kept = state.history.after(seq - 1)[:1] if state is not None else []
-        if state is None or not kept or kept[0].seq != seq or kept[0].target:
+        line = state.history.at(seq) if state is not None else None
+        if state is None or line is None or line.target:
             raise CommandError("bad_message", f"{name} keeps no line {seq}")
-        line = kept[0]
         if not moderator.moderates and (line.user is None or line.user != moderator.user):
             raise CommandError("forbidden", "only its author or a moderator may delete a line")
         if line.text is None:

@@ -288,9 +288,9 @@ class Follower:
         while message is not None:
             self.seq = message.seq
             if message.target:  # A deletion: the line it names is a tombstone here too.
-                for kept in history.after(message.target - 1)[:1]:
-                    if kept.seq == message.target:
-                        kept.delete()
+                kept = history.at(message.target)
+                if kept is not None:
+                    kept.delete()
             histories.keep(room, history, message)
             self._ready.append(message)
             message = self.early.pop(self.seq + 1, None)
