@@ -22,6 +22,7 @@ import redis.cluster
 import redis.exceptions
 from gevent.event import Event
 from gevent.lock import Semaphore
+from redis._parsers import BaseParser
 from redis.crc import key_slot
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class RedisLink:
             raise ValueError(str(error)) from None
         self._scripts = {name: (_LUA / f"{name}.lua").read_text() for name in SCRIPTS}
         self._shas: dict[str, str] = {}
+        # scripts()'s connections, by client, and its buffer for their replies.
+        self._kept: dict[Any, _KeptConnection] = {}
+        self._buffer = bytearray(READ_SIZE)
         self.subscriptions = _Subscriptions(self, heard)
 
     # Keys: every key of a room carries the hash tag {prefix:room}, so that each script touches
@@ -117,34 +121,38 @@ class RedisLink:
 
     def scripts(self, client: Any, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run one of lua/'s scripts once per (keys, args), all in one write and their replies
-        in one read, on one connection of client (a node's in a cluster: nodes() says which).
-        A pipeline without redis-py's bookkeeping per command, which cost as much again
-        (bench/README.md, "Through Redis"). Replies in call order; a script's own failure is
-        its reply (the ResponseError, in place), and any other error reply raises, once every
-        reply has been read (the connection stays in step)."""
+        in one read, on client's connection kept for this (a node's in a cluster: nodes() says
+        which): for one greenlet only, the publisher. A pipeline without redis-py's bookkeeping
+        per command, which cost as much again (bench/README.md, "Through Redis"). Replies in
+        call order; a script's own failure is its reply (the ResponseError, in place), and any
+        other error reply raises, once every reply has been read (the connection stays in step)."""
         sha = self._sha(name)
-        pool = client.connection_pool
-        connection = pool.get_connection()
-        try:
-            # (hiredis packs a call for a third of what redis-py's own packing costs)
-            packed = [hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)) for keys, args in calls]
-            connection.send_packed_command([b"".join(packed)])
-            replies, error = [], None
-            for _ in calls:
-                try:
-                    replies.append(connection.read_response())
-                except redis.ResponseError as refused:
-                    replies.append(refused)
-                    if not script_failed(refused):
-                        error = error or refused
-            if error is not None:
-                raise error
-            return replies
-        except (redis.ConnectionError, redis.TimeoutError):
-            connection.disconnect()  # (out of step with its replies: never used again as it is)
-            raise
-        finally:
-            pool.release(connection)
+        # (hiredis packs a call for a third of what redis-py's own packing costs)
+        packed = b"".join([hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)) for keys, args in calls])
+        while True:
+            kept = self._kept.get(client)
+            fresh = kept is None
+            if kept is None:
+                kept = self._kept[client] = _KeptConnection(client)
+            try:
+                replies = kept.exchange(packed, len(calls), self._buffer)
+                break
+            except BaseException as failure:  # (out of step with its replies: never used again)
+                del self._kept[client]
+                kept.close()
+                # One kept since an earlier write, that Redis closed meanwhile (an idle timeout,
+                # a restart), is replaced and the calls written again, as the pool would have
+                # done (safe, as call()'s actions are: the publish's refs and v1 marks). A
+                # timeout, or a new connection failing too, is Redis away.
+                if not fresh and isinstance(failure, (redis.ConnectionError, ConnectionError)):
+                    continue
+                if isinstance(failure, OSError):
+                    raise redis.ConnectionError(f"Redis connection failed: {failure}") from failure
+                raise
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError) and not script_failed(reply):
+                raise reply
+        return replies
 
     def _sha(self, name: str) -> str:
         sha = self._shas.get(name)
@@ -190,6 +198,39 @@ class RedisLink:
         """nodes(), each client's part as a pipeline (redis-py runs no script in a cluster
         pipeline: each node's goes to a client of that node)."""
         return [(client.pipeline(transaction=False), indexes) for client, indexes in self.nodes(rooms)]
+
+
+class _KeptConnection:
+    """A connection of one Redis node that RedisLink.scripts keeps out of its client's pool:
+    calls written in one write, their replies read off its socket with hiredis (redis-py's
+    read_response, and its pool's checks on every get and release, cost the publisher a
+    fifth of its time a line: bench/publish_path.py)."""
+
+    def __init__(self, client: Any) -> None:
+        self.pool = client.connection_pool
+        self.connection = self.pool.get_connection()  # (connected, its handshake done)
+        # Error replies as redis-py's classes (NoScriptError, MovedError, ...), in place.
+        self.reader = hiredis.Reader(protocolError=redis.exceptions.InvalidResponse, replyError=BaseParser.parse_error)
+
+    def exchange(self, packed: bytes, count: int, buffer: bytearray) -> list[Any]:
+        """Write packed calls, and read their count replies."""
+        self.connection.send_packed_command([packed])
+        sock, reader = self.connection._sock, self.reader
+        replies: list[Any] = []
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is not False:
+                replies.append(reply)
+                continue
+            size = sock.recv_into(buffer)
+            if not size:
+                raise redis.ConnectionError("Redis closed the connection")
+            reader.feed(buffer, 0, size)  # type: ignore[arg-type]  # (any buffer will do)
+        return replies
+
+    def close(self) -> None:
+        self.connection.disconnect()
+        self.pool.release(self.connection)
 
 
 class _Subscriptions:
