@@ -401,7 +401,8 @@ def test_a_connection_redis_closed_between_two_publishes_is_no_outage(a_redis) -
     engine = RedisEngine(Config(redis_url=a_redis.url, redis_cluster=hasattr(a_redis, "nodes")), NoMetrics())
 
     def publish(*numbers: int) -> list[int]:
-        batch = [(Line(n, room, "alice", "s1", f"r{n}", f"line {n}"), str(n)) for n in numbers for room in ("lobby", "den")]
+        batch = [(Line(n, room, "alice", "s1", f"r{n}", f"line {n}"), str(n))
+                 for n in numbers for room in ("lobby", "den")]
         return [seq for _, seq in engine.link.call(partial(engine._publish, batch))]
 
     assert publish(1, 2) == [1, 1, 2, 2]

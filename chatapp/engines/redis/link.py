@@ -146,6 +146,8 @@ class RedisLink:
                 # timeout, or a new connection failing too, is Redis away.
                 if not fresh and isinstance(failure, (redis.ConnectionError, ConnectionError)):
                     continue
+                if isinstance(failure, TimeoutError):
+                    raise redis.TimeoutError(f"Redis did not answer in {COMMAND_TIMEOUT} s") from failure
                 if isinstance(failure, OSError):
                     raise redis.ConnectionError(f"Redis connection failed: {failure}") from failure
                 raise
