@@ -206,7 +206,7 @@ class _KeptConnection:
     """A connection of one Redis node that RedisLink.scripts keeps out of its client's pool:
     calls written in one write, their replies read off its socket with hiredis (redis-py's
     read_response, and its pool's checks on every get and release, cost the publisher a
-    fifth of its time a line: bench/publish_path.py)."""
+    quarter of its time a line and more: bench/publish_path.py)."""
 
     def __init__(self, client: Any) -> None:
         self.pool = client.connection_pool
