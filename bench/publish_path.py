@@ -15,11 +15,9 @@ per line.
 
 from __future__ import annotations
 
-import argparse
-import subprocess
-import sys
 import time
-from pathlib import Path
+
+import best_of
 
 ROOMS_A_BATCH, LINES_A_ROOM, BATCHES = 16, 6, 400
 
@@ -62,24 +60,5 @@ def one_run() -> float:
         server.wait()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        sys.path.insert(1, str(args.repo))
-        print(f"{one_run():.3f}")
-        return
-    runs = [
-        float(subprocess.run([sys.executable, __file__, "--one", "--repo", str(args.repo)], capture_output=True,
-                             text=True, check=True).stdout)
-        for _ in range(args.runs)
-    ]
-    print(f"{args.repo}: {min(runs):.2f} us of CPU a line published (best of {len(runs)}; all: "
-          f"{', '.join(f'{run:.2f}' for run in runs)})")
-
-
 if __name__ == "__main__":
-    main()
+    best_of.main(__file__, __doc__, one_run, "us of CPU a line published")
