@@ -268,12 +268,12 @@ def test_bad_commands_get_an_error_and_the_connection_goes_on(server, frame: str
 
 
 def test_bad_nicks(server) -> None:
-    """Nicks must match the rule after NFKC: bad_nick otherwise; session must be 1 to 64 characters."""
+    """Nicks must match the rule after NFKC: bad_nick otherwise; session must be 1 to 64 characters of Unicode text."""
     client = V2Client(server)
     for bad in ["", "-dash", "has space", "x" * 25, "émile", 7, None]:
         client.send(type="hello", nick=bad, session="s")
         assert client.wait("error")["code"] == "bad_nick", bad
-    for session in ["", "s" * 65, 3]:
+    for session in ["", "s" * 65, 3, "\ud800"]:
         client.send(type="hello", nick="ok", session=session)
         assert client.wait("error")["code"] == "bad_message", session
     for good in ["_", "a.b-c_d", "x" * 24, "Ⅻ"]:  # Ⅻ is XII after NFKC

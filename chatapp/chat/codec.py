@@ -124,7 +124,8 @@ class V2Codec:
 
     def _hello(self, obj: dict[str, Any]) -> Hello:
         session = obj.get("session")
-        if not isinstance(session, str) or not 0 < len(session) <= MAX_ID:
+        # (text that can be sent on as UTF-8: a lone surrogate could not be kept in Redis)
+        if not isinstance(session, str) or not 0 < len(session) <= MAX_ID or not _unicode(session):
             raise CommandError("bad_message", f"session must be a string of 1 to {MAX_ID} characters")
         if self.token:
             return Hello("", session, _token(obj))
