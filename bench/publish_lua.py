@@ -1,14 +1,16 @@
 """Redis's own cost of publish.lua, per line, by batch size: no workers, no clients.
 
 A redis-server of its own; 100 rooms, each call carrying BATCH v2 lines of one room with a
-ref each (so the refs hashes are read and written, as for every v2 line), laid out as
-RedisEngine._publish lays them out; calls pipelined a round of rooms at a time. --v1: v1
-lines instead (no ref of the client's: a worker's v1 mark in the room, before it a ref
-of the worker's own per line). Prints Redis's CPU (user + system) per line and the script's
-own time per line from INFO commandstats. --repo measures another checkout's script (its
-argument layout is recognised).
+ref each, shaped as the page's (a 32-hex-digit session, a 16-hex-digit ref: the refs hashes
+are read and written, as for every v2 line), laid out as RedisEngine._publish lays them
+out; calls pipelined a round of rooms at a time. --kept N: each room's refs hashes (this
+period's and the one before) hold N refs already, as under load (past 512 a hash is a
+hashtable, not a listpack). --v1: v1 lines instead (no ref of the client's: a worker's v1
+mark in the room, before it a ref of the worker's own per line). Prints Redis's CPU (user +
+system) per line and the script's own time per line from INFO commandstats. --repo measures
+another checkout's script (its argument layout and ref fields are recognised).
 
-    .venv/bin/python bench/publish_lua.py [--v1]
+    .venv/bin/python bench/publish_lua.py [--v1] [--kept 3000]
     .venv/bin/python bench/publish_lua.py --repo /tmp/before
 """
 
@@ -54,16 +56,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--v1", action="store_true", help="v1 lines (no client ref), not v2")
+    parser.add_argument("--kept", type=int, default=0, help="refs each room's two refs hashes hold before")
     args = parser.parse_args()
     script = (args.repo / "chatapp" / "engines" / "redis" / "lua" / "publish.lua").read_text()
     # Since 466efa1 a seventh argument says whether to push the room's expiry back (mostly not).
     flag = ["0"] if "local refresh = ARGV[7]" in script else []
+    # Since refs.py: an eighth argument (sessions of the earlier layout: none), and a ref's field
+    # is "s", 12 characters of its session's digest, the ref; before, "<session>\0<ref>".
+    counted = ["0"] if "local sessions = tonumber(ARGV[8])" in script else []
     # Since then three arguments a line (mute, ref, the rest as one piece), not one.
-    split = "local lines = (#ARGV - 7) / 3" in script
+    split = "local lines = (#ARGV - 7) / 3" in script or bool(counted)
     # Since the v1 mark: a fifth key (the worker's v1 mark in the room), and a v1 line's ref is its number.
     marked = "KEYS[5]" in script
     # Since a room whose meta alone was lost clears what is left: a sixth key, its tombstones.
     tombstones = "KEYS[6]" in script
+
+    def field(room: int, ref: int) -> str:
+        return f"s{room:012d}{ref:016x}" if counted else f"e{room:031x}\x00{ref:016x}"
+
     server, port = start_redis()
     try:
         client = redis.Redis(port=port)
@@ -71,6 +81,11 @@ def main() -> None:
         process = psutil.Process(server.pid)
         for batch in (1, 2, 4, 8):
             client.flushall()
+            for room in range(ROOMS):
+                for period in (1, 0):
+                    for at in range(0, args.kept, 1000):
+                        client.hset(f"{{chat:r{room}}}:refs:{period}", mapping={
+                            field(room, 2**40 * (period + 1) + i): i for i in range(at, min(args.kept, at + 1000))})
             client.config_resetstat()
             cpu = sum(process.cpu_times()[:2])
             said = 0
@@ -84,12 +99,13 @@ def main() -> None:
                     lines = []
                     for _ in range(batch):
                         said += 1
-                        piece, ref = f"nick{room}\n\n{said}\nb 1 {said} 1764466800000000000", f"s{room}\x00r{said}"
+                        piece, ref = f"nick{room}\n\n{said}\nb 1 {said} 1764466800000000000", field(room, said)
                         if args.v1:
                             piece = f"\n\nv{said}\nb 1 {said} 1764466800000000000"
                             ref = str(said) if marked else f"\x00w1:v{said}"
                         lines += ["0", ref, piece] if split else [f"0\n{piece}\n{ref}"]
-                    pipe.evalsha(sha, len(keys), *keys, "e0", 500, 86400, f"{tag}:live", 240, "w1", *flag, *lines)
+                    pipe.evalsha(sha, len(keys), *keys, "e0", 500, 86400, f"{tag}:live", 240, "w1", *flag, *counted,
+                                 *lines)
                 pipe.execute()
             cpu = sum(process.cpu_times()[:2]) - cpu
             stats = client.info("commandstats")["cmdstat_evalsha"]

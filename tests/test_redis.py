@@ -432,7 +432,7 @@ def test_scripts_in_one_write_answer_in_order_and_an_error_waits_for_the_rest(re
     keys = [f"{{chat:new}}:{key}" for key in ("meta", "history", "refs:1", "refs:0", "v1:w1", "deleted")]
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         line = ["0", "", "a\n\n1\nhi"]
-        link.scripts(link.client, "publish", [(keys, ["e1", 50, 60, "{chat:new}:live", 240, "w1", 1, *line])])
+        link.scripts(link.client, "publish", [(keys, ["e1", 50, 60, "{chat:new}:live", 240, "w1", 1, 0, *line])])
     assert store.keys("{chat:*") == []
     store.config_set("maxmemory", 0)
     assert link.scripts(link.client, "typing", [muted, passed]) == [0, 1]

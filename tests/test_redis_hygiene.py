@@ -11,6 +11,8 @@ from pathlib import Path
 import redis as redis_client
 from support import V2Client, connect, wait_until
 
+from chatapp.engines.redis.refs import session_prefix
+
 ROOMS = 2000
 TTL = "3"  # seconds: CHAT_ROOM_TTL, short for the test
 
@@ -79,12 +81,13 @@ def test_a_dead_workers_keys_go_with_it(start_server, redis_server) -> None:
     watcher.wait("presence", left="ghost-tea")
     wait_until(
         lambda: not [key for key in store.keys() if doomed_id.encode() in key]
-        and store.zscore("{chat}:workers", doomed_id) is None,
+        and store.zscore("{chat}:workers", doomed_id) is None and store.zscore("{chat}:layout", doomed_id) is None,
         10, 0.2, "the dead worker's keys to go",
     )
     assert store.zscore("{chat}:rooms", "coffee") == 0
 
 
+ALICE = session_prefix("alice")  # (the start of her refs' fields)
 PUBLISH = (Path(__file__).parent.parent / "chatapp" / "engines" / "redis" / "lua" / "publish.lua").read_text()
 
 
@@ -93,7 +96,7 @@ def publish(store: redis_client.Redis, room: str, refresh: bool, ref: str = "") 
     (RedisEngine._publish): period 7 of the refs, the room's keys to live 100 s."""
     keys = [f"{{chat:{room}}}:meta", f"{{chat:{room}}}:history", f"{{chat:{room}}}:refs:7", f"{{chat:{room}}}:refs:6",
             f"{{chat:{room}}}:v1:w1", f"{{chat:{room}}}:deleted"]
-    args = ["e0", 50, 100, f"{{chat:{room}}}:live", 240, "w1", int(refresh), 0, ref, "alice\n\n1\nhello"]
+    args = ["e0", 50, 100, f"{{chat:{room}}}:live", 240, "w1", int(refresh), 0, 0, ref, "alice\n\n1\nhello"]
     store.eval(PUBLISH, len(keys), *keys, *args)
 
 
@@ -102,16 +105,16 @@ def test_a_line_that_does_not_push_the_expiry_back_leaves_no_key_without_one(red
     but whatever a line creates expires: a new room's keys, a new period's refs hash, and a
     worker's v1 mark."""
     store = redis_client.Redis(port=redis_server.port)
-    publish(store, "new", refresh=False, ref="s\x00r1")
+    publish(store, "new", refresh=False, ref=ALICE + "r1")
     publish(store, "new", refresh=False, ref="1")  # (a v1 line: its number)
     assert all(store.ttl(key) > 0 for key in store.keys("{chat:new}*"))
     assert len(store.keys("{chat:new}*")) == 4  # meta, history, refs, the worker's v1 mark
     publish(store, "known", refresh=True)  # (a line without a ref: no refs hash yet)
-    publish(store, "known", refresh=False, ref="s\x00r1")
+    publish(store, "known", refresh=False, ref=ALICE + "r1")
     assert store.ttl("{chat:known}:refs:7") > 0
     # And without the push, a line does leave the room's expiry as it was.
     store.expire("{chat:known}:meta", 50)
-    publish(store, "known", refresh=False, ref="s\x00r2")
+    publish(store, "known", refresh=False, ref=ALICE + "r2")
     assert store.ttl("{chat:known}:meta") <= 50
-    publish(store, "known", refresh=True, ref="s\x00r3")
+    publish(store, "known", refresh=True, ref=ALICE + "r3")
     assert store.ttl("{chat:known}:meta") > 50

@@ -18,6 +18,8 @@ import pytest
 import redis as redis_client
 from support import RedisClusterProcess, V2Client, connect, cut_subscriptions, health, redis_cli, wait_until
 
+from chatapp.engines.redis.refs import REF_PERIOD, session_prefix
+
 
 @pytest.fixture(params=["redis", "cluster"])
 def redis(request):
@@ -143,6 +145,53 @@ def test_a_ref_publishes_once_across_hosts(hosts) -> None:
     assert first.say("tea", "once", ref="r1")["seq"] == 1
     assert again.say("tea", "once", ref="r1")["seq"] == 1
     assert again.say("tea", "next")["seq"] == 2
+
+
+@pytest.mark.parametrize("session", ["12345", "inf", " 0x1F"])
+def test_a_session_that_reads_as_a_number_is_a_session_like_any_other(hosts, session: str) -> None:
+    """publish.lua tells a worker's v1 lines by their numbers: a session that Lua would read as
+    one is still a session, its refs still refs, and its lines no v1 mark of its worker's
+    (which would hold back that worker's v1 lines in the room)."""
+    a, b = hosts()
+    alice, bob = V2Client(a, "alice", session=session), V2Client(b, "bob")
+    alice.join("lobby")
+    bob.join("lobby")
+    assert [alice.say("lobby", f"line {i}", ref=f"r{i}")["seq"] for i in range(3)] == [1, 2, 3]
+    assert alice.say("lobby", "line 0 again", ref="r0")["seq"] == 1
+    connect(a).send("from v1 on alice's worker")
+    assert [m["text"] for m in bob.messages("lobby", 4)] == [
+        "line 0", "line 1", "line 2", "from v1 on alice's worker"]
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["beside-an-earlier-worker", "alone"])
+def test_refs_are_kept_in_the_earlier_layout_too_while_a_worker_of_it_beats(redis, start_server, earlier) -> None:
+    """A rolling deploy: a worker of the earlier refs layout ("<session> NUL <ref>") beats in
+    {chat}:workers. While it may have refs remembered, a ref it published is one here too, and
+    a ref said here is remembered in both layouts (so that it finds it); with no such worker,
+    in the new one alone (refs.py)."""
+    cluster = hasattr(redis, "nodes")
+    store = (redis_client.RedisCluster if cluster else redis_client.Redis).from_url(redis.url)
+    now = time.time()
+    period = int(now // REF_PERIOD)
+    if earlier:
+        store.zadd("{chat}:workers", {"1-earlier": int(now * 1000)})
+    store.hset("{chat:tea}:meta", mapping={"epoch": "e-old", "seq": 7, "time": int(now * 1000)})
+    store.hset(f"{{chat:tea}}:refs:{period}", mapping={".": 1, "a\x00r7": 7})
+    server = start_server("gunicorn", REDIS_URL=redis.url, CHAT_REDIS_CLUSTER="1" if cluster else "0")
+    # (two heartbeats: the first has then looked for workers of the earlier layout)
+    first = wait_until(lambda: store.zrange("{chat}:layout", 0, -1, withscores=True), 10, 0.05, "a heartbeat")
+    wait_until(lambda: store.zrange("{chat}:layout", 0, -1, withscores=True) != first, 10, 0.05, "another")
+    alice = V2Client(server, "alice", session="a")
+    alice.join("tea")
+    assert alice.say("tea", "new", ref="r8")["seq"] == 8
+    fields = set().union(*(store.hkeys(f"{{chat:tea}}:refs:{p}") for p in (period, period + 1)))
+    mine = {(session_prefix("a") + "r8").encode()}
+    if earlier:
+        assert alice.say("tea", "resent after a move", ref="r7")["seq"] == 7
+        assert fields == {b".", b"a\x00r7", b"a\x00r8"} | mine
+    else:
+        assert fields == {b".", b"a\x00r7"} | mine
+    assert alice.say("tea", "last", ref="r9")["seq"] == 9  # (nothing was published twice)
 
 
 def test_a_subscription_cut_alone_refuses_no_line(hosts) -> None:

@@ -7,8 +7,8 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
     {chat:tea}:history      stream of lines, ids "<seq>-0" (trimmed to the recovery window),
                             fields o (the worker that said it) and e ("<time>\n<nick>\n
                             <user>\n<the worker's id>\n<text>"); a deletion's, g too (its target)
-    {chat:tea}:refs:<n>     session NUL ref -> the seq it got, for refs said in the
-                            n-th two-minute period (kept two periods); "." from its start
+    {chat:tea}:refs:<n>     a session's ref (refs.py) -> the seq it got, for refs said in
+                            the n-th two-minute period (kept two periods); "." from its start
     {chat:tea}:owners       casefolded nick -> session TAB nick
     {chat:tea}:totals       casefolded nick -> connections in all workers
     {chat:tea}:sorted       the member list, sorted
@@ -19,6 +19,7 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
     {chat:tea}:mute:<user>  a mute, likewise
     {chat:tea}:live         the room's shard channel: its lines and presence changes
     {chat}:workers          worker -> last heartbeat (ms): a silent worker's members are evicted
+    {chat}:layout           worker -> last heartbeat (ms), for workers of refs.py's layout
     {chat}:rooms-of:<w>     the rooms worker w has members in
     {chat}:rooms            room -> minus its member count: the `rooms` listing
     {chat}:active           room -> when its members last changed (ms)
@@ -68,15 +69,13 @@ from ...config import Config
 from ...metrics import Metrics, NoMetrics
 from .follower import SYNCING, Follower
 from .link import COMMAND_TIMEOUT, ERRORS, Backoff, RedisLink
+from .refs import REF_PERIOD, EarlierWorkers, session_prefix
 
 if TYPE_CHECKING:
     from ...chat.peer import Peer
 
 log = logging.getLogger(__name__)
 
-# A ref is remembered for the rest of the period in which it was said and the whole next one:
-# at least REF_PERIOD seconds (docs/protocol.md), in one hash per room and period.
-REF_PERIOD = 120
 # Heartbeat period, and the silence after which a worker counts as dead (seconds): its members
 # leave for everyone else within WORKER_TIMEOUT + HEARTBEAT.
 HEARTBEAT = 5.0
@@ -149,6 +148,8 @@ class RedisEngine:
         self._user_counts: dict[str, int] = {}
         # This worker's name in Redis.
         self.worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Whether workers of the earlier refs layout may be about (the heartbeat's; refs.py).
+        self._earlier = EarlierWorkers()
         self._sink: Sink | None = None
         # Lines for the publisher: (line, this worker's id for it). Bounded.
         self._outbox: Queue[tuple[Line, str]] = Queue(maxsize=OUTBOX_SIZE)
@@ -498,6 +499,7 @@ class RedisEngine:
         results: list[Any] = [None] * len(batch)
         now = monotonic()
         epochs = new_epochs(len(rooms))  # (one is used when a room has none: new, or lost)
+        earlier = self._earlier.may_have_refs()
         for client, room_indexes in link.nodes(rooms):
             calls = [by_room[rooms[i]] for i in room_indexes]
             refreshing, scripts = [], []
@@ -509,18 +511,25 @@ class RedisEngine:
                 keys = [link.room_key(room, "meta"), link.room_key(room, "history"), *self._refs_keys(room),
                         link.room_key(room, f"v1:{self.worker}"), link.room_key(room, "deleted")]
                 args: list[Any] = [epochs[room_index], self.recovery_window, self._publish_ttl, link.channel(room),
-                                   2 * REF_PERIOD, self.worker, int(refresh)]
+                                   2 * REF_PERIOD, self.worker, int(refresh), 0]
                 mutes: dict[str, int] = {}  # user -> the index of their mute key, from 1
+                sessions: dict[str, bytes] = {}  # (for the earlier layout) a field's prefix -> its session
                 for index in indexes:
                     line, tag = batch[index]
                     if line.ref is not None and line.session is not None:
-                        ref = f"{line.session}\x00{line.ref}"
+                        prefix = session_prefix(line.session)
+                        ref = prefix + line.ref
+                        if earlier:
+                            sessions[prefix] = line.session.encode("utf-8", "surrogatepass")
                     else:
                         ref = "" if line.id else tag[1:]  # (a v1 line: its number)
                     user = line.user or ""
                     mute = mutes.setdefault(user, len(mutes) + 1) if user else 0
                     args += (mute, ref, f"{line.nick or ''}\n{user}\n{tag}\n{line.text}")
                 keys += [link.room_key(room, f"mute:{user}") for user in mutes]
+                args[7] = len(sessions)
+                for prefix, session in sessions.items():
+                    args += (prefix, session)
                 scripts.append((keys, args))
             for indexes, reply in zip(calls, link.scripts(client, "publish", scripts)):
                 if isinstance(reply, Exception):  # (this room's script failed: its lines only)
@@ -901,6 +910,8 @@ class RedisEngine:
         seconds, micros = client.time()
         now = seconds * 1000 + micros // 1000
         workers, generation = link.chat_key("workers"), link.chat_key("generation")
+        layout = link.chat_key("layout")
+        client.zadd(layout, {self.worker: now})  # (first: so it is never in workers without it)
         client.zadd(workers, {self.worker: now})
         client.expire(link.chat_key(f"rooms-of:{self.worker}"), int(3 * WORKER_TIMEOUT))
         assert self._sink is not None
@@ -918,6 +929,9 @@ class RedisEngine:
             if dead != self.worker:
                 self._evict(dead)
             client.zrem(workers, dead)
+        # (one of this layout that workers of the earlier one evicted goes here)
+        client.zremrangebyscore(layout, "-inf", now - WORKER_TIMEOUT * 1000)
+        self._earlier.seen(bool(set(client.zrange(workers, 0, -1)) - set(client.zrange(layout, 0, -1))))
         link.script(client, "prune", [link.chat_key("rooms"), link.chat_key("active")],
                     [now - self.room_ttl * 1000, PRUNE_BATCH])
         if monotonic() - self._kept_alive >= min(self.room_ttl / 3, 3600.0):

@@ -7,23 +7,29 @@
 -- carries as one piece (taking it apart in Lua was a fifth of this script's cost).
 -- KEYS: 1 the room's meta (hash: epoch, seq, time), 2 its history (stream, ids "<seq>-0",
 --       fields o: the worker that said it, e: "<time>\n" then the line's piece, below), 3 the
---       refs said in this period (hash: ref -> the seq it got), 4 those of the period before,
+--       refs said in this period (hash: a ref's field -> the seq it got), 4 those of the period before,
 --       5 this worker's v1 mark in the room (the number of its last v1 line published there),
 --       6 its deleted lines, then the mute key of each user who speaks in the batch
 -- ARGV: 1 an epoch for a room that has none (new, or lost with Redis's data), 2 lines to keep
 --       at least, 3 seconds a quiet room's keys live, 4 the room's shard channel, 5 seconds a
 --       period's refs (and a v1 mark) live, 6 the worker that said them, 7 "1" to push the
 --       room's expiry back (a worker does once in a while: three EXPIREs were a sixth of this
---       script's cost; a new room's keys, and a period's refs, get theirs anyway), then three
---       per line: the index of its user's mute key among the mute keys ("0": no user); its
---       ref: "" for none, a client's "<session>\0<ref>" (never a number: it holds a NUL), or
---       for a v1 line its number, counted by the worker from 1 up (so that a retried publish
---       is no second line: a worker's v1 lines reach a room in the order of their numbers);
---       and its piece, "<nick>\n<user>\n<worker's id for it>\n<text>" (nick "" for a v1 line,
---       user "" for none; no newline in any of them)
+--       script's cost; a new room's keys, and a period's refs, get theirs anyway), 8 how many
+--       sessions follow the lines (below), then three per line: the index of its user's mute
+--       key among the mute keys ("0": no user); its ref: "" for none, a client's field (refs.py:
+--       "s", 12 characters of its session's digest, the ref), or for a v1 line its number,
+--       counted by the worker from 1 up (so that a retried publish is no second line: a
+--       worker's v1 lines reach a room in the order of their numbers); and its piece,
+--       "<nick>\n<user>\n<worker's id for it>\n<text>" (nick "" for a v1 line, user "" for
+--       none; no newline in any of them); then, while workers of the earlier layout may be
+--       about, two per session of the batch: its fields' first 13 characters and the session
+--       (its refs are then also looked up and remembered as "<session>\0<ref>")
 -- Returns {epoch, then per line: its seq; minus the seq when the ref had been published
 -- already (nothing new; 0 for a v1 line); or "muted <until>" ("0": no end)}.
-local lines = (#ARGV - 7) / 3
+local sessions = tonumber(ARGV[8])
+local lines = (#ARGV - 8 - 2 * sessions) / 3
+local earlier = {}  -- a field's first 13 characters -> its session (the earlier layout's)
+for i = #ARGV - 2 * sessions + 1, #ARGV, 2 do earlier[ARGV[i]] = ARGV[i + 1] end
 local refresh = ARGV[7] == '1'
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'time')
 local epoch, seq, last = meta[1], tonumber(meta[2]), tonumber(meta[3])
@@ -41,36 +47,46 @@ if time < last then time = last end
 -- (Lua's numbers are doubles: each turned into a string is a printf, so each is turned once)
 local time_s = tostring(time)
 
-local refs = {}
+local S = string.byte('s')  -- (a client's ref's field starts with it; a v1 line's is digits)
+local refs, asked = {}, {}
 local v1_mark, v1_last = nil, nil
-for i = 9, #ARGV, 3 do
+for i = 10, 7 + 3 * lines, 3 do
   local ref = ARGV[i]
   if ref ~= '' then
-    if tonumber(ref) then
+    if string.byte(ref) ~= S then
       v1_mark = v1_mark or tonumber(redis.call('GET', KEYS[5]) or '0')
     else
       refs[#refs + 1] = ref
     end
   end
 end
--- ref -> the seq it got, in either period (the later one first). A period's hash holds a
--- field "." (no ref is: each holds a NUL) from its first write on: without it, it is new.
+-- The fields asked for: every ref's, then (while there are sessions) its earlier one's.
+for j, ref in ipairs(refs) do asked[j] = ref end
+if sessions > 0 then
+  for j, ref in ipairs(refs) do
+    asked[#refs + j] = earlier[string.sub(ref, 1, 13)] .. '\0' .. string.sub(ref, 14)
+  end
+end
+-- ref -> the seq it got, in either period (the later one first), in either layout. A period's
+-- hash holds a field "." (no ref's is) from its first write on: without it, it is new.
 local known, new_period = {}, false
 if #refs > 0 then
-  local seqs = redis.call('HMGET', KEYS[4], unpack(refs))
+  local seqs = redis.call('HMGET', KEYS[4], unpack(asked))
   for j, ref in ipairs(refs) do
-    if seqs[j] then known[ref] = seqs[j] end
+    local seq = seqs[j] or seqs[#refs + j]
+    if seq then known[ref] = seq end
   end
-  seqs = redis.call('HMGET', KEYS[3], '.', unpack(refs))
+  seqs = redis.call('HMGET', KEYS[3], '.', unpack(asked))
   new_period = not seqs[1]
   for j, ref in ipairs(refs) do
-    if seqs[j + 1] then known[ref] = seqs[j + 1] end
+    local seq = seqs[j + 1] or seqs[#refs + j + 1]
+    if seq then known[ref] = seq end
   end
 end
 
 local results, heard, remembered, mutes = {epoch}, {}, {}, {}
 for i = 1, lines do
-  local at = 5 + 3 * i
+  local at = 6 + 3 * i
   local mute, ref = ARGV[at], ARGV[at + 1]
   local muted = false
   if mute ~= '0' then
@@ -80,7 +96,7 @@ for i = 1, lines do
       mutes[mute] = muted
     end
   end
-  local v1 = v1_mark and tonumber(ref)
+  local v1 = v1_mark and string.byte(ref) ~= S and tonumber(ref)
   if muted then
     results[i + 1] = 'muted ' .. muted
   elseif v1 and v1 <= v1_mark then
@@ -99,6 +115,10 @@ for i = 1, lines do
       known[ref] = seq_s
       remembered[#remembered + 1] = ref
       remembered[#remembered + 1] = seq_s
+      if sessions > 0 then
+        remembered[#remembered + 1] = earlier[string.sub(ref, 1, 13)] .. '\0' .. string.sub(ref, 14)
+        remembered[#remembered + 1] = seq_s
+      end
     end
     heard[#heard + 1] = seq_s .. '\n' .. entry
   end
