@@ -412,8 +412,7 @@ func (b *bench) send(id int, s *sender, start time.Time) {
 		buf = append(buf, ' ')
 		buf = strconv.AppendInt(buf, stamp.UnixNano(), 10)
 		if b.cfg.v2 {
-			buf = append(buf, `","ref":"`...)
-			buf = strconv.AppendInt(buf, q, 10)
+			buf = appendID(append(buf, `","ref":"`...), uint64(q), uint64(id)+2) // (a page's ref: 16 hex digits)
 			buf = append(buf, `"}`...)
 		} else if b.cfg.sio {
 			buf = append(buf, `"}]`...)

@@ -103,16 +103,32 @@ func (b *bench) joinV2(c *client, buf []byte) []byte {
 }
 
 // appendHello appends client i's hello: nick c<i>, or with -tokens the
-// token on line i (the server then takes the name from the token), and
-// session s<i>.
+// token on line i (the server then takes the name from the token), and a
+// session of 32 hex digits, as the page makes them (appendID).
 func (b *bench) appendHello(buf []byte, i int) []byte {
-	id := strconv.Itoa(i)
 	if len(b.tokens) > 0 {
 		buf = append(append(buf, `{"type":"hello","token":"`...), b.tokens[i]...)
 	} else {
-		buf = append(append(buf, `{"type":"hello","nick":"c`...), id...)
+		buf = append(append(buf, `{"type":"hello","nick":"c`...), strconv.Itoa(i)...)
 	}
-	return append(append(append(buf, `","session":"s`...), id...), `"}`...)
+	buf = appendID(appendID(append(buf, `","session":"`...), uint64(i), 0), uint64(i), 1)
+	return append(buf, `"}`...)
+}
+
+// appendID appends 16 hex digits that look random but are the same in every
+// run, for x and a salt: the page's sessions are 32 (two of these) and its
+// refs 16, and what they cost the server, in Redis above all, goes with
+// their length.
+func appendID(buf []byte, x, salt uint64) []byte {
+	z := x*0x9e3779b97f4a7c15 + salt*0xbf58476d1ce4e5b9 + 0x94d049bb133111eb // splitmix64's mix
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	z ^= z >> 31
+	const digits = "0123456789abcdef"
+	for shift := 60; shift >= 0; shift -= 4 {
+		buf = append(buf, digits[(z>>uint(shift))&15])
+	}
+	return buf
 }
 
 // readTokens reads -tokens: one JWT a line, at least need of them (one per
