@@ -48,7 +48,7 @@ if time < last then time = last end
 local time_s = tostring(time)
 
 local S = string.byte('s')  -- (a client's ref's field starts with it; a v1 line's is digits)
-local refs, asked = {}, {}
+local refs = {}
 local v1_mark, v1_last = nil, nil
 for i = 10, 7 + 3 * lines, 3 do
   local ref = ARGV[i]
@@ -61,8 +61,10 @@ for i = 10, 7 + 3 * lines, 3 do
   end
 end
 -- The fields asked for: every ref's, then (while there are sessions) its earlier one's.
-for j, ref in ipairs(refs) do asked[j] = ref end
+local asked = refs
 if sessions > 0 then
+  asked = {}
+  for j, ref in ipairs(refs) do asked[j] = ref end
   for j, ref in ipairs(refs) do
     asked[#refs + j] = earlier[string.sub(ref, 1, 13)] .. '\0' .. string.sub(ref, 14)
   end
