@@ -1,8 +1,9 @@
 -- Lines said in one room, in order: each gets its seq, its time and its place in the room's
 -- history, atomically; then one message on the room's channel carries them all (one script
 -- call and one delivery per batch, not per line: bench/README.md, "Through Redis"). A new
--- line costs one command (its XADD); the refs of the whole batch are looked up with two
--- HMGETs and remembered with one HSET, and a batch's v1 lines cost one GET and one SET in all.
+-- line costs one command (its XADD; the history is trimmed once a call); the refs of the
+-- whole batch are looked up with two HMGETs and remembered with one HSET, and a batch's v1
+-- lines cost one GET and one SET in all.
 -- Nothing here takes a line apart: the worker sends what the history keeps and the channel
 -- carries as one piece (taking it apart in Lua was a fifth of this script's cost).
 -- KEYS: 1 the room's meta (hash: epoch, seq, time), 2 its history (stream, ids "<seq>-0",
@@ -109,7 +110,7 @@ for i = 1, lines do
     seq = seq + 1
     local seq_s = tostring(seq)
     local entry = time_s .. '\n' .. ARGV[at + 2]
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq_s .. '-0', 'o', ARGV[6], 'e', entry)
+    redis.call('XADD', KEYS[2], seq_s, 'o', ARGV[6], 'e', entry)
     results[i + 1] = seq
     if v1 then
       v1_last = ref
@@ -122,7 +123,8 @@ for i = 1, lines do
         remembered[#remembered + 1] = seq_s
       end
     end
-    heard[#heard + 1] = seq_s .. '\n' .. entry
+    heard[#heard + 1] = seq_s  -- (two parts a line: the message joins them as it joins lines)
+    heard[#heard + 1] = entry
   end
 end
 if #remembered > 0 then
@@ -139,7 +141,8 @@ if refresh then  -- (a new room's meta too, even when nothing of the batch was k
   if #heard > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 end
 if #heard > 0 then
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[2])
   redis.call('HSET', KEYS[1], 'seq', tostring(seq), 'time', time_s)
-  redis.call('SPUBLISH', ARGV[4], 'm\n' .. epoch .. '\n' .. ARGV[6] .. '\n' .. #heard .. '\n' .. table.concat(heard, '\n'))
+  redis.call('SPUBLISH', ARGV[4], 'm\n' .. epoch .. '\n' .. ARGV[6] .. '\n' .. #heard / 2 .. '\n' .. table.concat(heard, '\n'))
 end
 return results
