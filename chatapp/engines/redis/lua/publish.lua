@@ -8,9 +8,10 @@
 -- carries as one piece (taking it apart in Lua was a fifth of this script's cost).
 -- KEYS: 1 the room's meta (hash: epoch, seq, time), 2 its history (stream, ids "<seq>-0",
 --       fields o: the worker that said it, e: "<time>\n" then the line's piece, below), 3 the
---       refs said in this period (hash: a ref's field -> the seq it got), 4 those of the period before,
---       5 this worker's v1 mark in the room (the number of its last v1 line published there),
---       6 its deleted lines, then the mute key of each user who speaks in the batch
+--       refs said in this period (hash: a ref's field -> the seq it got), 4 those of the
+--       period before, 5 this worker's v1 mark in the room (the number of its last v1 line
+--       published there), 6 its deleted lines, then the mute key of each user who speaks in
+--       the batch
 -- ARGV: 1 an epoch for a room that has none (new, or lost with Redis's data), 2 lines to keep
 --       at least, 3 seconds a quiet room's keys live, 4 the room's shard channel, 5 seconds a
 --       period's refs (and a v1 mark) live, 6 the worker that said them, 7 "1" to push the
