@@ -147,22 +147,6 @@ def test_a_ref_publishes_once_across_hosts(hosts) -> None:
     assert again.say("tea", "next")["seq"] == 2
 
 
-@pytest.mark.parametrize("session", ["12345", "inf", " 0x1F"])
-def test_a_session_that_reads_as_a_number_is_a_session_like_any_other(hosts, session: str) -> None:
-    """publish.lua tells a worker's v1 lines by their numbers: a session that Lua would read as
-    one is still a session, its refs still refs, and its lines no v1 mark of its worker's
-    (which would hold back that worker's v1 lines in the room)."""
-    a, b = hosts()
-    alice, bob = V2Client(a, "alice", session=session), V2Client(b, "bob")
-    alice.join("lobby")
-    bob.join("lobby")
-    assert [alice.say("lobby", f"line {i}", ref=f"r{i}")["seq"] for i in range(3)] == [1, 2, 3]
-    assert alice.say("lobby", "line 0 again", ref="r0")["seq"] == 1
-    connect(a).send("from v1 on alice's worker")
-    assert [m["text"] for m in bob.messages("lobby", 4)] == [
-        "line 0", "line 1", "line 2", "from v1 on alice's worker"]
-
-
 @pytest.mark.parametrize("earlier", [True, False], ids=["beside-an-earlier-worker", "alone"])
 def test_refs_are_kept_in_the_earlier_layout_too_while_a_worker_of_it_beats(redis, start_server, earlier) -> None:
     """A rolling deploy: a worker of the earlier refs layout ("<session> NUL <ref>") beats in

@@ -27,6 +27,7 @@ from support import (
     read_server_frame,
     recv_until_close,
     shut_client_sockets,
+    two_hosts,
     wait_until,
 )
 
@@ -265,6 +266,23 @@ def test_bad_commands_get_an_error_and_the_connection_goes_on(server, frame: str
         assert error["room"] == command["room"]
     client.send(type="rooms")
     assert client.wait("rooms")["type"] == "rooms"  # still connected, still served
+
+
+@pytest.mark.parametrize("engine", ["memory", "redis", "cluster"])
+@pytest.mark.parametrize("session", ["12345", "inf", " 0x1F"])
+def test_a_session_that_reads_as_a_number_is_a_session_like_any_other(request, start_server, engine, session) -> None:
+    """A session is any string: one that Lua would read as a number (publish.lua tells a
+    worker's v1 lines by their numbers) is still a session, its refs still refs, and its
+    lines no v1 mark of its worker's (which would hold back that worker's v1 lines)."""
+    a, b = two_hosts(request, start_server, engine, {})
+    alice, bob = V2Client(a, "alice", session=session), V2Client(b, "bob")
+    alice.join("lobby")
+    bob.join("lobby")
+    assert [alice.say("lobby", f"line {i}", ref=f"r{i}")["seq"] for i in range(3)] == [1, 2, 3]
+    assert alice.say("lobby", "line 0 again", ref="r0")["seq"] == 1
+    connect(a).send("from v1 on alice's worker")
+    assert [m["text"] for m in bob.messages("lobby", 4)] == [
+        "line 0", "line 1", "line 2", "from v1 on alice's worker"]
 
 
 def test_bad_nicks(server) -> None:
