@@ -62,13 +62,14 @@ for i = 10, 7 + 3 * lines, 3 do
     end
   end
 end
--- The fields asked for: every ref's, then (while there are sessions) its earlier one's.
-local asked = refs
+-- The fields asked for: every ref's, then (while there are sessions) its field in the earlier
+-- layout (older: ref -> that field, remembered beside it too).
+local asked, older = refs, {}
 if sessions > 0 then
   asked = {}
-  for j, ref in ipairs(refs) do asked[j] = ref end
   for j, ref in ipairs(refs) do
-    asked[#refs + j] = earlier[string.sub(ref, 1, 13)] .. '\0' .. string.sub(ref, 14)
+    older[ref] = earlier[string.sub(ref, 1, 13)] .. '\0' .. string.sub(ref, 14)
+    asked[j], asked[#refs + j] = ref, older[ref]
   end
 end
 -- ref -> the seq it got, in either period (the later one first), in either layout. A period's
@@ -120,7 +121,7 @@ for i = 1, lines do
       remembered[#remembered + 1] = ref
       remembered[#remembered + 1] = seq_s
       if sessions > 0 then
-        remembered[#remembered + 1] = earlier[string.sub(ref, 1, 13)] .. '\0' .. string.sub(ref, 14)
+        remembered[#remembered + 1] = older[ref]
         remembered[#remembered + 1] = seq_s
       end
     end
