@@ -275,6 +275,9 @@ def test_a_session_that_reads_as_a_number_is_a_session_like_any_other(request, s
     worker's v1 lines by their numbers) is still a session, its refs still refs, and its
     lines no v1 mark of its worker's (which would hold back that worker's v1 lines)."""
     a, b = two_hosts(request, start_server, engine, {})
+    stranger = V2Client(a)  # (and one that is no Unicode text is refused, on every engine)
+    stranger.send(type="hello", nick="stranger", session="\ud800")
+    assert stranger.wait("error")["code"] == "bad_message"
     alice, bob = V2Client(a, "alice", session=session), V2Client(b, "bob")
     alice.join("lobby")
     bob.join("lobby")
