@@ -4,10 +4,11 @@ A redis-server of its own; 100 rooms, each call carrying BATCH v2 lines of one r
 ref each, shaped as the page's (a 32-hex-digit session, a 16-hex-digit ref: the refs hashes
 are read and written, as for every v2 line), laid out as RedisEngine._publish lays them
 out; calls pipelined a round of rooms at a time. --kept N: each room's refs hashes (this
-period's and the one before) hold N refs already, as under load (past 512 a hash is a
-hashtable, not a listpack). --v1: v1 lines instead (no ref of the client's: a worker's v1
-mark in the room, before it a ref of the worker's own per line). Prints Redis's CPU (user +
-system) per line and the script's own time per line from INFO commandstats. --repo measures
+period's and the one before) hold N refs already, as under load (past 128 publish.lua makes
+a hash a hashtable, not a listpack); without it each room's refs grow from none to 400.
+--v1: v1 lines instead (no ref of the client's: a worker's v1 mark in the room, before it a
+ref of the worker's own per line). Prints Redis's CPU (user + system) per line and the
+script's own time per line from INFO commandstats. --repo measures
 another checkout's script (its argument layout and ref fields are recognised).
 
     .venv/bin/python bench/publish_lua.py [--v1] [--kept 3000]
@@ -82,6 +83,8 @@ def main() -> None:
         for batch in (1, 2, 4, 8):
             client.flushall()
             for room in range(ROOMS):
+                if args.kept:  # (a room of no meta is new to the script, which clears its refs)
+                    client.hset(f"{{chat:r{room}}}:meta", mapping={"epoch": "e0", "seq": 0, "time": 0})
                 for period in (1, 0):
                     for at in range(0, args.kept, 1000):
                         client.hset(f"{{chat:r{room}}}:refs:{period}", mapping={

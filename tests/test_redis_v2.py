@@ -147,6 +147,28 @@ def test_a_ref_publishes_once_across_hosts(hosts) -> None:
     assert again.say("tea", "next")["seq"] == 2
 
 
+def test_a_busy_rooms_refs_are_a_hashtable_and_still_publish_once(hosts, redis) -> None:
+    """A period's refs are a compact listpack while few, and a hashtable past 128 (publish.lua:
+    as a listpack every ref looked up was a scan of them all); refs said before the change
+    and after it publish once, on either host."""
+    a, b = hosts()
+    wait_until(lambda: time.time() % REF_PERIOD < REF_PERIOD - 20, REF_PERIOD, 0.1, "a period with 20 s left")
+    key = f"{{chat:tea}}:refs:{int(time.time() // REF_PERIOD)}"
+    alice, again = V2Client(a, "alice", session="a"), V2Client(b, "alice", session="a")
+    alice.join("tea")
+    again.join("tea")
+    for i in range(1, 6):
+        assert alice.say("tea", f"line {i}", ref=f"r{i}")["seq"] == i
+    assert at_its_node(redis, "OBJECT", "ENCODING", key) == "listpack"
+    for i in range(6, 131):
+        assert alice.say("tea", f"line {i}", ref=f"r{i}")["seq"] == i
+    assert at_its_node(redis, "OBJECT", "ENCODING", key) == "hashtable"
+    for i in (1, 128, 130):
+        assert again.say("tea", f"line {i} again", ref=f"r{i}")["seq"] == i
+    assert again.say("tea", "line 131", ref="r131")["seq"] == 131
+    assert at_its_node(redis, "HLEN", key) == "132"  # (the refs and ".")
+
+
 @pytest.mark.parametrize("earlier", [True, False], ids=["beside-an-earlier-worker", "alone"])
 def test_refs_are_kept_in_the_earlier_layout_too_while_a_worker_of_it_beats(redis, start_server, earlier) -> None:
     """A rolling deploy: a worker of the earlier refs layout ("<session> NUL <ref>") beats in

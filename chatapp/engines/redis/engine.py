@@ -9,6 +9,7 @@ Keys (a room's all carry the hash tag {prefix:room}: one slot of a Redis Cluster
                             <user>\n<the worker's id>\n<text>"); a deletion's, g too (its target)
     {chat:tea}:refs:<n>     a session's ref (refs.py) -> the seq it got, for refs said in
                             the n-th two-minute period (kept two periods); "." from its start
+                            (a long value past 128 refs: a hashtable, not a listpack, then)
     {chat:tea}:owners       casefolded nick -> session TAB nick
     {chat:tea}:totals       casefolded nick -> connections in all workers
     {chat:tea}:sorted       the member list, sorted

@@ -2,8 +2,8 @@
 -- history, atomically; then one message on the room's channel carries them all (one script
 -- call and one delivery per batch, not per line: bench/README.md, "Through Redis"). A new
 -- line costs one command (its XADD; the history is trimmed once a call); the refs of the
--- whole batch are looked up with two HMGETs and remembered with one HSET, and a batch's v1
--- lines cost one GET and one SET in all.
+-- whole batch are looked up with two HMGETs and remembered with one HSET (and an HLEN while
+-- the period's hash is a listpack), and a batch's v1 lines cost one GET and one SET in all.
 -- Nothing here takes a line apart: the worker sends what the history keeps and the channel
 -- carries as one piece (taking it apart in Lua was a fifth of this script's cost).
 -- KEYS: 1 the room's meta (hash: epoch, seq, time), 2 its history (stream, ids "<seq>-0",
@@ -74,7 +74,13 @@ if sessions > 0 then
 end
 -- ref -> the seq it got, in either period (the later one first), in either layout. A period's
 -- hash holds a field "." (no ref's is) from its first write on: without it, it is new.
-local known, new_period = {}, false
+-- Past COMPACT_REFS fields "." gets a value longer than hash-max-listpack-value (64 by
+-- default), which makes the hash a hashtable: as a listpack (to 512 fields by default) each
+-- ref looked up or remembered is a scan of the period's every ref, most of this script's
+-- cost in a room of a line a second or more (bench/publish_lua.py); a quiet room's refs stay
+-- a listpack, half the memory.
+local COMPACT_REFS, HASHTABLE_MARK = 128, string.rep('.', 65)
+local known, new_period, compact = {}, false, false
 if #refs > 0 then
   local seqs = redis.call('HMGET', KEYS[4], unpack(asked))
   for j, ref in ipairs(refs) do
@@ -83,6 +89,7 @@ if #refs > 0 then
   end
   seqs = redis.call('HMGET', KEYS[3], '.', unpack(asked))
   new_period = not seqs[1]
+  compact = new_period or #seqs[1] < #HASHTABLE_MARK
   for j, ref in ipairs(refs) do
     local seq = seqs[j + 1] or seqs[#refs + j + 1]
     if seq then known[ref] = seq end
@@ -136,6 +143,9 @@ if #remembered > 0 then
   end
   redis.call('HSET', KEYS[3], unpack(remembered))
   if new_period then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
+  if compact and redis.call('HLEN', KEYS[3]) > COMPACT_REFS then
+    redis.call('HSET', KEYS[3], '.', HASHTABLE_MARK)
+  end
 end
 if v1_last then redis.call('SET', KEYS[5], v1_last, 'EX', ARGV[5]) end
 if refresh then  -- (a new room's meta too, even when nothing of the batch was kept)
