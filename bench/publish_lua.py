@@ -1,17 +1,19 @@
 """Redis's own cost of publish.lua, per line, by batch size: no workers, no clients.
 
-A redis-server of its own; 100 rooms, each call carrying BATCH v2 lines of one room with a
-ref each, shaped as the page's (a 32-hex-digit session, a 16-hex-digit ref: the refs hashes
-are read and written, as for every v2 line), laid out as RedisEngine._publish lays them
-out; calls pipelined a round of rooms at a time. --kept N: each room's refs hashes (this
+A redis-server of its own; --rooms rooms (100), each call carrying BATCH v2 lines of one
+room with a ref each, shaped as the page's (a 32-hex-digit session, a 16-hex-digit ref: the
+refs hashes are read and written, as for every v2 line), laid out as RedisEngine._publish
+lays them out; calls pipelined a round of rooms at a time, --lines lines (40,000) for each
+batch size (--batch, repeatable; 1, 2, 4 and 8). --kept N: each room's refs hashes (this
 period's and the one before) hold N refs already, as under load (past 128 publish.lua makes
-a hash a hashtable, not a listpack); without it each room's refs grow from none to 400.
---v1: v1 lines instead (no ref of the client's: a worker's v1 mark in the room, before it a
-ref of the worker's own per line). Prints Redis's CPU (user + system) per line and the
-script's own time per line from INFO commandstats. --repo measures
+a hash a hashtable, not a listpack); without it the refs grow from none (to 400 a room by
+default). --v1: v1 lines instead (no ref of the client's: a worker's v1 mark in the room,
+before it a ref of the worker's own per line). Prints Redis's CPU (user + system) per line
+and the script's own time per line from INFO commandstats. --repo measures
 another checkout's script (its argument layout and ref fields are recognised).
 
     .venv/bin/python bench/publish_lua.py [--v1] [--kept 3000]
+    .venv/bin/python bench/publish_lua.py --rooms 1 --batch 24 --lines 200000  # c2's shape
     .venv/bin/python bench/publish_lua.py --repo /tmp/before
 """
 
@@ -25,8 +27,6 @@ from pathlib import Path
 
 import psutil
 import redis
-
-LINES, ROOMS = 40000, 100
 
 
 def free_port() -> int:
@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--v1", action="store_true", help="v1 lines (no client ref), not v2")
     parser.add_argument("--kept", type=int, default=0, help="refs each room's two refs hashes hold before")
+    parser.add_argument("--rooms", type=int, default=100, help="rooms (default 100)")
+    parser.add_argument("--lines", type=int, default=40000, help="lines said for each batch size (default 40000)")
+    parser.add_argument("--batch", type=int, action="append", help="lines a call (default 1, 2, 4 and 8)")
     args = parser.parse_args()
     script = (args.repo / "chatapp" / "engines" / "redis" / "lua" / "publish.lua").read_text()
     # Since 466efa1 a seventh argument says whether to push the room's expiry back (mostly not).
@@ -80,9 +83,9 @@ def main() -> None:
         client = redis.Redis(port=port)
         sha = client.script_load(script)
         process = psutil.Process(server.pid)
-        for batch in (1, 2, 4, 8):
+        for batch in args.batch or (1, 2, 4, 8):
             client.flushall()
-            for room in range(ROOMS):
+            for room in range(args.rooms):
                 if args.kept:  # (a room of no meta is new to the script, which clears its refs)
                     client.hset(f"{{chat:r{room}}}:meta", mapping={"epoch": "e0", "seq": 0, "time": 0})
                 for period in (1, 0):
@@ -92,9 +95,9 @@ def main() -> None:
             client.config_resetstat()
             cpu = sum(process.cpu_times()[:2])
             said = 0
-            while said < LINES:
+            while said < args.lines:
                 pipe = client.pipeline(transaction=False)
-                for room in range(ROOMS):
+                for room in range(args.rooms):
                     tag = f"{{chat:r{room}}}"
                     keys = [f"{tag}:meta", f"{tag}:history", f"{tag}:refs:1", f"{tag}:refs:0"]
                     keys += [f"{tag}:v1:w1"] if marked else []
