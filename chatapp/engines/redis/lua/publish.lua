@@ -76,9 +76,9 @@ end
 -- hash holds a field "." (no ref's is) from its first write on: without it, it is new.
 -- Past COMPACT_REFS fields "." gets a value longer than hash-max-listpack-value (64 by
 -- default), which makes the hash a hashtable: as a listpack (to 512 fields by default) each
--- ref looked up or remembered is a scan of the period's every ref, most of this script's
--- cost in a room of a line a second or more (bench/publish_lua.py); a quiet room's refs stay
--- a listpack, half the memory.
+-- ref looked up or remembered is a scan of the period's every ref, a third of this script's
+-- cost at 400 refs (bench/README.md, "At cfc9c69"); a quiet room's refs stay a listpack, at
+-- half the memory.
 local COMPACT_REFS, HASHTABLE_MARK = 128, string.rep('.', 65)
 local known, new_period, compact = {}, false, false
 if #refs > 0 then
