@@ -165,9 +165,12 @@ def _redis_url(env: Mapping[str, str]) -> str:
             f"REDIS_URL must look like redis://[:password@]host:port[/db], got {url!r}"
         )
     try:
-        _ = parts.port  # urlsplit checks the port only when asked
+        port = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         raise ConfigError(f"REDIS_URL has a bad port: {url!r}") from None
+    # "host:" would be taken to mean 6379: a variable cut short, not a choice.
+    if port == 0 or (port is None and parts.netloc.endswith(":")):
+        raise ConfigError(f"REDIS_URL has a bad port: {url!r}")
     return url
 
 

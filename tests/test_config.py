@@ -39,6 +39,25 @@ def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
         Config.from_env(env)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["localhost:6379", "http://127.0.0.1:6379", "redis://", "redis://127.0.0.1:", "redis://:secret@127.0.0.1:/0",
+     "redis://127.0.0.1:0", "redis://127.0.0.1:65536", "redis://127.0.0.1:port"],
+)
+def test_a_bad_redis_url_is_refused(url: str) -> None:
+    """A REDIS_URL that names no Redis a client could reach is a clear error at start, not a
+    guess: an empty port (a variable cut short) is not taken to mean 6379."""
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        Config.from_env({"REDIS_URL": url})
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1", "redis://:secret@redis.example:6380/2", "rediss://[::1]:6379", "unix:///run/redis.sock"]
+)
+def test_a_good_redis_url_is_kept(url: str) -> None:
+    assert Config.from_env({"REDIS_URL": f" {url} "}).redis_url == url
+
+
 def test_errors_name_the_unit() -> None:
     """A rate is asked for in messages per second, a wait in seconds."""
     with pytest.raises(ConfigError, match="CHAT_RATE_LIMIT must be a number of messages per second"):
