@@ -8,20 +8,27 @@ batch size (--batch, repeatable; 1, 2, 4 and 8). --kept N: each room's refs hash
 period's and the one before) hold N refs already, as under load (past 128 publish.lua makes
 a hash a hashtable, not a listpack); without it the refs grow from none (to 400 a room by
 default). --v1: v1 lines instead (no ref of the client's: a worker's v1 mark in the room,
-before it a ref of the worker's own per line). Prints Redis's CPU (user + system) per line
-and the script's own time per line from INFO commandstats. --repo measures
+before it a ref of the worker's own per line). --subscribers N: N processes read every room's
+channel, as the workers do (without, each channel message goes to nobody). --pause MS: a pause
+after each round of calls, so that Redis runs now and then, as in a run, not back to back;
+--busy: everything on CPU 0 beside a process that walks 64 MB meanwhile (as the workers' fan-outs
+use the core's caches between two calls). Prints Redis's CPU (user + system) per line and the
+script's own time per line from INFO commandstats. --repo measures
 another checkout's script (its argument layout and ref fields are recognised).
 
     .venv/bin/python bench/publish_lua.py [--v1] [--kept 3000]
-    .venv/bin/python bench/publish_lua.py --rooms 1 --batch 24 --lines 200000  # c2's shape
+    .venv/bin/python bench/publish_lua.py --rooms 1 --batch 24 --lines 200000 [--subscribers 2]  # c2's shape
+    .venv/bin/python bench/publish_lua.py --rooms 1 --batch 22 --lines 60000 --subscribers 2 --pause 6 --busy
     .venv/bin/python bench/publish_lua.py --repo /tmp/before
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +60,40 @@ def start_redis() -> tuple[subprocess.Popen, int]:
             time.sleep(0.05)
 
 
+# A worker's reading of its channels, cut to the bone: subscribe, then read and drop.
+SUBSCRIBER = """
+import socket, sys
+channels = sys.argv[2:]
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sock.sendall(("*%d\\r\\n$10\\r\\nSSUBSCRIBE\\r\\n" % (len(channels) + 1)
+              + "".join("$%d\\r\\n%s\\r\\n" % (len(c), c) for c in channels)).encode())
+while sock.recv(1 << 16):
+    pass
+"""
+
+
+# What a worker's fan-out does to the core's caches between two calls, roughly: walk 64 MB.
+BUSY = """
+buffer, page = bytearray(64 << 20), b"x" * 4096
+while True:
+    for at in range(0, len(buffer), 16 * 4096):
+        buffer[at : at + 4096] = page
+"""
+
+
+def subscribe(port: int, rooms: int, count: int) -> list[subprocess.Popen]:
+    """count processes reading every room's channel, each subscribed before this returns."""
+    channels = [f"{{chat:r{room}}}:live" for room in range(rooms)]
+    readers = [subprocess.Popen([sys.executable, "-c", SUBSCRIBER, str(port), *channels]) for _ in range(count)]
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while any(client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] < count for channel in channels):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the subscribers did not subscribe in 10 s")
+        time.sleep(0.05)
+    return readers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
@@ -61,6 +102,9 @@ def main() -> None:
     parser.add_argument("--rooms", type=int, default=100, help="rooms (default 100)")
     parser.add_argument("--lines", type=int, default=40000, help="lines said for each batch size (default 40000)")
     parser.add_argument("--batch", type=int, action="append", help="lines a call (default 1, 2, 4 and 8)")
+    parser.add_argument("--subscribers", type=int, default=0, help="processes reading every room's channel")
+    parser.add_argument("--pause", type=float, default=0, help="milliseconds between two rounds of calls")
+    parser.add_argument("--busy", action="store_true", help="on CPU 0, beside a process walking 64 MB")
     args = parser.parse_args()
     script = (args.repo / "chatapp" / "engines" / "redis" / "lua" / "publish.lua").read_text()
     # Since 466efa1 a seventh argument says whether to push the room's expiry back (mostly not).
@@ -78,8 +122,14 @@ def main() -> None:
     def field(room: int, ref: int) -> str:
         return f"s{room:012d}{ref:016x}" if counted else f"e{room:031x}\x00{ref:016x}"
 
+    if args.busy:
+        os.sched_setaffinity(0, {0})  # (Redis and every other process started here inherit it)
     server, port = start_redis()
+    helpers: list[subprocess.Popen] = []
     try:
+        helpers = subscribe(port, args.rooms, args.subscribers)
+        if args.busy:
+            helpers.append(subprocess.Popen([sys.executable, "-c", BUSY]))
         client = redis.Redis(port=port)
         sha = client.script_load(script)
         process = psutil.Process(server.pid)
@@ -113,13 +163,16 @@ def main() -> None:
                     pipe.evalsha(sha, len(keys), *keys, "e0", 500, 86400, f"{tag}:live", 240, "w1", *flag, *counted,
                                  *lines)
                 pipe.execute()
+                if args.pause:
+                    time.sleep(args.pause / 1000)
             cpu = sum(process.cpu_times()[:2]) - cpu
             stats = client.info("commandstats")["cmdstat_evalsha"]
             print(f"{args.repo}: {batch} line(s) a call: Redis CPU {cpu / said * 1e6:.2f} us a line, "
                   f"the script {stats['usec'] / said:.2f} us a line ({stats['usec_per_call']:.1f} us a call)")
     finally:
-        server.kill()
-        server.wait()
+        for child in [*helpers, server]:
+            child.kill()
+            child.wait()
 
 
 if __name__ == "__main__":
